@@ -1,0 +1,5 @@
+"""Fine-tuning behaviour shared by every task (freezing schedules, reports, ...)."""
+
+from callbacks.param_report import ParameterReport
+
+__all__ = ["ParameterReport"]

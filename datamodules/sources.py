@@ -1,0 +1,172 @@
+"""Where labelled examples come from: HF hub datasets, local table files, folders of class folders."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modules.backbones.base import resolve_local_source
+from modules.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+VAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
+
+
+@dataclass
+class Split:
+    """The examples of one split: columns by name, and where each row came from (for errors)."""
+
+    columns: dict[str, list[Any]]
+    origin: str
+    row_ids: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def take(self, indices: Sequence[int]) -> Split:
+        return Split({k: [v[i] for i in indices] for k, v in self.columns.items()}, self.origin, [self.row_ids[i] for i in indices])
+
+    def require(self, **keys: str | None) -> None:
+        """Check columns exist: ``require(text_column="text")`` names the config key on failure."""
+        for key, name in keys.items():
+            if name is not None and name not in self.columns:
+                raise DataError(f"data.{key}={name!r} not found in {self.origin}; columns are: {', '.join(map(str, self.columns))}")
+
+
+def read_class_folders(root: Path, suffixes: tuple[str, ...] = (".txt",)) -> Split:
+    """A folder of class sub-folders of ``.txt`` files (the BBC News layout): label = folder name."""
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders; expected {root}/<label>/<file>{suffixes[0]}")
+    texts, labels, rows = [], [], []
+    for class_dir in classes:
+        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in suffixes)
+        if not files:
+            raise DataError(f"class folder {class_dir} has no {'/'.join(suffixes)} files; remove it or add examples")
+        for f in files:
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            labels.append(class_dir.name)
+            rows.append(str(f))
+    return Split({"text": texts, "label": labels}, str(root), rows)
+
+
+def read_table(path: Path) -> Split:
+    """A CSV / TSV / JSON / JSONL / parquet file, read with pandas."""
+    import pandas as pd
+
+    fmt = TABLE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(TABLE_FORMATS)}")
+    try:
+        if fmt == "csv":
+            frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", keep_default_na=False)
+        elif fmt == "json":
+            frame = pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+        else:
+            frame = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - pandas raises many types; name the file either way
+        raise DataError(f"could not read {path}: {str(err).splitlines()[0]}") from None
+    # rows are numbered as a spreadsheet shows them: header is row 1 in CSV files
+    first = 2 if fmt == "csv" else 1
+    return Split({c: frame[c].tolist() for c in frame.columns}, str(path), list(range(first, first + len(frame))))
+
+
+def read_hub(name: str, config: str | None, split_names: Mapping[str, str | None]) -> dict[str, Split]:
+    """A dataset from the Hugging Face hub (or a local dataset script/folder), via ``datasets``."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, config)
+    except Exception as err:  # noqa: BLE001 - connection, auth and missing-config errors differ by version
+        raise ConfigError(
+            f"could not load dataset {name!r} ({str(err).splitlines()[0][:160]}); offline, point data.source "
+            f"at local files instead (a CSV/JSONL/parquet file, or data.data_files={{train: ..., test: ...}})"
+        ) from None
+    out = {}
+    for role, split in split_names.items():
+        if role == "val" and split is None:  # try the usual names
+            split = next((n for n in VAL_SPLIT_NAMES if n in loaded), None)
+        if split and split in loaded:
+            ds = loaded[split]
+            columns = {c: ds[c] for c in ds.column_names}
+            for c, feature in ds.features.items():
+                if isinstance(feature, datasets.ClassLabel):  # keep readable label names
+                    columns[c] = [feature.int2str(v) for v in columns[c]]
+            out[role] = Split(columns, f"{name}[{split}]", list(range(len(ds))))
+    if "train" not in out:
+        raise ConfigError(f"dataset {name!r} has no split {split_names['train']!r}; its splits are: {', '.join(loaded)}")
+    return out
+
+
+def load_splits(
+    source: str | None,
+    data_files: Mapping[str, str] | None = None,
+    hub_config: str | None = None,
+    train_split: str = "train",
+    val_split: str | None = None,
+    test_split: str | None = "test",
+) -> dict[str, Split]:
+    """Load the splits that exist as ``{"train": Split, "val"?: Split, "test"?: Split}``.
+
+    ``source`` is a folder of class folders, a single table file (train only), a hub dataset name,
+    or ``pkg://package/sub`` for data shipped in a Python package; ``data_files`` maps split names
+    (train / validation / test) to local table files.
+    """
+    if data_files:
+        out = {}
+        for split, file in data_files.items():
+            role = "val" if split in VAL_SPLIT_NAMES else split
+            if role not in ("train", "val", "test"):
+                raise ConfigError(f"data.data_files has split {split!r}; use train, validation and test")
+            if file is None:
+                continue
+            path = Path(resolve_local_source(str(file)))
+            if not path.is_file():
+                raise ConfigError(f"data.data_files.{split}={file!r} is not a file")
+            out[role] = read_table(path)
+        if "train" not in out:
+            raise ConfigError("data.data_files needs a 'train' file")
+        return out
+    if not source:
+        raise ConfigError("data.source is empty; give a hub dataset name, a table file or a folder of class folders")
+    resolved = resolve_local_source(source)
+    path = Path(resolved)
+    if path.is_dir() and any(d.is_dir() for d in path.iterdir()) and not (path / "dataset_info.json").exists():
+        return {"train": read_class_folders(path)}
+    if path.is_file():
+        return {"train": read_table(path)}
+    if path.is_dir():
+        raise DataError(f"{path} has no class sub-folders; expected {path}/<label>/<file>.txt")
+    return read_hub(resolved, hub_config, {"train": train_split, "val": val_split, "test": test_split})
+
+
+def stratified_split(labels: Sequence[Any], fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Seeded split of indices into ``len(fractions) + 1`` parts, keeping each class's share.
+
+    Part ``i`` gets ``fractions[i]`` of every class (at least one example when the class has more
+    than one left); the last part gets the rest.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    by_class: dict[Any, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    for label in sorted(by_class, key=str):
+        idx = rng.permutation(by_class[label]).tolist()
+        start = 0
+        for part, fraction in zip(parts, fractions, strict=False):
+            n = math.floor(fraction * len(idx) + 0.5)
+            if fraction > 0 and n == 0 and len(idx) - start > 1:
+                n = 1
+            part.extend(idx[start : start + n])
+            start += n
+        parts[-1].extend(idx[start:])
+    return [sorted(p) for p in parts]

@@ -1,0 +1,6 @@
+"""LightningModules (one thin module per task), backbone adapters and heads."""
+
+from modules.classifier import Classifier, TextClassifier
+from modules.task import TaskModule
+
+__all__ = ["Classifier", "TaskModule", "TextClassifier"]

@@ -1,0 +1,42 @@
+"""Optimizer parameter groups built from a model's ordered layer groups."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from modules.backbones.base import LayerGroup
+from modules.errors import ConfigError
+
+
+def param_groups(
+    groups: Sequence[LayerGroup],
+    lr: float,
+    weight_decay: float,
+    lr_decay: float = 1.0,
+    head_lr_scale: float = 1.0,
+) -> list[dict[str, Any]]:
+    """One optimizer group per (layer group, decay / no decay), frozen parameters included.
+
+    Every parameter is in the optimizer from step 0 (frozen ones simply get no gradient), so
+    schedulers, checkpoints and resume always see the same groups. Group ``g`` at distance ``k``
+    from the top of the backbone gets ``lr * lr_decay**k``; the last group (the head) gets
+    ``lr * head_lr_scale``. Biases and norm weights (``ndim <= 1``) get no weight decay.
+    """
+    if not 0.0 < lr_decay <= 1.0:
+        raise ConfigError(f"lr_decay={lr_decay} must be in (0, 1]; 1 means no layer-wise decay")
+    if head_lr_scale <= 0:
+        raise ConfigError(f"head_lr_scale={head_lr_scale} must be > 0")
+    out: list[dict[str, Any]] = []
+    top = len(groups) - 2  # index of the backbone's top group; the last group is the head
+    for index, group in enumerate(groups):
+        scale = head_lr_scale if index == len(groups) - 1 else lr_decay ** (top - index)
+        decay = [p for n, p in group.params.items() if p.ndim > 1]
+        no_decay = [p for n, p in group.params.items() if p.ndim <= 1]
+        for suffix, params, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
+            if params:
+                out.append(
+                    {"params": params, "name": group.name + suffix, "layer_group": group.name,
+                     "lr": lr * scale, "lr_scale": scale, "weight_decay": wd}
+                )
+    return out

@@ -1,0 +1,83 @@
+"""The base every task shares: backbone + head, optimizer and schedule from partial configs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from modules.backbones.base import Backbone, LayerGroup
+from modules.optim import param_groups
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+class TaskModule(pl.LightningModule):
+    """Shared plumbing for every task.
+
+    Subclasses set ``self.head`` and implement ``step(batch, stage) -> loss`` (logging their own
+    metrics). The optimizer and scheduler are ``_partial_`` factories from ``configs/``: the task
+    completes them with its layer-group parameter groups and the run's total step count.
+
+    Args:
+        backbone: a backbone adapter (``modules.backbones``).
+        optimizer: ``partial(torch.optim.X, lr=..., weight_decay=...)``.
+        scheduler: ``partial(modules.schedules.X, warmup=...)`` or None for a constant LR.
+        lr_decay: layer-wise LR decay; group k steps below the top gets ``lr * lr_decay**k``.
+        head_lr_scale: the head's LR relative to the top backbone group.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        lr_decay: float = 1.0,
+        head_lr_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.lr_decay = lr_decay
+        self.head_lr_scale = head_lr_scale
+        self.head: nn.Module = nn.Identity()
+
+    def layer_groups(self) -> list[LayerGroup]:
+        """The backbone's ordered groups plus the head, last (names relative to this module)."""
+        backbone = [
+            LayerGroup(g.name, {f"backbone.{n}": p for n, p in g.params.items()}) for g in self.backbone.layer_groups()
+        ]
+        return [*backbone, LayerGroup("head", {f"head.{n}": p for n, p in self.head.named_parameters()})]
+
+    def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        defaults = getattr(self.optimizer_factory, "keywords", {})
+        groups = param_groups(
+            self.layer_groups(),
+            lr=defaults.get("lr", 1e-3),
+            weight_decay=defaults.get("weight_decay", 0.0),
+            lr_decay=self.lr_decay,
+            head_lr_scale=self.head_lr_scale,
+        )
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,132 @@
+"""Compose the config, build data + model + trainer, fit, test the best checkpoint, report.
+
+    python train.py                      # the default experiment (MiniLM on BBC News, offline)
+    python train.py --help               # config groups and their options
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from modules.errors import UserInputError
+
+log = logging.getLogger("tunelab")
+
+SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+
+
+def redact(config: Any) -> Any:
+    """A plain copy of ``config`` with values of secret-looking keys replaced."""
+    if isinstance(config, Mapping):
+        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our one-line input errors through unwrapped."""
+    kwargs.setdefault("_convert_", "all")  # plain lists/dicts, so checkpoints hold no OmegaConf types
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, UserInputError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def build_each(nodes: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a name -> config mapping, skipping entries set to null."""
+    return [build(node) for node in (nodes or {}).values() if node is not None and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment; return its final metrics (``best/<monitor>`` included)."""
+    started = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+
+    backbone = build(cfg.backbone)
+    datamodule = build(cfg.data, processor=backbone.processor)
+    task_kwargs = datamodule.task_kwargs()
+    scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
+    model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler, **task_kwargs)
+
+    callbacks = build_each(cfg.get("callbacks"))
+    loggers = build_each(cfg.get("logger"))
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        datamodule.save_to(run_dir)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    best_score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    if best_score is not None:
+        metrics[f"best/{cfg.monitor}"] = float(best_score)
+    if cfg.get("test_after_fit"):
+        if best is None:
+            log.warning("no best checkpoint (fast_dev_run, or no monitored metric): testing the final weights")
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+    metrics["time/total_s"] = time.time() - started
+
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print_summary(metrics, run_dir, best)
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":  # flush and close, so sweeps start a fresh run
+            logger.experiment.finish()
+    return metrics
+
+
+def print_summary(metrics: dict[str, float], run_dir: Path, best: str | None) -> None:
+    table = Table(title="Final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        if key.startswith(("test/", "best/", "val/", "time/")):
+            table.add_row(key, f"{metrics[key]:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"run folder: {run_dir.resolve()}")
+    if best:
+        console.print(f"best checkpoint: {best}")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point; returns the monitored metric of the best checkpoint so sweepers can optimise it."""
+    torch.set_float32_matmul_precision("high")
+    try:
+        metrics = train(cfg)
+    except UserInputError as err:
+        sys.exit(f"tunelab: error: {err}")
+    return metrics.get(f"best/{cfg.monitor}", metrics.get(cfg.monitor))
+
+
+if __name__ == "__main__":
+    main()
