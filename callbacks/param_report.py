@@ -165,9 +165,12 @@ def plot_report(rows: list[GroupRow], path: Path, subtitle: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
     ax.barh(names, trainable, color="tab:green", label="trainable")
     ax.barh(names, frozen, left=trainable, color="lightgray", label="frozen")
+    for y, r in enumerate(rows):
+        ax.text(r.params / 1e6, y, f" {r.params:,}", va="center", fontsize=8)
+    ax.set_xlim(0, max(r.params for r in rows) / 1e6 * 1.25)
     ax.set_xlabel("parameters (millions)")
     ax.set_title(f"Parameters by layer group, input at the bottom ({subtitle})")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,62 @@
+"""Shared test helpers: compose the real configs, run train() in-process, tiny fast overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+# never reach for the network in tests: hub names must fail fast and clearly
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# a small, quick slice of the default task (BBC News + MiniLM)
+FAST_TEXT = (
+    "data.max_train_samples=160",
+    "data.max_eval_samples=40",
+    "data.max_length=48",
+    "data.batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenization cache for the whole session (tests share tokenized BBC subsets)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def compose_config(output_dir: Path, overrides: Sequence[str] = (), cache: Path | None = None) -> DictConfig:
+    """The config `python train.py <overrides>` would run, writing into ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.paths.output_dir = str(output_dir)
+        if cache is not None:
+            cfg.paths.cache_dir = str(cache)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # a real run's cfg has no hydra node (HydraConfig holds it)
+    return cfg
+
+
+def run_train(output_dir: Path, overrides: Sequence[str] = (), cache: Path | None = None) -> dict[str, float]:
+    """Compose and run ``train.train`` in-process; returns its metrics."""
+    from train import train
+
+    return train(compose_config(output_dir, overrides, cache))
