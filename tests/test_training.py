@@ -1,0 +1,86 @@
+"""End-to-end runs of train.py: real learning, the run folder, resume, W&B offline, CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from tests.conftest import FAST_TEXT, ROOT, run_train
+
+
+def test_short_real_run_learns_and_fills_the_run_folder(tmp_path: Path, cache_dir: Path) -> None:
+    overrides = [*FAST_TEXT, "data.max_train_samples=240", "data.max_eval_samples=60", "+secret_api_key=SHOULD_NOT_BE_SAVED"]
+    metrics = run_train(tmp_path, overrides, cache_dir)
+    # 5 balanced classes: chance is 0.2
+    assert metrics["test/acc"] >= 0.7, metrics
+    assert metrics["best/val/acc"] >= 0.7
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["data"]["max_train_samples"] == 240 and saved["paths"]["output_dir"] == str(tmp_path)
+    assert saved["secret_api_key"] == "<redacted>"
+    assert "SHOULD_NOT_BE_SAVED" not in "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*.yaml"))
+    assert json.loads((tmp_path / "labels.json").read_text())["label_names"][0] == "business"
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and any(c.startswith("best-") for c in checkpoints)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert any(r.get("val/acc") for r in rows) and any(r.get("train/loss_step") for r in rows)
+    assert any(r.get("lr-AdamW/head") for r in rows), "the LR of every param group is logged"
+    report = list(csv.DictReader(open(tmp_path / "reports" / "parameter_report.csv")))
+    assert [r["group"] for r in report][:2] == ["embeddings", "block_0"]
+    assert (tmp_path / "reports" / "parameter_report.png").exists()
+
+
+def test_ckpt_path_resumes_where_the_run_stopped(tmp_path: Path, cache_dir: Path) -> None:
+    common = [*FAST_TEXT, "data.max_train_samples=64", "test_after_fit=false", "trainer.max_epochs=1"]
+    run_train(tmp_path / "a", common, cache_dir)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    steps_per_epoch = torch.load(last, weights_only=False)["global_step"]
+    assert steps_per_epoch >= 4
+    run_train(tmp_path / "b", [*common, "trainer.max_epochs=2", f"ckpt_path={last}"], cache_dir)
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 2 * steps_per_epoch and resumed["epoch"] == 1  # one more epoch, not two
+
+
+def test_wandb_offline_writes_config_and_metrics(tmp_path: Path, cache_dir: Path) -> None:
+    overrides = [*FAST_TEXT, "data.max_train_samples=32", "trainer.max_steps=2", "logger=wandb",
+                 "logger.wandb.offline=true", "logger.wandb.tags=[test]", "logger.wandb.group=ci"]
+    run_train(tmp_path, overrides, cache_dir)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # the offline run file is what `wandb sync` uploads: config, metrics, tags and group are in it
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b'"max_train_samples":32' in record
+    for metric in (b"test/acc", b"val/acc", b"params/trainable"):
+        assert metric in record, metric
+    assert b"\x02ci" in record and b"test" in record
+    assert list((runs[0] / "files" / "media" / "table").glob("parameter_report*.table.json"))
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "HYDRA_FULL_ERROR": "0"})
+
+
+def test_help_lists_groups_and_options(tmp_path: Path) -> None:
+    out = cli("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "backbone: " in out.stdout and "minilm" in out.stdout and "experiment: " in out.stdout
+
+
+def test_unknown_option_lists_available_ones(tmp_path: Path) -> None:
+    out = cli("backbone=no_such_backbone", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'backbone/no_such_backbone'" in out.stderr and "minilm" in out.stderr
+
+
+def test_bad_data_path_is_one_line_without_traceback(tmp_path: Path) -> None:
+    out = cli(f"data.source={tmp_path}/missing_dir", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"tunelab: error: path '{tmp_path}/missing_dir' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
