@@ -75,7 +75,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
     model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler, **task_kwargs)
 
-    callbacks = build_each(cfg.get("callbacks"))
+    # the freezing schedule goes first, so reports see its changes at the same step
+    callbacks = ([build(cfg.finetune)] if cfg.get("finetune") else []) + build_each(cfg.get("callbacks"))
     loggers = build_each(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -85,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["params/total"] = float(sum(p.numel() for p in model.parameters()))
+    metrics["params/trainable"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     best_score = getattr(trainer.checkpoint_callback, "best_model_score", None)
     if best_score is not None:

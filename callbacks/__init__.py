@@ -1,5 +1,8 @@
-"""Fine-tuning behaviour shared by every task (freezing schedules, reports, ...)."""
+"""Fine-tuning behaviour shared by every task (freezing schedules, reports, reproducibility)."""
 
+from callbacks.finetune import STRATEGIES, FinetuneSchedule
+from callbacks.lr_report import LRReport
 from callbacks.param_report import ParameterReport
+from callbacks.reproducibility import EpochSeed
 
-__all__ = ["ParameterReport"]
+__all__ = ["STRATEGIES", "EpochSeed", "FinetuneSchedule", "LRReport", "ParameterReport"]

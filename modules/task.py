@@ -80,4 +80,7 @@ class TaskModule(pl.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        monitor = getattr(scheduler, "monitor", None)
+        if monitor:  # reduce-on-plateau: checked after each validation, on the configured metric
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -60,3 +60,19 @@ def run_train(output_dir: Path, overrides: Sequence[str] = (), cache: Path | Non
     from train import train
 
     return train(compose_config(output_dir, overrides, cache))
+
+# a tiny BERT from scratch on a BBC slice: for tests of mechanics (freezing, LRs, DDP, resume)
+TINY_SCRATCH = (
+    "backbone=bert_scratch",
+    "backbone.config_overrides.hidden_size=32",
+    "backbone.config_overrides.num_hidden_layers=3",
+    "backbone.config_overrides.num_attention_heads=2",
+    "backbone.config_overrides.intermediate_size=64",
+    "data.max_length=32",
+    "data.max_train_samples=96",
+    "data.max_eval_samples=32",
+    "data.batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "+callbacks.probe._target_=tests.probes.TrainingProbe",
+)

@@ -30,7 +30,8 @@ def test_short_real_run_learns_and_fills_the_run_folder(tmp_path: Path, cache_di
     assert "last.ckpt" in checkpoints and any(c.startswith("best-") for c in checkpoints)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     assert any(r.get("val/acc") for r in rows) and any(r.get("train/loss_step") for r in rows)
-    assert any(r.get("lr-AdamW/head") for r in rows), "the LR of every param group is logged"
+    assert any(r.get("lr/head") for r in rows) and any(r.get("lr/block_0") for r in rows), "every group's LR is logged"
+    assert (tmp_path / "reports" / "lr.png").exists() and (tmp_path / "reports" / "lr_history.csv").exists()
     report = list(csv.DictReader(open(tmp_path / "reports" / "parameter_report.csv")))
     assert [r["group"] for r in report][:2] == ["embeddings", "block_0"]
     assert (tmp_path / "reports" / "parameter_report.png").exists()

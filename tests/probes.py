@@ -1,0 +1,35 @@
+"""A test-only callback that records, at every optimizer step, what trained and at which LR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+
+class TrainingProbe(pl.Callback):
+    """Per optimizer step: trainable layer groups, LR per layer group, and a copy of every group's
+    parameters before and after fitting. Saved to ``<run>/probe_rank<r>.pt`` at fit end."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.start: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def flat(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {g.name: torch.cat([p.detach().flatten().clone() for p in g.params.values()]) for g in pl_module.layer_groups()}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start = self.flat(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        trainable = [g.name for g in pl_module.layer_groups() if all(p.requires_grad for p in g.params.values())]
+        lrs = {}
+        for group in optimizer.param_groups:
+            lrs.setdefault(group["layer_group"], group["lr"])
+        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "trainable": trainable, "lr": lrs})
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = {"steps": self.steps, "start": self.start, "end": self.flat(pl_module)}
+        torch.save(state, Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.pt")

@@ -1,0 +1,153 @@
+"""Freezing schedules, layer-wise LR, unfreeze LRs and bad input, through real (tiny) training runs."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks import STRATEGIES, FinetuneSchedule
+from modules.errors import ConfigError
+from modules.optim import param_groups
+from tests.conftest import TINY_SCRATCH, compose_config, run_train
+
+GROUPS = ["embeddings", "block_0", "block_1", "block_2", "head"]
+
+
+def probe(run_dir: Path, rank: int = 0) -> dict:
+    return torch.load(run_dir / f"probe_rank{rank}.pt", weights_only=False)
+
+
+def changed(state: dict, group: str) -> bool:
+    return not torch.equal(state["start"][group], state["end"][group])
+
+
+def tiny_run(tmp_path: Path, cache_dir: Path, *overrides: str) -> dict:
+    run_train(tmp_path, [*TINY_SCRATCH, "test_after_fit=false", "trainer.max_epochs=100", *overrides], cache_dir)
+    return probe(tmp_path)
+
+
+def test_linear_probe_keeps_the_backbone_bit_identical(tmp_path: Path, cache_dir: Path) -> None:
+    state = tiny_run(tmp_path, cache_dir, "finetune=linear_probe", "trainer.max_steps=4")
+    assert all(s["trainable"] == ["head"] for s in state["steps"])
+    assert changed(state, "head")
+    for group in GROUPS[:-1]:
+        assert not changed(state, group), f"{group} moved while frozen"
+
+
+def test_partial_trains_only_the_top_groups(tmp_path: Path, cache_dir: Path) -> None:
+    state = tiny_run(tmp_path, cache_dir, "finetune=partial", "finetune.top_k=1", "trainer.max_steps=3")
+    assert state["steps"][0]["trainable"] == ["block_2", "head"]
+    assert [changed(state, g) for g in GROUPS] == [False, False, False, True, True]
+
+
+def test_gradual_by_step_unfreezes_top_down_at_exact_steps(tmp_path: Path, cache_dir: Path) -> None:
+    state = tiny_run(tmp_path, cache_dir, "finetune=gradual", "finetune.unit=step", "finetune.every=2", "trainer.max_steps=9")
+    got = {s["step"]: s["trainable"] for s in state["steps"]}
+    assert got[0] == got[1] == ["head"]
+    assert got[2] == got[3] == ["block_2", "head"]
+    assert got[4] == ["block_1", "block_2", "head"]
+    assert got[6] == ["block_0", "block_1", "block_2", "head"]
+    assert got[8] == GROUPS
+    assert all(changed(state, g) for g in GROUPS)  # every group unfrozen mid-run really trained
+
+
+def test_freeze_then_unfreeze_by_epoch(tmp_path: Path, cache_dir: Path) -> None:
+    state = tiny_run(tmp_path, cache_dir, "finetune=freeze_then_unfreeze", "finetune.at=1", "trainer.max_epochs=2")
+    by_epoch = {s["epoch"]: s["trainable"] for s in state["steps"]}
+    assert by_epoch[0] == ["head"] and by_epoch[1] == GROUPS
+    first_epoch1 = next(s for s in state["steps"] if s["epoch"] == 1)
+    assert first_epoch1["step"] == len([s for s in state["steps"] if s["epoch"] == 0])
+
+
+def test_milestones_with_names_and_all(tmp_path: Path, cache_dir: Path) -> None:
+    state = tiny_run(tmp_path, cache_dir, "finetune=milestones", "finetune.unit=step",
+                     "finetune.milestones=[{at: 1, groups: [block_2]}, {at: 3, groups: [all]}]", "trainer.max_steps=4")
+    got = {s["step"]: s["trainable"] for s in state["steps"]}
+    assert got[0] == ["head"] and got[1] == got[2] == ["block_2", "head"] and got[3] == GROUPS
+
+
+def test_layerwise_decay_and_schedule_formula_at_every_step(tmp_path: Path, cache_dir: Path) -> None:
+    """lr_g(step) = lr * decay**(distance from top) * schedule(step), checked for every group and step."""
+    total = 12
+    state = tiny_run(tmp_path, cache_dir, "task.lr_decay=0.5", "task.head_lr_scale=4", "optimizer.lr=1e-3",
+                     "scheduler=cosine", "scheduler.warmup=3", "scheduler.final_scale=0.1", f"trainer.max_steps={total}")
+    scale = {"embeddings": 0.125, "block_0": 0.25, "block_1": 0.5, "block_2": 1.0, "head": 4.0}
+    for s in state["steps"]:
+        t = s["step"]
+        factor = (t + 1) / 3 if t < 3 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 3) / (total - 3)))
+        for group, lr in s["lr"].items():
+            assert lr == pytest.approx(1e-3 * scale[group] * factor, rel=1e-9), (t, group)
+
+
+def test_unfrozen_groups_get_their_own_lr_and_warmup(tmp_path: Path, cache_dir: Path) -> None:
+    state = tiny_run(tmp_path, cache_dir, "finetune=freeze_then_unfreeze", "finetune.unit=step", "finetune.at=2",
+                     "finetune.unfreeze_lr=1e-5", "finetune.unfreeze_warmup=4", "scheduler=constant", "optimizer.lr=1e-3",
+                     "trainer.max_steps=8")
+    lr = {s["step"]: s["lr"] for s in state["steps"]}
+    assert lr[0]["head"] == lr[7]["head"] == pytest.approx(1e-3)  # the head keeps the schedule
+    for t in range(2, 8):
+        assert lr[t]["block_1"] == pytest.approx(1e-5 * min(1.0, (t - 2 + 1) / 4)), t
+
+
+def test_accumulation_and_clipping_are_plain_overrides(tmp_path: Path, cache_dir: Path) -> None:
+    """Total steps for the schedule come from the trainer: accumulation halves them."""
+    state = tiny_run(tmp_path, cache_dir, "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5",
+                     "scheduler=linear", "scheduler.warmup=0", "optimizer.lr=1e-3", "trainer.max_epochs=1")
+    steps = [s["step"] for s in state["steps"]]
+    batches = math.ceil(96 / 16)
+    assert steps == list(range(batches // 2))
+    last = state["steps"][-1]["lr"]["head"]
+    assert last == pytest.approx(1e-3 * (1 - (len(steps) - 1) / len(steps)))
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tmp_path: Path, cache_dir: Path) -> None:
+    overrides = [*TINY_SCRATCH, "test_after_fit=false", "trainer.max_epochs=20", "optimizer.lr=1e-7",
+                 "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=0.5"]
+    run_train(tmp_path, overrides, cache_dir)
+    epochs = {s["epoch"] for s in probe(tmp_path)["steps"]}
+    assert len(epochs) == 2  # no improvement of 0.5 in val/acc: stop after patience=1
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def test_unknown_strategy_lists_strategies() -> None:
+    with pytest.raises(ConfigError, match="finetune strategy 'ulmfit' is unknown; choose one of: full, linear_probe"):
+        FinetuneSchedule(strategy="ulmfit")
+    assert len(STRATEGIES) == 6
+
+
+def test_unknown_finetune_option_in_config(tmp_path: Path) -> None:
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="gradual"):
+        compose_config(tmp_path, ["finetune=nope"])
+
+
+def test_unknown_group_in_milestones_lists_groups(tmp_path: Path, cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"names layer group 'block_9'.*its groups are: embeddings, block_0, block_1, block_2, head"):
+        tiny_run(tmp_path, cache_dir, "finetune=milestones", "finetune.milestones=[{at: 1, groups: [block_9]}]")
+
+
+def test_milestone_beyond_training_warns(tmp_path: Path, cache_dir: Path) -> None:
+    with pytest.warns(UserWarning, match=r"milestone at step 50 \(unfreezes .*\) is at or beyond the end of training \(3 steps\)"):
+        tiny_run(tmp_path, cache_dir, "finetune=freeze_then_unfreeze", "finetune.unit=step", "finetune.at=50", "trainer.max_steps=3")
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.5, -0.1])
+def test_lr_decay_outside_unit_interval_is_an_error(decay: float) -> None:
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    from modules.backbones import LayerGroup
+
+    with pytest.raises(ConfigError, match=rf"lr_decay={decay} must be in \(0, 1\]"):
+        param_groups([LayerGroup("a", {"w": param}), LayerGroup("head", {})], lr=1e-3, weight_decay=0.0, lr_decay=decay)
+
+
+def test_negative_warmup_is_an_error() -> None:
+    from modules.schedules import linear
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match=r"scheduler.warmup=-5 must be >= 0"):
+        partial(linear, warmup=-5)(opt, total_steps=10)
