@@ -3,6 +3,6 @@
 from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
 from callbacks.param_report import ParameterReport
-from callbacks.reproducibility import EpochSeed
+from callbacks.reproducibility import BatchSeed
 
-__all__ = ["STRATEGIES", "EpochSeed", "FinetuneSchedule", "LRReport", "ParameterReport"]
+__all__ = ["STRATEGIES", "BatchSeed", "FinetuneSchedule", "LRReport", "ParameterReport"]

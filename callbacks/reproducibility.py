@@ -1,19 +1,23 @@
-"""Per-epoch reseeding, so a run resumed at an epoch boundary replays the same randomness."""
+"""Per-batch reseeding, so a resumed run replays exactly the randomness of an uninterrupted one."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning.pytorch as pl
 
 
-class EpochSeed(pl.Callback):
-    """Reseeds every RNG at each training epoch's start from (seed, epoch).
+class BatchSeed(pl.Callback):
+    """Reseeds every RNG (torch, numpy, random) before each training batch from (seed, epoch, batch, rank).
 
-    Lightning does not checkpoint RNG states, so without this a resumed run shuffles and drops out
-    differently from an uninterrupted one. Runs before the epoch's data order is drawn.
+    Lightning does not checkpoint RNG states, and how much randomness is drawn between a restart and
+    the first batch differs from an uninterrupted run; with this, dropout and augmentation depend
+    only on where in training a batch is. Data order comes from ``EpochShuffleSampler``.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed * 1009 + trainer.current_epoch + trainer.global_rank * 7919, workers=True, verbose=False)
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        seed = (self.seed * 1_000_003 + trainer.current_epoch * 100_019 + batch_idx * 31 + trainer.global_rank) % (2**32)
+        pl.seed_everything(seed, workers=True, verbose=False)

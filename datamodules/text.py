@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from datamodules.sampling import EpochShuffleSampler
 from datamodules.sources import Split, load_splits, stratified_split
 from modules.errors import ConfigError, DataError
 
@@ -210,10 +211,11 @@ class TextDataModule(pl.LightningDataModule):
         self.setup()
         if role not in self.datasets:
             raise ConfigError(f"the data has no {role} split; name one (data.{role}_split) or carve it (data.{role}_fraction > 0)")
+        dataset = self.datasets[role]
         return DataLoader(
-            self.datasets[role],
+            dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -23,13 +23,29 @@ class TrainingProbe(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = self.flat(pl_module)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch_sum = int(batch["input_ids"].sum()) if "input_ids" in batch else None
+        self.rng_state_sum = int(torch.get_rng_state().sum())
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         trainable = [g.name for g in pl_module.layer_groups() if all(p.requires_grad for p in g.params.values())]
         lrs = {}
         for group in optimizer.param_groups:
             lrs.setdefault(group["layer_group"], group["lr"])
-        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "trainable": trainable, "lr": lrs})
+        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "trainable": trainable, "lr": lrs,
+                           "batch": self.batch_sum, "rng": self.rng_state_sum})
 
     def on_fit_end(self, trainer, pl_module) -> None:
         state = {"steps": self.steps, "start": self.start, "end": self.flat(pl_module)}
         torch.save(state, Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.pt")
+
+
+class StopAfterEpoch(pl.Callback):
+    """Stops fitting after ``epoch`` (like a preempted job), leaving the checkpoints of that epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
