@@ -63,6 +63,14 @@ def test_wandb_offline_writes_config_and_metrics(tmp_path: Path, cache_dir: Path
     assert list((runs[0] / "files" / "media" / "table").glob("parameter_report*.table.json"))
 
 
+def test_tensorboard_and_csv_together(tmp_path: Path, cache_dir: Path) -> None:
+    overrides = [*FAST_TEXT, "data.max_train_samples=32", "trainer.max_steps=2", "logger=[csv,tensorboard]", "test_after_fit=false"]
+    run_train(tmp_path, overrides, cache_dir)
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert (tmp_path / "csv" / "metrics.csv").exists()
+
+
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**__import__("os").environ, "HYDRA_FULL_ERROR": "0"})
