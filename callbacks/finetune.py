@@ -169,8 +169,10 @@ class FinetuneSchedule(pl.Callback):
         self._sync_late_unfrozen_grads(trainer, pl_module)
         self._set_unfrozen_lrs(trainer, optimizer)
         self._steps += 1
-        self._trainable_steps += sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        pl_module.log("finetune/mean_trainable_params", self._trainable_steps / self._steps, on_step=False, on_epoch=True)
+        total = sum(p.numel() for p in pl_module.parameters())
+        self._trainable_steps += sum(p.numel() for p in pl_module.parameters() if p.requires_grad) / total
+        # a share, not a count: Lightning aggregates logged values in float32, exact only below 2**24
+        pl_module.log("finetune/mean_trainable_share", self._trainable_steps / self._steps, on_step=False, on_epoch=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._scheduled_lrs is not None:  # undo the per-group factors: the scheduler owns the LRs

@@ -65,10 +65,10 @@ class SweepTable(Callback):
         (sweep_dir / f"{self.filename}.md").write_text("\n".join(md) + "\n")
         table = Table(title=f"{self.filename} ({sweep_dir})")
         for h in headers:
-            table.add_column(h, justify="left" if h == headers[0] else "right")
+            table.add_column(h, justify="left" if h == headers[0] else "right", no_wrap=h == headers[0])
         for r in fmt:
             table.add_row(*r)
-        Console().print(table)
+        Console(width=max(Console().width, 120)).print(table)
         if self.plot and self.plot in headers:
             plot_bars([str(r[headers[0]]) for r in rows], [r[self.plot] for r in rows], self.plot, sweep_dir / f"{self.filename}.png")
 

@@ -24,6 +24,7 @@ def test_multirun_writes_the_comparison_table(tmp_path: Path, cache_dir: Path) -
     probe, gradual = rows
     assert float(probe["trainable params (end)"]) == 32 * 5 + 5  # the head alone
     assert float(gradual["trainable params (end)"]) > float(probe["trainable params (end)"])
+    assert float(probe["mean trainable share"]) < 0.001 < float(gradual["mean trainable share"]) < 1.0
     assert all(0.0 <= float(r["test acc"]) <= 1.0 and float(r["wall time (s)"]) > 0 for r in rows)
     assert (tmp_path / "finetune_comparison.md").read_text().startswith("| strategy |")
     assert (tmp_path / "finetune_comparison.png").exists()
