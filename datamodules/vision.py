@@ -238,7 +238,8 @@ class VisionDataModule(pl.LightningDataModule):
             self.datasets[role],
             batch_size=self.batch_size if training else self.eval_batch_size,
             shuffle=training,
-            drop_last=training and bool(self.mixup_options) and len(self.datasets[role]) >= self.batch_size,
+            # as timm does: a ragged last batch (size 1 breaks BatchNorm; odd sizes break mixup) is dropped
+            drop_last=training and len(self.datasets[role]) > self.batch_size,
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
