@@ -249,3 +249,36 @@ def test_fashion_mnist_reads_the_debian_package() -> None:
     assert data.label_names[0] == "T-shirt/top" and data.num_classes == 10
     assert len(data.datasets["test"]) == 100  # from t10k files, capped
     assert next(iter(data.val_dataloader()))["pixel_values"].shape[1:] == (3, 32, 32)
+
+
+# -- EMA ------------------------------------------------------------------------------------------
+def test_ema_weights_are_validated_and_checkpointed(tmp_path: Path) -> None:
+    """val/acc is the EMA model's accuracy; the best checkpoint holds the EMA weights, raw ones beside."""
+    from tests.conftest import compose_config
+    from train import build
+
+    overrides = ["experiment=digits_scratch", "callbacks=ema", "callbacks.ema.decay=0.9", "trainer.max_epochs=3",
+                 "data.max_train_samples=640", "data.max_eval_samples=200", "callbacks.early_stopping=null", *QUIET]
+    metrics = run_train(tmp_path, overrides)
+    ckpt = torch.load(next((tmp_path / "checkpoints").glob("best-*.ckpt")), map_location="cpu", weights_only=False)
+    ema, raw = ckpt["state_dict"], ckpt["ema_raw_state_dict"]
+    assert set(ema) == set(raw)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
+    # re-evaluate the checkpoint's (EMA) weights by hand: the logged val/acc is theirs
+    cfg = compose_config(tmp_path / "again", overrides)
+    backbone = build(cfg.backbone)
+    data = build(cfg.data, processor=backbone.processor)
+    task = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), **data.task_kwargs())
+    task.load_state_dict(ema)
+    task.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            correct += int((task(batch).argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    assert abs(correct / total - metrics["best/val/acc"]) < 1e-6
+    task.load_state_dict(raw)
+    with torch.no_grad():
+        raw_correct = sum(int((task(b).argmax(-1) == b["labels"]).sum()) for b in data.val_dataloader())
+    print(f"EMA val acc {correct / total:.3f}, raw {raw_correct / total:.3f}")
+    assert raw_correct != correct  # so the match above tells which weights were validated
