@@ -282,3 +282,28 @@ def test_ema_weights_are_validated_and_checkpointed(tmp_path: Path) -> None:
         raw_correct = sum(int((task(b).argmax(-1) == b["labels"]).sum()) for b in data.val_dataloader())
     print(f"EMA val acc {correct / total:.3f}, raw {raw_correct / total:.3f}")
     assert raw_correct != correct  # so the match above tells which weights were validated
+
+
+# -- layer groups drive the shared fine-tuning machinery ------------------------------------------
+def test_layer_wise_lr_decay_and_frozen_groups_on_a_timm_backbone() -> None:
+    from functools import partial
+
+    from modules import ImageClassifier
+
+    backbone = build_backbone("timm", model_name="test_resnet", data_config={"input_size": [3, 32, 32]})
+    task = ImageClassifier(backbone, num_classes=10, optimizer=partial(torch.optim.SGD, lr=0.1), lr_decay=0.5)
+    optimizer = task.configure_optimizers()
+    lrs = {g["layer_group"]: g["lr"] for g in optimizer.param_groups}
+    names = [g.name for g in task.layer_groups()]
+    assert names[0] == "stem" and names[-1] == "head"
+    assert [lrs[n] for n in names[:-1]] == sorted(lrs[n] for n in names[:-1])  # input side learns slowest
+    assert lrs["stem"] == pytest.approx(0.1 * 0.5 ** (len(names) - 2))
+    stem = task.layer_groups()[0]
+    stem.set_trainable(False)
+    before = {n: p.detach().clone() for n, p in stem.params.items()}
+    data = VisionDataModule(source="sklearn://digits", processor=backbone.processor, batch_size=16, max_train_samples=32)
+    loss = task.step(next(iter(data.train_dataloader())), "val")
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in stem.params.items())
+    assert not torch.equal(task.head.linear.weight.grad, torch.zeros_like(task.head.linear.weight))
