@@ -1,5 +1,6 @@
 """LightningDataModules (one per modality) and the data sources they read."""
 
 from datamodules.text import TextDataModule
+from datamodules.vision import VisionDataModule
 
-__all__ = ["TextDataModule"]
+__all__ = ["TextDataModule", "VisionDataModule"]

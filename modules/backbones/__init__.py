@@ -10,6 +10,7 @@ from modules.backbones.base import (
     register_backbone,
 )
 from modules.backbones.hf_text import HFTextBackbone
+from modules.backbones.timm_backbone import TimmBackbone
 
 __all__ = [
     "BACKBONES",
@@ -17,6 +18,7 @@ __all__ = [
     "BackboneOutput",
     "HFTextBackbone",
     "LayerGroup",
+    "TimmBackbone",
     "build_backbone",
     "check_layer_groups",
     "register_backbone",
