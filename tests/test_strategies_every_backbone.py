@@ -1,0 +1,51 @@
+"""Every freezing strategy runs, unchanged, on every backbone family (text, vision, speech)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callbacks import STRATEGIES
+from tests.conftest import TINY_SCRATCH, run_train
+from tests.test_finetuning import changed, probe
+
+PROBE = "+callbacks.probe._target_=tests.probes.TrainingProbe"
+BACKBONES = {
+    "text": list(TINY_SCRATCH),
+    "vision": ["experiment=digits_scratch", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
+}
+KNOBS = ["finetune.unit=step", "finetune.every=1", "finetune.at=2", "finetune.top_k=1",
+         "finetune.milestones=[{at: 2, groups: [all]}]"]
+
+
+def expected_trainable(strategy: str, names: list[str], step: int) -> list[str]:
+    """What should train after ``step`` optimizer steps, written out independently of the callback."""
+    head, backbone = names[-1], names[:-1]
+    if strategy == "full":
+        return names
+    if strategy == "linear_probe":
+        return [head]
+    if strategy == "partial":
+        return [backbone[-1], head]
+    if strategy in ("freeze_then_unfreeze", "milestones"):
+        return names if step >= 2 else [head]
+    return [*backbone[len(backbone) - min(step, len(backbone)) :], head]  # gradual, every=1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_strategy_on_backbone(family: str, strategy: str, tmp_path: Path, cache_dir: Path) -> None:
+    overrides = [*BACKBONES[family], f"finetune={strategy}", *KNOBS, "trainer.max_steps=4", "trainer.max_epochs=50",
+                 "test_after_fit=false", "callbacks.early_stopping=null"]
+    run_train(tmp_path, overrides, cache_dir)
+    state = probe(tmp_path)
+    names = list(state["start"])
+    assert len(state["steps"]) == 4
+    for record in state["steps"]:
+        assert record["trainable"] == expected_trainable(strategy, names, record["step"]), (family, strategy, record["step"])
+    ever_trained = {g for record in state["steps"] for g in record["trainable"]}
+    for group in names:
+        if group not in ever_trained:
+            assert not changed(state, group), f"{group} was frozen throughout but moved"
+    assert changed(state, names[-1])
