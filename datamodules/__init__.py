@@ -1,5 +1,6 @@
 """LightningDataModules (one per modality) and the data sources they read."""
 
+from datamodules.corpus import CorpusDataModule
 from datamodules.text import TextDataModule
 
-__all__ = ["TextDataModule"]
+__all__ = ["CorpusDataModule", "TextDataModule"]
