@@ -46,7 +46,8 @@ def train_wordpiece(
     cache_dir: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train (or load from ``cache_dir``) a WordPiece tokenizer on a corpus (see ``datamodules.corpus.read_corpus``)."""
-    from datamodules.corpus import read_corpus  # lazy: datamodules import modules, not the other way round at import time
+    # lazy: datamodules import modules, not the other way round at import time
+    from datamodules.corpus import read_corpus
 
     texts = read_corpus(corpus, text_column)
     key = hashlib.sha1(f"{vocab_size}|{lowercase}|{len(texts)}".encode())
