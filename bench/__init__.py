@@ -1,0 +1,1 @@
+"""Benchmarks and experiments that compare setups side by side in one run."""

