@@ -159,8 +159,9 @@ def test_generator_is_seeded_and_holds_out_whole_voices(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctc_learns_a_tiny_generated_corpus(tmp_path: Path) -> None:
     """Three words by six voices: greedy-decoded WER on unseen utterances falls far below 1."""
-    import lightning.pytorch as pl
     from functools import partial
+
+    import lightning.pytorch as pl
 
     from modules.ctc import CTCRecognizer
 

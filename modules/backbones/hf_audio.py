@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
 
-from modules.backbones.base import Backbone, BackboneOutput, LayerGroup, register_backbone, resolve_local_source
+from modules.backbones.base import (
+    Backbone,
+    BackboneOutput,
+    LayerGroup,
+    register_backbone,
+    resolve_local_source,
+)
 from modules.backbones.hf_text import load_pretrained
 from modules.errors import ConfigError
 
