@@ -1,7 +1,8 @@
 """LightningDataModules (one per modality) and the data sources they read."""
 
 from datamodules.corpus import CorpusDataModule
+from datamodules.speech import SpeechDataModule
 from datamodules.text import TextDataModule
 from datamodules.vision import VisionDataModule
 
-__all__ = ["CorpusDataModule", "TextDataModule", "VisionDataModule"]
+__all__ = ["CorpusDataModule", "SpeechDataModule", "TextDataModule", "VisionDataModule"]

@@ -1,8 +1,9 @@
 """LightningModules (one thin module per task), backbone adapters and heads."""
 
 from modules.classifier import Classifier, TextClassifier
+from modules.ctc import CTCRecognizer
 from modules.image_classifier import ImageClassifier
 from modules.masked_lm import MaskedLM
 from modules.task import TaskModule
 
-__all__ = ["Classifier", "ImageClassifier", "MaskedLM", "TaskModule", "TextClassifier"]
+__all__ = ["CTCRecognizer", "Classifier", "ImageClassifier", "MaskedLM", "TaskModule", "TextClassifier"]

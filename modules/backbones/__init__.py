@@ -1,4 +1,4 @@
-"""Backbone adapters, found by name: ``build_backbone(kind="hf_text", ...)``."""
+"""Backbone adapters, found by name: ``build_backbone(kind="hf_text", ...)``, ``kind="hf_audio"``, ..."""
 
 from modules.backbones.base import (
     BACKBONES,
@@ -9,6 +9,7 @@ from modules.backbones.base import (
     check_layer_groups,
     register_backbone,
 )
+from modules.backbones.hf_audio import HFAudioBackbone
 from modules.backbones.hf_text import HFTextBackbone
 from modules.backbones.timm_backbone import TimmBackbone
 
@@ -16,6 +17,7 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "BackboneOutput",
+    "HFAudioBackbone",
     "HFTextBackbone",
     "LayerGroup",
     "TimmBackbone",

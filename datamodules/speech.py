@@ -1,0 +1,413 @@
+"""Speech recognition data: manifests or HF datasets, decoded with soundfile, batched for CTC.
+
+Audio is checked when the data is set up (readable, long enough, its sample rate) and decoded
+when a batch needs it: folded to mono, resampled to the encoder's rate, optionally speed
+perturbed, then normalised and padded by the backbone's feature extractor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import soundfile as sf
+import torch
+from scipy.signal import resample_poly
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules.sources import VAL_SPLIT_NAMES, Split, read_table
+from datamodules.spoken_corpus import CorpusSpec, generate_corpus
+from modules.backbones.base import resolve_local_source
+from modules.errors import ConfigError, DataError
+from modules.vocab import CharVocab, normalise_transcript
+
+log = logging.getLogger(__name__)
+
+BAD_AUDIO_POLICIES = ("error", "skip")
+
+
+def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling (anti-aliased), e.g. 44.1 kHz -> 16 kHz as up 160 / down 441."""
+    if orig_rate == target_rate:
+        return wave
+    ratio = Fraction(target_rate, orig_rate)
+    return resample_poly(wave, ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+def read_audio(source: str | bytes, target_rate: int) -> np.ndarray:
+    """Decode a file (or its bytes) with soundfile, fold channels to mono, resample to ``target_rate``."""
+    data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True)
+    return resample(data.mean(axis=1), rate, target_rate)
+
+
+@dataclass
+class Clip:
+    """One usable example: where its audio is, its transcript and label ids."""
+
+    audio: str | bytes
+    name: str  # for messages: the file path, or dataset[row]
+    text: str
+    labels: list[int]
+    seconds: float
+
+
+class SpeechDataset(Dataset):
+    """Clips decoded on access; in training, optionally speed perturbed (tempo and pitch, like Kaldi)."""
+
+    def __init__(self, clips: list[Clip], rate: int, speed_factors: Sequence[float] = (), bad_audio: str = "error") -> None:
+        self.clips, self.rate = clips, rate
+        self.speed_factors = [float(f) for f in speed_factors]
+        self.bad_audio = bad_audio
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        clip = self.clips[i]
+        try:
+            wave = read_audio(clip.audio, self.rate)
+        except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+            if self.bad_audio == "skip":
+                self.skipped.append(clip.name)
+                log.warning(f"skipped unreadable audio {clip.name}: {err}")
+                return None
+            raise DataError(f"cannot decode audio {clip.name}: {err}; fix or remove it, or set data.bad_audio=skip") from None
+        if self.speed_factors:
+            factor = random.choice(self.speed_factors)
+            if factor != 1.0:  # faster speech = fewer samples at the same rate
+                wave = resample(wave, round(self.rate * factor), self.rate)
+        return {"wave": wave, "labels": clip.labels, "text": clip.text}
+
+
+class AudioCollator:
+    """Normalise and pad with the feature extractor; pad labels with -100."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        items = [it for it in items if it is not None]
+        if not items:
+            raise DataError("every clip of a batch was unreadable and skipped; check the audio files")
+        inputs = self.processor(
+            [it["wave"] for it in items], sampling_rate=self.processor.sampling_rate, padding="longest",
+            return_attention_mask=True, return_tensors="pt",
+        )
+        longest = max(len(it["labels"]) for it in items)
+        labels = torch.full((len(items), max(1, longest)), -100, dtype=torch.long)
+        for row, it in enumerate(items):
+            labels[row, : len(it["labels"])] = torch.tensor(it["labels"], dtype=torch.long)
+        return {
+            "input_values": inputs["input_values"],
+            "attention_mask": inputs["attention_mask"].long(),
+            "labels": labels,
+            "texts": [it["text"] for it in items],
+        }
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length (less padding): shuffle, sort within pools of ``pool`` batches, shuffle batches."""
+
+    def __init__(self, lengths: Sequence[float], batch_size: int, shuffle: bool, seed: int = 0, pool: int = 50) -> None:
+        self.lengths, self.batch_size, self.shuffle, self.seed, self.pool = list(lengths), batch_size, shuffle, seed, pool
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        self.epoch += 1
+        order = rng.permutation(len(self.lengths)).tolist() if self.shuffle else list(range(len(self.lengths)))
+        size = self.batch_size * self.pool if self.shuffle else len(order)
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return iter(batches)
+
+
+class SpeechDataModule(pl.LightningDataModule):
+    """Transcribed audio for CTC from manifests (JSONL/CSV), HF datasets, or a generated spoken corpus.
+
+    Args:
+        source: a folder of manifests (with ``data_files`` naming them), one manifest file (train
+            only), a hub dataset name, or a folder saved by ``datasets.save_to_disk``.
+        data_files: ``{train: a.jsonl, validation: b.jsonl, test: c.jsonl}``; relative names are
+            looked up in ``source``. Audio paths in a manifest are relative to the manifest's folder.
+        generate: ``CorpusSpec`` fields; synthesise a spoken corpus into ``source`` first when it is
+            not there yet (``datamodules.spoken_corpus``, needs espeak-ng and sox).
+        audio_column / text_column / duration_column: manifest columns (duration is optional; when
+            given, audio much shorter than it is treated as truncated).
+        processor: the backbone's feature extractor (``train.py`` passes it): rate, normalisation, padding.
+        min_duration / max_duration: clips outside this range (seconds) are dropped and counted.
+        bad_audio: ``error`` (stop, naming the file) or ``skip`` (drop it and count it).
+        speed_perturb: speed factors to pick from per training clip (e.g. ``[0.9, 1.0, 1.1]``).
+        vocab_file: a saved ``vocab.json`` to use instead of building one from the training transcripts.
+        group_by_length: batch clips of similar length together.
+    """
+
+    def __init__(
+        self,
+        source: str | None = None,
+        data_files: Mapping[str, str] | None = None,
+        generate: Mapping[str, Any] | None = None,
+        hub_config: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = "test",
+        audio_column: str = "audio",
+        text_column: str = "text",
+        duration_column: str | None = "duration",
+        processor: Any = None,
+        min_duration: float = 0.0,
+        max_duration: float = 20.0,
+        lowercase: bool = True,
+        bad_audio: str = "error",
+        speed_perturb: Sequence[float] | None = None,
+        vocab_file: str | None = None,
+        val_fraction: float = 0.1,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if processor is None or not hasattr(processor, "sampling_rate"):
+            raise ConfigError("SpeechDataModule needs the backbone's audio feature extractor (processor=backbone.processor)")
+        if bad_audio not in BAD_AUDIO_POLICIES:
+            raise ConfigError(f"data.bad_audio={bad_audio!r} is unknown; choose one of {', '.join(BAD_AUDIO_POLICIES)}")
+        if not 0 <= min_duration < max_duration:
+            raise ConfigError(f"data.min_duration={min_duration} must be >= 0 and below data.max_duration={max_duration}")
+        if any(f <= 0 for f in speed_perturb or ()):
+            raise ConfigError(f"data.speed_perturb={list(speed_perturb)} must hold factors > 0, e.g. [0.9, 1.0, 1.1]")
+        self.source, self.data_files, self.generate = source, dict(data_files or {}), dict(generate or {}) or None
+        self.hub_config, self.split_names = hub_config, {"train": train_split, "val": val_split, "test": test_split}
+        self.audio_column, self.text_column, self.duration_column = audio_column, text_column, duration_column
+        self.processor, self.rate = processor, int(processor.sampling_rate)
+        self.min_duration, self.max_duration, self.lowercase = min_duration, max_duration, lowercase
+        self.bad_audio, self.speed_perturb = bad_audio, list(speed_perturb or [])
+        self.vocab_file, self.val_fraction = vocab_file, val_fraction
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
+        self.collate = AudioCollator(processor)
+        self.vocab: CharVocab | None = None
+        self.datasets: dict[str, SpeechDataset] = {}
+        self.counts: dict[str, Counter] = {}
+
+    # -- what the rest of the run needs to know -------------------------------------------------
+    def task_kwargs(self) -> dict[str, Any]:
+        self.setup("fit")
+        assert self.vocab is not None
+        return {"vocab": self.vocab.tokens}
+
+    def save_to(self, run_dir: str | Path) -> None:
+        """``vocab.json`` (to decode the model's outputs) and ``data_report.json`` (sizes, drops, resampling)."""
+        self.setup("fit")
+        assert self.vocab is not None
+        self.vocab.save(Path(run_dir) / "vocab.json")
+        report = {"sizes": {k: len(v) for k, v in self.datasets.items()}, "sampling_rate": self.rate,
+                  "counts": {k: dict(v) for k, v in self.counts.items()}}
+        (Path(run_dir) / "data_report.json").write_text(json.dumps(report, indent=2))
+
+    # -- loading --------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        splits = self._load_splits()
+        for split in splits.values():
+            split.require(audio_column=self.audio_column, text_column=self.text_column)
+        splits = self._carve_missing(splits)
+        checked = {role: self._check(role, split) for role, split in splits.items()}
+        if self.vocab_file:
+            self.vocab = CharVocab.load(resolve_local_source(self.vocab_file))
+        else:
+            self.vocab = CharVocab.build(text for _, text, _ in checked["train"])
+        for role, rows in checked.items():
+            clips = []
+            for audio, text, (name, seconds) in rows:
+                labels, unknown = self.vocab.encode(text)
+                if unknown:
+                    self.counts[role]["unknown_chars"] += unknown
+                clips.append(Clip(audio, name, text, labels, seconds))
+            if self.counts[role]["unknown_chars"]:
+                log.warning(f"{role}: {self.counts[role]['unknown_chars']} characters are not in the vocabulary "
+                            f"(built from train); they map to <unk> and count as errors")
+            speed = self.speed_perturb if role == "train" else ()
+            self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.bad_audio)
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
+        log.info(f"speech data at {self.rate} Hz: {sizes}; vocabulary of {len(self.vocab)}: {''.join(self.vocab.tokens[3:])}")
+        for role, counts in self.counts.items():
+            if counts:
+                log.info(f"{role}: {dict(counts)}")
+
+    def _load_splits(self) -> dict[str, Split]:
+        if self.generate:
+            if not self.source:
+                raise ConfigError("data.generate needs data.source: the folder to synthesise the corpus into")
+            generate_corpus(self.source, CorpusSpec(**self.generate))
+        if self.data_files:
+            out = {}
+            base = Path(resolve_local_source(self.source)) if self.source else Path(".")
+            for split, file in self.data_files.items():
+                role = "val" if split in VAL_SPLIT_NAMES else split
+                if role not in ("train", "val", "test"):
+                    raise ConfigError(f"data.data_files has split {split!r}; use train, validation and test")
+                path = Path(file).expanduser()
+                path = path if path.is_absolute() else base / path
+                if not path.is_file():
+                    raise ConfigError(f"data.data_files.{split}: manifest {path} does not exist")
+                out[role] = read_table(path)
+            if "train" not in out:
+                raise ConfigError("data.data_files needs a 'train' manifest")
+            return out
+        if not self.source:
+            raise ConfigError("data.source is empty; give a manifest, a folder with data.data_files, or a dataset name")
+        resolved = resolve_local_source(self.source)
+        if Path(resolved).is_file():
+            return {"train": read_table(Path(resolved))}
+        return self._read_dataset(resolved)
+
+    def _read_dataset(self, name: str) -> dict[str, Split]:
+        """A hub dataset or a ``save_to_disk`` folder; an ``Audio`` column is read undecoded (path/bytes)."""
+        import datasets
+
+        try:
+            if Path(name).is_dir():
+                loaded = datasets.load_from_disk(name)
+            else:
+                loaded = datasets.load_dataset(name, self.hub_config)
+        except Exception as err:  # noqa: BLE001 - connection, auth and format errors differ by version
+            raise ConfigError(f"could not load dataset {name!r} ({str(err).splitlines()[0][:160]}); offline, point "
+                              "data.source at a folder of manifests with data.data_files") from None
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({"train": loaded})
+        out = {}
+        for role, split in self.split_names.items():
+            if role == "val" and split is None:
+                split = next((n for n in VAL_SPLIT_NAMES if n in loaded), None)
+            if not split or split not in loaded:
+                continue
+            ds = loaded[split]
+            if isinstance(ds.features.get(self.audio_column), datasets.Audio):
+                ds = ds.cast_column(self.audio_column, datasets.Audio(decode=False))  # decoding needs torchcodec
+            keep = [c for c in (self.audio_column, self.text_column, self.duration_column) if c in ds.column_names]
+            out[role] = Split({c: ds[c] for c in keep}, f"{name}[{split}]", list(range(len(ds))))
+        if "train" not in out:
+            raise ConfigError(f"dataset {name!r} has no split {self.split_names['train']!r}; its splits are: {', '.join(loaded)}")
+        return out
+
+    def _carve_missing(self, splits: dict[str, Split]) -> dict[str, Split]:
+        train = splits["train"]
+        if "val" not in splits and self.val_fraction > 0:
+            order = np.random.default_rng(self.seed).permutation(len(train)).tolist()
+            n_val = max(1, round(self.val_fraction * len(train)))
+            splits["val"], splits["train"] = train.take(sorted(order[:n_val])), train.take(sorted(order[n_val:]))
+        caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
+        for role, cap in caps.items():
+            if cap and role in splits and len(splits[role]) > cap:
+                keep = np.random.default_rng(self.seed).permutation(len(splits[role]))[:cap]
+                splits[role] = splits[role].take(sorted(keep.tolist()))
+        return splits
+
+    def _check(self, role: str, split: Split) -> list[tuple[str | bytes, str, tuple[str, float]]]:
+        """Usable (audio, transcript, (name, seconds)) rows; drops and counts the rest."""
+        counts = self.counts.setdefault(role, Counter())
+        base = Path(split.origin).parent if Path(split.origin).is_file() else None
+        durations = split.columns.get(self.duration_column) if self.duration_column else None
+        rows = []
+        for i, (row, value, text) in enumerate(zip(split.row_ids, split.columns[self.audio_column],
+                                                   split.columns[self.text_column], strict=True)):
+            text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else normalise_transcript(text, self.lowercase)
+            if not text:
+                counts["empty_transcript"] += 1
+                continue
+            audio, name = self._locate(value, base, f"{split.origin} row {row}")
+            try:
+                info = sf.info(io.BytesIO(audio) if isinstance(audio, bytes) else audio)
+                seconds = info.frames / info.samplerate
+                expected = durations[i] if durations is not None else None
+                if expected is not None and not (isinstance(expected, float) and math.isnan(expected)) and seconds < 0.9 * float(expected) - 0.05:
+                    raise ValueError(f"it holds {seconds:.2f} s but the manifest says {float(expected):.2f} s (truncated?)")
+                if info.frames == 0:
+                    raise ValueError("it holds no samples")
+            except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+                if self.bad_audio == "skip":
+                    counts["bad_audio"] += 1
+                    log.warning(f"skipped audio {name} ({split.origin} row {row}): {err}")
+                    continue
+                raise DataError(f"cannot read audio {name} ({split.origin} row {row}): {err}; "
+                                "fix or remove it, or set data.bad_audio=skip") from None
+            if not self.min_duration <= seconds <= self.max_duration:
+                counts["too_long" if seconds > self.max_duration else "too_short"] += 1
+                continue
+            if info.samplerate != self.rate:
+                counts[f"resampled_from_{info.samplerate}"] += 1
+            if info.channels > 1:
+                counts["folded_to_mono"] += 1
+            rows.append((audio, text, (name, seconds)))
+        if not rows:
+            raise DataError(f"no usable clips in {role} ({split.origin}): {dict(counts)}; check the audio and "
+                            "data.min_duration / data.max_duration")
+        dropped = {k: v for k, v in counts.items() if k in ("empty_transcript", "too_long", "too_short", "bad_audio")}
+        if dropped:
+            log.warning(f"{role}: dropped {sum(dropped.values())} clips: {dropped}")
+        resampled = sum(v for k, v in counts.items() if k.startswith("resampled_from_"))
+        if resampled:
+            log.info(f"{role}: {resampled} clips will be resampled to {self.rate} Hz")
+        return rows
+
+    def _locate(self, value: Any, base: Path | None, where: str) -> tuple[str | bytes, str]:
+        """A manifest path (relative to the manifest) or a datasets ``{"path", "bytes"}`` cell."""
+        if isinstance(value, Mapping):
+            if value.get("bytes"):
+                return value["bytes"], f"{value.get('path') or 'bytes'} ({where})"
+            value = value.get("path")
+        if not value:
+            raise DataError(f"{where}: column {self.audio_column!r} is empty; give an audio file path")
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return str(path), str(path)
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _loader(self, role: str, train: bool) -> DataLoader:
+        self.setup()
+        if role not in self.datasets:
+            raise ConfigError(f"the data has no {role} split; name one in data.data_files or set data.val_fraction > 0")
+        dataset = self.datasets[role]
+        size = self.batch_size if train else self.eval_batch_size
+        if self.group_by_length:
+            sampler = LengthGroupedBatchSampler([c.seconds for c in dataset.clips], size, shuffle=train, seed=self.seed)
+            kwargs: dict[str, Any] = {"batch_sampler": sampler}
+        else:
+            kwargs = {"batch_size": size, "shuffle": train}
+        return DataLoader(dataset, collate_fn=self.collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.datasets else "val", train=False)

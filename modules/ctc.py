@@ -1,0 +1,116 @@
+"""Speech recognition with CTC on any audio backbone: characters out, WER and CER tracked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import nn
+from torchmetrics.text import CharErrorRate, WordErrorRate
+
+from modules.backbones.base import Backbone
+from modules.errors import ConfigError
+from modules.task import TaskModule
+from modules.vocab import CharVocab
+
+
+class CTCHead(nn.Module):
+    """Dropout + linear layer per frame: features -> character logits."""
+
+    def __init__(self, in_features: int, vocab_size: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(in_features, vocab_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(features))
+
+
+class CTCRecognizer(TaskModule):
+    """Frame features -> character log-probabilities; CTC loss; greedy decoding; WER and CER.
+
+    Args:
+        vocab: the character tokens (``<pad>`` = blank, ``<unk>``, ``|``, ...), filled in from the
+            data by ``train.py`` and kept in the checkpoint's hyperparameters.
+        dropout: dropout before the head.
+        num_samples: sample predictions shown per validation (logged, and written to
+            ``<run>/predictions/val.txt``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab: Sequence[str],
+        dropout: float = 0.1,
+        num_samples: int = 8,
+        **task_kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, **task_kwargs)
+        if len(vocab) < 4:
+            raise ConfigError(f"vocab has {len(vocab)} tokens; CTC needs <pad>, <unk>, | and at least one character")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.vocab = CharVocab(list(vocab))
+        self.head = CTCHead(backbone.feature_dim, len(self.vocab), dropout)
+        self.num_samples = num_samples
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_metrics", nn.ModuleDict({"wer": WordErrorRate(), "cer": CharErrorRate()}))
+        self._samples: list[tuple[str, str]] = []
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (batch, frames, vocab) and the number of real frames per example."""
+        out = self.backbone(batch)
+        log_probs = F.log_softmax(self.head(out.features).float(), dim=-1)
+        lengths = out.mask.sum(-1) if out.mask is not None else torch.full(log_probs.shape[:1], log_probs.shape[1])
+        return log_probs, lengths.long()
+
+    def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Greedy CTC decoding: best token per frame, repeats merged, blanks dropped."""
+        best = log_probs.argmax(-1).tolist()
+        return [self.vocab.decode_ctc(ids[:n]) for ids, n in zip(best, lengths.tolist(), strict=True)]
+
+    def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        labels = batch["labels"]
+        log_probs, frames = self(batch)
+        label_mask = labels != -100
+        targets = labels[label_mask]  # concatenated targets: no padding value can leak into the loss
+        # zero_infinity: a clip too short for its transcript gives no gradient instead of inf/nan
+        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, label_mask.sum(-1), blank=self.vocab.blank_id,
+                          reduction="mean", zero_infinity=True)
+        size = len(labels)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=size)
+        if stage != "train" or self.global_step % 10 == 0:  # decoding every train step costs time for little
+            predictions = self.decode(log_probs.detach(), frames)
+            references = list(batch["texts"])
+            for name, metric in getattr(self, f"{stage}_metrics").items():
+                metric.update(predictions, references)
+                self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=size)
+            if stage == "val" and len(self._samples) < self.num_samples:
+                self._samples += list(zip(references, predictions, strict=True))[: self.num_samples - len(self._samples)]
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._samples = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._samples or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        rows = [[ref, hyp, "ok" if ref == hyp else "x"] for ref, hyp in self._samples]
+        header = f"epoch {self.current_epoch} step {self.global_step}"
+        text = "\n".join([header] + [f"  ref: {r}\n  hyp: {h}  [{m}]" for r, h, m in rows])
+        out = Path(self.trainer.default_root_dir) / "predictions"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "val.txt", "a") as f:
+            f.write(text + "\n\n")
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("val/samples", columns=["reference", "prediction", "match"], data=rows)
+            elif isinstance(logger, TensorBoardLogger):
+                table = "| reference | prediction |\n|---|---|\n" + "\n".join(f"| {r} | {h} |" for r, h, _ in rows)
+                logger.experiment.add_text("val/samples", table, self.global_step)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        return self.decode(*self(batch))

@@ -1,0 +1,186 @@
+"""Speech: vocabulary, resampling, bad input, feature-encoder freezing, CTC learning on a generated corpus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from datamodules.speech import SpeechDataModule, resample
+from datamodules.spoken_corpus import CorpusSpec, generate_corpus, require_tools
+from modules.backbones import build_backbone, check_layer_groups
+from modules.errors import ConfigError, DataError
+from modules.vocab import CharVocab
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+                                  reason="espeak-ng and sox are needed (apt-get install -y espeak-ng sox)")
+
+
+def tiny_backbone(freeze: bool = True):
+    return build_backbone("hf_audio", from_scratch=True, model_type="wav2vec2", size="tiny", freeze_feature_encoder=freeze)
+
+
+def write_manifest(folder: Path, rows: list[dict]) -> Path:
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_vocab_from_transcripts_round_trips(tmp_path: Path) -> None:
+    vocab = CharVocab.build(["one two", "three"])
+    assert vocab.tokens[:3] == ["<pad>", "<unk>", "|"]
+    assert set(vocab.tokens[3:]) == set("onetwhr")
+    ids, unknown = vocab.encode("two one")
+    assert unknown == 0 and vocab.tokens[ids[3]] == "|"
+    assert vocab.encode("zone")[1] == 1  # z is not in the vocabulary
+    # greedy CTC: repeats merged, blanks dropped, a blank separates real double letters
+    o, n, e, bar, t = (vocab.ids[c] for c in "one|t")
+    assert vocab.decode_ctc([0, o, o, 0, n, e, e, bar, t, 0]) == "one t"
+    assert vocab.decode_ctc([t, 0, t]) == "tt"
+    vocab.save(tmp_path / "vocab.json")
+    assert CharVocab.load(tmp_path / "vocab.json").tokens == vocab.tokens
+
+
+@pytest.mark.parametrize("orig", [44100, 8000, 22050])
+def test_resampling_keeps_the_tone_frequency(orig: int) -> None:
+    wave = resample(tone(1.0, orig, 1000.0), orig, 16000)
+    assert abs(len(wave) - 16000) <= 1
+    spectrum = np.abs(np.fft.rfft(wave))
+    peak_hz = np.argmax(spectrum) * 16000 / len(wave)
+    assert abs(peak_hz - 1000.0) < 2.0
+    assert 0.3 < np.abs(wave[100:-100]).max() < 0.7  # amplitude kept (no gain error)
+
+
+def test_feature_encoder_freezing_holds_weights() -> None:
+    backbone = tiny_backbone(freeze=True)
+    groups = backbone.layer_groups()
+    check_layer_groups(backbone, groups)
+    assert [g.name for g in groups][:3] == ["feature_encoder", "feature_projection", "block_0"]
+    assert groups[-1].name == "final" and groups[0].num_trainable == 0 and groups[1].num_trainable > 0
+    frozen = {n: p.detach().clone() for n, p in backbone.feature_encoder.named_parameters()}
+    above = backbone.model.feature_projection.projection.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        out = backbone({"input_values": torch.randn(2, 16000), "attention_mask": torch.ones(2, 16000, dtype=torch.long)})
+        out.features.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in backbone.feature_encoder.named_parameters():
+        assert torch.equal(p, frozen[name]), name
+    assert not torch.equal(backbone.model.feature_projection.projection.weight, above)
+
+
+def test_layer_groups_of_other_audio_encoders() -> None:
+    for model_type in ("hubert", "wavlm"):
+        backbone = build_backbone("hf_audio", from_scratch=True, model_type=model_type, size="tiny")
+        check_layer_groups(backbone, backbone.layer_groups())
+    post_norm = build_backbone("hf_audio", from_scratch=True, model_type="wav2vec2", size="tiny",
+                               config_overrides={"do_stable_layer_norm": False})
+    names = [g.name for g in post_norm.layer_groups()]
+    assert names[-1] == "block_3"  # a post-norm encoder normalises before its layers, not last
+
+
+def test_bad_audio_inputs(tmp_path: Path) -> None:
+    processor = tiny_backbone().processor
+    sf.write(tmp_path / "good.wav", tone(0.5, 16000), 16000)
+    stereo = np.stack([tone(0.5, 44100), tone(0.5, 44100)], axis=1)
+    sf.write(tmp_path / "stereo44k.wav", stereo, 44100)
+    sf.write(tmp_path / "long.wav", tone(3.0, 16000), 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    sf.write(tmp_path / "cut.wav", tone(0.5, 16000), 16000)  # shorter than its manifest says
+    rows = [
+        {"audio": "good.wav", "text": "a b", "duration": 0.5},
+        {"audio": "stereo44k.wav", "text": "b  A", "duration": 0.5},
+        {"audio": "good.wav", "text": "   ", "duration": 0.5},
+        {"audio": "long.wav", "text": "a", "duration": 3.0},
+        {"audio": "broken.wav", "text": "a", "duration": 0.5},
+        {"audio": "cut.wav", "text": "a", "duration": 2.0},
+    ]
+    write_manifest(tmp_path, rows)
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"audio": "good.wav", "text": "a c", "duration": 0.5}) + "\n")
+    files = {"train": "train.jsonl", "validation": "val.jsonl"}
+
+    with pytest.raises(DataError, match=r"broken\.wav.*bad_audio=skip"):
+        SpeechDataModule(str(tmp_path), data_files=files, processor=processor, max_duration=2.0).setup()
+
+    data = SpeechDataModule(str(tmp_path), data_files=files, processor=processor, max_duration=2.0, bad_audio="skip",
+                            batch_size=4)
+    data.setup()
+    counts = data.counts["train"]
+    assert counts["bad_audio"] == 2  # unreadable + truncated
+    assert counts["empty_transcript"] == 1 and counts["too_long"] == 1
+    assert counts["resampled_from_44100"] == 1 and counts["folded_to_mono"] == 1
+    assert len(data.datasets["train"]) == 2
+    assert data.counts["val"]["unknown_chars"] == 1  # 'c' never occurs in training
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_values"].shape == (2, 8000)  # 44.1 kHz stereo -> 16 kHz mono, padded to the longest
+    assert batch["attention_mask"].sum().item() == 16000
+    assert sorted(batch["texts"]) == ["a b", "b a"]
+    data.save_to(tmp_path)
+    assert json.loads((tmp_path / "vocab.json").read_text())["tokens"][3:] == ["a", "b"]
+
+
+def test_missing_espeak_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    with pytest.raises(ConfigError, match="apt-get install -y espeak-ng sox"):
+        require_tools()
+
+
+@needs_espeak
+def test_generator_is_seeded_and_holds_out_whole_voices(tmp_path: Path) -> None:
+    spec = CorpusSpec(n=40, accents=["en-us", "en-gb"], variants=["m1", "f2", "m3"], heldout_voices=1, seed=3)
+    out = generate_corpus(tmp_path / "a", spec, jobs=2, progress=False)
+    rows = {s: [json.loads(line) for line in (out / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "val", "test", "val_heldout_voices", "test_heldout_voices")}
+    assert sum(map(len, rows.values())) == 40
+    train_voices = {r["voice"] for r in rows["train"]}
+    held = [{r["voice"] for r in rows[s]} for s in ("val_heldout_voices", "test_heldout_voices")]
+    assert all(len(v) == 1 and not v & train_voices for v in held) and held[0] != held[1]
+    first = rows["train"][0]
+    info = sf.info(str(out / first["audio"]))
+    assert info.samplerate == 16000 and info.channels == 1
+    assert abs(info.frames / 16000 - first["duration"]) < 1e-3
+    again = generate_corpus(tmp_path / "b", spec, jobs=1, progress=False)
+    assert (again / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
+
+
+@needs_espeak
+@pytest.mark.slow
+def test_ctc_learns_a_tiny_generated_corpus(tmp_path: Path) -> None:
+    """Three words by six voices: greedy-decoded WER on unseen utterances falls far below 1."""
+    from functools import partial
+
+    import lightning.pytorch as pl
+
+    from modules.ctc import CTCRecognizer
+
+    pl.seed_everything(0)
+    spec = CorpusSpec(n=200, words=["one", "two", "three"], min_words=1, max_words=2, speeds=(190, 230), accents=["en-us", "en-gb"],
+                      variants=["m1", "f2", "m3", "f4"], heldout_voices=1, val_fraction=0.15, test_fraction=0.0, seed=1)
+    generate_corpus(tmp_path / "corpus", spec, jobs=2, progress=False)
+    backbone = build_backbone("hf_audio", from_scratch=True, model_type="wav2vec2", size="tiny", freeze_feature_encoder=False,
+                              config_overrides={"conv_dim": (32, 32, 32, 32), "hidden_size": 64, "num_hidden_layers": 2,
+                                                "intermediate_size": 128, "mask_time_prob": 0.0})
+    data = SpeechDataModule(str(tmp_path / "corpus"), data_files={"train": "train.jsonl", "validation": "val.jsonl"},
+                            processor=backbone.processor, batch_size=8, eval_batch_size=64)
+    model = CTCRecognizer(backbone, optimizer=partial(torch.optim.AdamW, lr=3e-3), **data.task_kwargs())
+    trainer = pl.Trainer(max_epochs=25, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         gradient_clip_val=1.0, inference_mode=False)  # metrics reused across validate + fit
+    before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/wer"]
+    trainer.fit(model, datamodule=data)
+    after = trainer.validate(model, datamodule=data, verbose=False)[0]["val/wer"]
+    assert before > 0.9
+    assert after < 0.3, f"val WER {after:.3f} after training (from {before:.3f})"
+    assert (tmp_path / "predictions" / "val.txt").read_text().count("ref:") >= 8
