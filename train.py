@@ -61,6 +61,7 @@ def build_each(nodes: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (``best/<monitor>`` included)."""
     import lightning.pytorch as pl
+    import torch
 
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
@@ -69,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
+    check_requirements(cfg.get("requires"))
     backbone = build(cfg.backbone)
     datamodule = build(cfg.data, processor=backbone.processor)
     task_kwargs = datamodule.task_kwargs()
@@ -97,6 +99,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("no best checkpoint (fast_dev_run, or no monitored metric): testing the final weights")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+    if cfg.get("export_backbone"):
+        if best and not cfg.get("test_after_fit"):  # testing already loaded the best weights
+            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        if trainer.is_global_zero:
+            folder = model.backbone.save_pretrained(run_dir / Path(cfg.export_backbone).expanduser())
+            log.info(f"saved the {'best' if best else 'final'} backbone to {folder}; use it with backbone.name_or_path={folder}")
     metrics["time/total_s"] = time.time() - started
 
     if trainer.is_global_zero:
@@ -106,6 +114,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if type(logger).__name__ == "WandbLogger":  # flush and close, so sweeps start a fresh run
             logger.experiment.finish()
     return metrics
+
+
+def check_requirements(requires: Any) -> None:
+    """Presets that build on an earlier run list ``{path, hint}`` entries; fail early with the hint."""
+    from modules.errors import ConfigError
+
+    for entry in requires or ():
+        if not isinstance(entry, Mapping) or "path" not in entry:
+            raise ConfigError(f"requires entry {entry!r} must be a mapping with 'path' and 'hint'")
+        if not Path(str(entry["path"])).expanduser().exists():
+            raise ConfigError(f"{entry['path']} does not exist; {entry.get('hint') or 'make it first'}")
 
 
 def print_summary(metrics: dict[str, float], run_dir: Path, best: str | None) -> None:

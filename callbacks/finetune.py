@@ -171,8 +171,11 @@ class FinetuneSchedule(pl.Callback):
         self._steps += 1
         total = sum(p.numel() for p in pl_module.parameters())
         self._trainable_steps += sum(p.numel() for p in pl_module.parameters() if p.requires_grad) / total
-        # a share, not a count: Lightning aggregates logged values in float32, exact only below 2**24
-        pl_module.log("finetune/mean_trainable_share", self._trainable_steps / self._steps, on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._steps:  # a share, not a count: Lightning aggregates logged values in float32, exact only below 2**24
+            pl_module.log("finetune/mean_trainable_share", self._trainable_steps / self._steps, on_step=False, on_epoch=True,
+                          batch_size=1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._scheduled_lrs is not None:  # undo the per-group factors: the scheduler owns the LRs

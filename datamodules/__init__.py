@@ -1,8 +1,23 @@
-"""LightningDataModules (one per modality) and the data sources they read."""
+"""LightningDataModules (one per modality) and the data sources they read.
 
-from datamodules.corpus import CorpusDataModule
-from datamodules.speech import SpeechDataModule
-from datamodules.text import TextDataModule
-from datamodules.vision import VisionDataModule
+Imported lazily, so ``python -m datamodules.spoken_corpus`` does not load the modalities it does not use.
+"""
 
-__all__ = ["CorpusDataModule", "SpeechDataModule", "TextDataModule", "VisionDataModule"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "CorpusDataModule": "datamodules.corpus",
+    "SpeechDataModule": "datamodules.speech",
+    "TextDataModule": "datamodules.text",
+    "VisionDataModule": "datamodules.vision",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

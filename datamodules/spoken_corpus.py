@@ -76,6 +76,10 @@ class CorpusSpec:
         self.speeds, self.pitches = tuple(self.speeds), tuple(self.pitches)
         if not self.words:
             raise ConfigError("spoken corpus: the word list is empty; give --words or leave it for the digits")
+        odd = [w for w in self.words if not isinstance(w, str) or not w.strip()]
+        if odd:
+            raise ConfigError(f"spoken corpus: words {odd} are not words; quote them in YAML "
+                              '(yes/no/on/off read as booleans: write "yes")')
         if not 1 <= self.min_words <= self.max_words:
             raise ConfigError(f"spoken corpus: need 1 <= min_words ({self.min_words}) <= max_words ({self.max_words})")
         if len(self.voices()) <= 2 * self.heldout_voices:

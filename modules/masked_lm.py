@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
 from modules.task import TaskModule
-
-log = logging.getLogger(__name__)
 
 
 class MaskedLMHead(nn.Module):
@@ -49,26 +44,23 @@ class MaskedLM(TaskModule):
 
     Logits are computed only at the masked positions (about 15 % of tokens): the hidden states
     there are gathered before the vocabulary projection, which is most of the head's cost.
-    Logs ``<stage>/loss``, ``<stage>/perplexity`` and ``<stage>/acc`` (masked-token accuracy). When
-    fitting ends, the backbone and its tokenizer are saved with ``save_pretrained`` in
-    ``<run>/<export_dirname>``: that folder is a ``backbone.name_or_path`` for any text fine-tuning.
+    Logs ``<stage>/loss``, ``<stage>/perplexity`` and ``<stage>/acc`` (masked-token accuracy). With
+    ``export_backbone`` set (the ``mlm_bbc`` preset: ``hf_backbone``), ``train.py`` saves the best
+    backbone and its tokenizer with ``save_pretrained``: a ``backbone.name_or_path`` for any text fine-tuning.
 
     Args:
         backbone: a Hugging Face text backbone (``hf_text``) with input embeddings.
-        export_dirname: folder inside the run folder for the exported backbone (None: no export).
     """
 
-    def __init__(self, backbone: Backbone, export_dirname: str | None = "hf_backbone", **task_kwargs: Any) -> None:
+    def __init__(self, backbone: Backbone, **task_kwargs: Any) -> None:
         super().__init__(backbone, **task_kwargs)
         model = getattr(backbone, "model", None)
         if model is None or not hasattr(model, "get_input_embeddings"):
             raise ConfigError(f"task=masked_lm needs a Hugging Face text backbone (backbone.kind=hf_text), not {type(backbone).__name__}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
-        self.export_dirname = export_dirname
         vocab_size = model.get_input_embeddings().weight.shape[0]
         eps = float(getattr(model.config, "layer_norm_eps", 1e-12))
         self.head = MaskedLMHead(backbone.feature_dim, vocab_size, eps)
-        self.export_path: Path | None = None
         self.train_perplexity, self.val_perplexity, self.test_perplexity = ExpMeanMetric(), ExpMeanMetric(), ExpMeanMetric()
 
     @property
@@ -102,18 +94,3 @@ class MaskedLM(TaskModule):
             acc = (logits.detach().argmax(-1) == targets).float().mean()
             self.log(f"{stage}/acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, batch_size=size)
         return loss
-
-    def on_fit_end(self) -> None:
-        if self.export_dirname and not self.trainer.sanity_checking:
-            self.export(Path(self.trainer.default_root_dir) / self.export_dirname)
-
-    @rank_zero_only
-    def export(self, folder: Path) -> Path:
-        """Save the backbone (+ tokenizer) with ``save_pretrained``: loadable by ``AutoModel``/``AutoTokenizer``."""
-        folder.mkdir(parents=True, exist_ok=True)
-        self.backbone.model.save_pretrained(folder)
-        if self.backbone.processor is not None:
-            self.backbone.processor.save_pretrained(folder)
-        self.export_path = folder
-        log.info(f"saved the pretrained backbone to {folder}; fine-tune it with backbone.name_or_path={folder}")
-        return folder

@@ -105,7 +105,7 @@ def test_saved_backbone_reloads_with_auto_classes_and_fine_tunes(
 
 def test_masked_logits_equal_dense_logits_at_masked_positions(tmp_path: Path) -> None:
     backbone, corpus = tiny_backbone(tmp_path)
-    task = MaskedLM(backbone, optimizer=torch.optim.AdamW, export_dirname=None).eval()
+    task = MaskedLM(backbone, optimizer=torch.optim.AdamW).eval()
     data = CorpusDataModule(str(corpus), processor=backbone.processor, block_size=32, val_fraction=0.2, batch_size=8)
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():

@@ -184,3 +184,32 @@ def test_ctc_learns_a_tiny_generated_corpus(tmp_path: Path) -> None:
     assert before > 0.9
     assert after < 0.3, f"val WER {after:.3f} after training (from {before:.3f})"
     assert (tmp_path / "predictions" / "val.txt").read_text().count("ref:") >= 8
+
+
+@needs_espeak
+def test_pretrain_export_then_finetune_presets_chain(tmp_path: Path) -> None:
+    """speech_words_pretrain saves its best encoder in the HF format; speech_digits_finetune loads exactly it."""
+    from transformers import AutoModel
+
+    from tests.conftest import run_train
+
+    small = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_epochs=1",
+             "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+             "data.generate.n=120", "data.generate.heldout_voices=2", "data.generate.val_fraction=0.2"]
+    encoder = tmp_path / "encoder"
+    run_train(tmp_path / "pretrain", ["experiment=speech_words_pretrain", *small, f"export_backbone={encoder}"], tmp_path / "cache")
+    assert AutoModel.from_pretrained(encoder).config.model_type == "wav2vec2"
+    assert (encoder / "preprocessor_config.json").exists()
+    metrics = run_train(tmp_path / "finetune", ["experiment=speech_digits_finetune", *small, f"backbone.name_or_path={encoder}",
+                                                "+callbacks.probe._target_=tests.probes.TrainingProbe"], tmp_path / "cache")
+    assert "test/wer" in metrics
+    start = torch.load(tmp_path / "finetune" / "probe_rank0.pt", weights_only=False)["start"]
+    exported = build_backbone("hf_audio", name_or_path=str(encoder))
+    groups = {g.name: torch.cat([p.detach().flatten() for p in g.params.values()]) for g in exported.layer_groups()}
+    assert set(groups) == set(start) - {"head"}
+    for name, flat in groups.items():  # fine-tuning started from exactly the exported weights
+        assert torch.equal(start[name], flat), name
+    pretrain_ckpt = torch.load(next((tmp_path / "pretrain" / "checkpoints").glob("last*.ckpt")), weights_only=False)
+    trained = {k[len("backbone."):]: v for k, v in pretrain_ckpt["state_dict"].items() if k.startswith("backbone.")}
+    for name, tensor in exported.state_dict().items():  # ... which are the pretraining run's weights
+        assert torch.equal(trained[name], tensor), name

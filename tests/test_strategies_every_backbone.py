@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ PROBE = "+callbacks.probe._target_=tests.probes.TrainingProbe"
 BACKBONES = {
     "text": list(TINY_SCRATCH),
     "vision": ["experiment=digits_scratch", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
+    "speech": ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",
+               "data.generate.heldout_voices=2", "data.batch_size=8", "backbone.config_overrides.hidden_size=64",
+               "backbone.config_overrides.num_hidden_layers=2", "backbone.config_overrides.intermediate_size=128",
+               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
 }
 KNOBS = ["finetune.unit=step", "finetune.every=1", "finetune.at=2", "finetune.top_k=1",
          "finetune.milestones=[{at: 2, groups: [all]}]"]
@@ -38,6 +43,8 @@ def expected_trainable(strategy: str, names: list[str], step: int) -> list[str]:
 def test_strategy_on_backbone(family: str, strategy: str, tmp_path: Path, cache_dir: Path) -> None:
     overrides = [*BACKBONES[family], f"finetune={strategy}", *KNOBS, "trainer.max_steps=4", "trainer.max_epochs=50",
                  "test_after_fit=false", "callbacks.early_stopping=null"]
+    if family == "speech" and not (shutil.which("espeak-ng") and shutil.which("sox")):
+        pytest.skip("the speech corpus needs espeak-ng and sox (apt-get install -y espeak-ng sox)")
     run_train(tmp_path, overrides, cache_dir)
     state = probe(tmp_path)
     names = list(state["start"])

@@ -71,6 +71,19 @@ class Backbone(nn.Module):
     def layer_groups(self) -> list[LayerGroup]:  # pragma: no cover
         raise NotImplementedError
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the wrapped model and its processor in the Hugging Face format (a ``name_or_path`` for later runs)."""
+        model = getattr(self, "model", None)
+        if not hasattr(model, "save_pretrained"):
+            raise ConfigError(f"{type(self).__name__} cannot be saved in the Hugging Face format; "
+                              "leave export_backbone=null and use the run's checkpoints")
+        out = Path(directory).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        if hasattr(self.processor, "save_pretrained"):
+            self.processor.save_pretrained(out)
+        return out
+
 
 def groups_around_blocks(
     model: nn.Module, blocks_prefix: str, *, prefix: str = "", pre_name: str = "embeddings", post_name: str = "final"

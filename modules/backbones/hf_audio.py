@@ -176,14 +176,6 @@ class HFAudioBackbone(Backbone):
                 final.params[full] = param
         return [g for g in (encoder, projection, *blocks, final) if g.params]
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the encoder and its feature extractor in the Hugging Face format (loadable by name_or_path)."""
-        out = Path(directory).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
-        self.processor.save_pretrained(out)
-        return out
-
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Save the audio backbone of a tunelab run's checkpoint as a Hugging Face model folder.
