@@ -195,7 +195,7 @@ def test_pretrain_export_then_finetune_presets_chain(tmp_path: Path) -> None:
 
     small = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_epochs=1",
              "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-             "data.generate.n=120", "data.generate.heldout_voices=2", "data.generate.val_fraction=0.2"]
+             "data.generate.n=120", "data.generate.heldout_voices=2"]
     encoder = tmp_path / "encoder"
     run_train(tmp_path / "pretrain", ["experiment=speech_words_pretrain", *small, f"export_backbone={encoder}"], tmp_path / "cache")
     assert AutoModel.from_pretrained(encoder).config.model_type == "wav2vec2"

@@ -16,8 +16,8 @@ BACKBONES = {
     "text": list(TINY_SCRATCH),
     "vision": ["experiment=digits_scratch", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
     "speech": ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",
-               "data.generate.heldout_voices=2", "data.batch_size=8", "backbone.config_overrides.hidden_size=64",
-               "backbone.config_overrides.num_hidden_layers=2", "backbone.config_overrides.intermediate_size=128",
+               "data.generate.heldout_voices=2", "data.batch_size=8", "+backbone.config_overrides.hidden_size=64",
+               "+backbone.config_overrides.num_hidden_layers=2", "+backbone.config_overrides.intermediate_size=128",
                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
 }
 KNOBS = ["finetune.unit=step", "finetune.every=1", "finetune.at=2", "finetune.top_k=1",
