@@ -82,6 +82,10 @@ class WeightEMA(pl.Callback):
         raw = checkpoint.get("ema_raw_state_dict")
         if raw is None:
             return
+        if trainer.state.fn != "fit":  # testing / validating a checkpoint: its state_dict (the EMA weights) is the model
+            return
+        # resuming (Lightning has just loaded the EMA weights into the model): training continues from
+        # the raw weights; the EMA weights seed the average again in on_fit_start
         names = set(self.tracked(pl_module).state_dict())
         self._restored = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         pl_module.load_state_dict(raw)

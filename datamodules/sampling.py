@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -28,3 +31,50 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class EpochTaggedSampler(EpochShuffleSampler):
+    """``EpochShuffleSampler`` that yields ``(epoch, index)``: the dataset seeds each item's augmentation.
+
+    Random augmentation then depends only on (seed, epoch, index), not on which worker loaded the
+    item or what ran before, so a resumed run augments exactly like an uninterrupted one.
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return iter([(self.epoch, i) for i in super().__iter__()])
+
+
+def seed_item(seed: int, epoch: int, index: int) -> None:
+    """Seed torch, numpy and ``random`` for one item's augmentation (and a collate after it)."""
+    value = (seed * 1_000_003 + epoch * 100_019 + index) % (2**32)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+class _DeferredIterator:
+    """Creates the real DataLoader iterator at the first ``next``."""
+
+    def __init__(self, make: Any) -> None:
+        self._make, self._it = make, None
+
+    def __iter__(self) -> _DeferredIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = self._make()
+        return next(self._it)
+
+
+class EpochAwareLoader(DataLoader):
+    """A DataLoader whose worker processes are started (and indices prefetched) at the first batch.
+
+    Lightning creates the training iterator before it calls ``sampler.set_epoch`` on a resumed run,
+    and worker processes prefetch indices as soon as the iterator exists, so a resumed run would
+    replay epoch 0's order (and augmentation seeds) in its first epoch. Deferring the iterator until
+    the first ``next`` makes the epoch-seeded samplers above hold with ``num_workers > 0`` too.
+    """
+
+    def __iter__(self) -> Any:
+        return _DeferredIterator(super().__iter__)

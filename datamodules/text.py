@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from datamodules.sampling import EpochShuffleSampler
+from datamodules.sampling import EpochAwareLoader, EpochShuffleSampler
 from datamodules.sources import Split, load_splits, stratified_split
 from modules.errors import ConfigError, DataError
 
@@ -212,7 +212,7 @@ class TextDataModule(pl.LightningDataModule):
         if role not in self.datasets:
             raise ConfigError(f"the data has no {role} split; name one (data.{role}_split) or carve it (data.{role}_fraction > 0)")
         dataset = self.datasets[role]
-        return DataLoader(
+        return (EpochAwareLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,

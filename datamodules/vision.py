@@ -15,6 +15,7 @@ from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.image_sources import ImageSplit, load_image_splits, open_image
+from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, seed_item
 from datamodules.sources import stratified_split
 from datamodules.text import sort_labels
 from modules.errors import ConfigError, DataError
@@ -45,13 +46,18 @@ def build_transform(data_config: Mapping[str, Any], augment: Mapping[str, Any] |
 class ImageDataset(Dataset):
     """Decoded, RGB-converted, transformed images with integer labels."""
 
-    def __init__(self, split: ImageSplit, label_ids: list[int], transform: Callable) -> None:
-        self.split, self.label_ids, self.transform = split, label_ids, transform
+    def __init__(self, split: ImageSplit, label_ids: list[int], transform: Callable, seed: int = 0) -> None:
+        self.split, self.label_ids, self.transform, self.seed = split, label_ids, transform, seed
 
     def __len__(self) -> int:
         return len(self.label_ids)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, tuple):  # (epoch, index) from EpochTaggedSampler: reproducible augmentation
+            epoch, i = key
+            seed_item(self.seed, epoch, i)
+        else:
+            i = key
         image = open_image(self.split.images[i], self.split.names[i])
         return {"pixel_values": self.transform(image), "labels": self.label_ids[i]}
 
@@ -184,7 +190,7 @@ class VisionDataModule(pl.LightningDataModule):
                 raise DataError(f"labels {unknown[:5]} in {role} ({split.origin}) are not among the training labels; "
                                 "add training images of them or remove them")
             transform = self.train_transform if role == "train" else self.eval_transform
-            self.datasets[role] = ImageDataset(split, [label_ids[v] for v in split.labels], transform)
+            self.datasets[role] = ImageDataset(split, [label_ids[v] for v in split.labels], transform, self.seed)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"image data: {sizes}; {self.num_classes} classes: {', '.join(self.label_names[:10])}")
 
@@ -234,10 +240,10 @@ class VisionDataModule(pl.LightningDataModule):
         collate = default_collate
         if training and self.mixup_options:
             collate = MixupCollate(Mixup(num_classes=self.num_classes, **self.mixup_options))
-        return DataLoader(
+        return (EpochAwareLoader if training else DataLoader)(
             self.datasets[role],
             batch_size=self.batch_size if training else self.eval_batch_size,
-            shuffle=training,
+            sampler=EpochTaggedSampler(len(self.datasets[role]), self.seed) if training else None,
             # as timm does: a ragged last batch (size 1 breaks BatchNorm; odd sizes break mixup) is dropped
             drop_last=training and len(self.datasets[role]) > self.batch_size,
             collate_fn=collate,

@@ -277,11 +277,42 @@ def test_ema_weights_are_validated_and_checkpointed(tmp_path: Path) -> None:
             correct += int((task(batch).argmax(-1) == batch["labels"]).sum())
             total += len(batch["labels"])
     assert abs(correct / total - metrics["best/val/acc"]) < 1e-6
+    with torch.no_grad():  # testing the best checkpoint tests its EMA weights too
+        test_correct = sum(int((task(b).argmax(-1) == b["labels"]).sum()) for b in data.test_dataloader())
+    assert abs(test_correct / len(data.datasets["test"]) - metrics["test/acc"]) < 1e-6
     task.load_state_dict(raw)
     with torch.no_grad():
         raw_correct = sum(int((task(b).argmax(-1) == b["labels"]).sum()) for b in data.val_dataloader())
     print(f"EMA val acc {correct / total:.3f}, raw {raw_correct / total:.3f}")
     assert raw_correct != correct  # so the match above tells which weights were validated
+
+
+def test_ema_run_resumes_exactly(tmp_path: Path) -> None:
+    """Stopped after epoch 1 and resumed: the EMA weights and the raw weights end bit-identical to one run."""
+    common = ["experiment=digits_scratch", "callbacks=ema", "callbacks.ema.decay=0.9", "trainer.max_epochs=3",
+              "data.max_train_samples=256", "data.max_eval_samples=64", "data.num_workers=0", "callbacks.early_stopping=null",
+              "test_after_fit=false", *QUIET]
+    run_train(tmp_path / "whole", common)
+    stop = ["+callbacks.stop._target_=tests.probes.StopAfterEpoch", "+callbacks.stop.epoch=1"]
+    run_train(tmp_path / "first", [*common, *stop])
+    run_train(tmp_path / "resumed", [*common, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
+    whole, resumed = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False) for run in ("whole", "resumed"))
+    assert whole["global_step"] == resumed["global_step"] > 0
+    for key in ("state_dict", "ema_raw_state_dict"):  # EMA weights, and the raw weights training continues from
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}[{name}] differs after resuming"
+
+
+def test_channels_last_gives_the_same_features() -> None:
+    torch.manual_seed(0)
+    plain = build_backbone("timm", model_name="test_resnet").eval()
+    fast = build_backbone("timm", model_name="test_resnet", channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert next(p for p in fast.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast({"pixel_values": images}).pooled, plain({"pixel_values": images}).pooled,
+                                   rtol=1e-4, atol=1e-5)
 
 
 # -- layer groups drive the shared fine-tuning machinery ------------------------------------------
