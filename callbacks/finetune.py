@@ -15,6 +15,7 @@ Design:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from modules.backbones.base import LayerGroup
 from modules.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("full", "linear_probe", "partial", "freeze_then_unfreeze", "gradual", "milestones")
 UNITS = ("epoch", "step")
@@ -54,6 +57,9 @@ class FinetuneSchedule(pl.Callback):
         train_bn: keep BatchNorm layers of frozen groups training (weights and running statistics).
         unfreeze_lr: peak LR of a group unfrozen mid-run (default: the LR its param group already has).
         unfreeze_warmup: optimizer steps of linear warm-up for a group after it is unfrozen.
+        respect_frozen: parameters already frozen when fitting starts (by the backbone's own choice, e.g.
+            the conv feature encoder of a pretrained speech encoder, or by you) stay frozen whatever the
+            schedule says; ``false`` hands them to the schedule like every other parameter.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class FinetuneSchedule(pl.Callback):
         train_bn: bool = False,
         unfreeze_lr: float | None = None,
         unfreeze_warmup: int = 0,
+        respect_frozen: bool = True,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"finetune strategy {strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)} (finetune=NAME)")
@@ -82,6 +89,8 @@ class FinetuneSchedule(pl.Callback):
         self.strategy, self.unit, self.at, self.every, self.top_k = strategy, unit, at, every, top_k
         self.raw_milestones = [dict(m) for m in (milestones or [])]
         self.train_bn, self.unfreeze_lr, self.unfreeze_warmup = train_bn, unfreeze_lr, unfreeze_warmup
+        self.respect_frozen = respect_frozen
+        self._pinned: set[int] = set()  # ids of parameters frozen before the schedule took over
         self.initial: frozenset[str] = frozenset()
         self.milestones: list[Milestone] = []
         self.unfrozen_at: dict[str, int] = {}  # group -> global step it started training (mid-run only)
@@ -141,6 +150,12 @@ class FinetuneSchedule(pl.Callback):
         names = [g.name for g in self._groups]
         self.initial, self.milestones = self.plan(names)
         self._bn = {g.name: bn_modules(pl_module, g) for g in self._groups}
+        if self.respect_frozen:
+            pinned = [n for g in self._groups for n, p in g.params.items() if not p.requires_grad]
+            self._pinned = {id(p) for g in self._groups for p in g.params.values() if not p.requires_grad}
+            if pinned:
+                log.info(f"finetune: {len(pinned)} parameter tensors were frozen by the model (first: {pinned[0]}) and stay "
+                         "frozen; set finetune.respect_frozen=false to let the schedule train them")
         # runs before the strategy wraps the model (DDP registers what trains now)
         self._apply(trainer, pl_module, self.initial, record=False)
         self._ddp_managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
@@ -197,7 +212,7 @@ class FinetuneSchedule(pl.Callback):
             train = group.name in wanted
             for name, p in group.params.items():
                 keep_bn = self.train_bn and isinstance(owner_of(pl_module, name), _BatchNorm)
-                p.requires_grad_(train or keep_bn)
+                p.requires_grad_((train or keep_bn) and id(p) not in self._pinned)
             if train and record and group.name not in self.initial and group.name not in self.unfrozen_at:
                 self.unfrozen_at[group.name] = trainer.global_step
         self._frozen = [g.name for g in self._groups if g.name not in wanted]

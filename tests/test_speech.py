@@ -213,3 +213,23 @@ def test_pretrain_export_then_finetune_presets_chain(tmp_path: Path) -> None:
     trained = {k[len("backbone."):]: v for k, v in pretrain_ckpt["state_dict"].items() if k.startswith("backbone.")}
     for name, tensor in exported.state_dict().items():  # ... which are the pretraining run's weights
         assert torch.equal(trained[name], tensor), name
+
+
+@needs_espeak
+@pytest.mark.parametrize("respect_frozen", [True, False])
+def test_finetune_schedules_keep_the_frozen_feature_encoder_frozen(respect_frozen: bool, tmp_path: Path) -> None:
+    """finetune=full trains "everything" the model allows: the conv encoder frozen by the adapter stays fixed."""
+    from tests.conftest import run_train
+    from tests.test_finetuning import changed, probe
+
+    run_train(tmp_path, ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits",
+                         "data.generate.n=120", "data.generate.heldout_voices=2", "data.batch_size=8",
+                         "+backbone.config_overrides.hidden_size=64", "+backbone.config_overrides.num_hidden_layers=2",
+                         "backbone.freeze_feature_encoder=true", "finetune=full", f"finetune.respect_frozen={respect_frozen}",
+                         "trainer.max_steps=3", "test_after_fit=false", "trainer.enable_progress_bar=false",
+                         "trainer.enable_model_summary=false", "+callbacks.probe._target_=tests.probes.TrainingProbe"], tmp_path / "cache")
+    state = probe(tmp_path)
+    trains = ("feature_encoder" in state["steps"][-1]["trainable"])
+    assert trains == (not respect_frozen)
+    assert changed(state, "feature_encoder") == (not respect_frozen)
+    assert changed(state, "block_1") and changed(state, "head")

@@ -73,7 +73,7 @@ class HFAudioBackbone(Backbone):
         config_overrides: config fields to change (e.g. ``mask_time_prob``, ``hidden_size``).
         feature_extractor: where to load the feature extractor from, if not ``name_or_path``.
         freeze_feature_encoder: keep the convolutional feature encoder fixed (set false when
-            training from scratch; a fine-tuning callback may still unfreeze it later).
+            training from scratch; fine-tuning schedules keep it frozen unless finetune.respect_frozen=false).
         sampling_rate: the rate of a feature extractor built for a from-scratch model.
     """
 
