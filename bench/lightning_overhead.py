@@ -4,7 +4,7 @@ Same model (MiniLM + head, same param groups and schedule), same pre-collated BB
 same thread count, measured side by side in one process; rounds alternate (loop, Lightning, loop,
 Lightning, ...) so drift on a shared machine hits both. Prints the ratio; the target is >= 0.97.
 
-    python bench/lightning_overhead.py [--steps 20] [--rounds 3] [--batch-size 16] [--max-length 128]
+    python -m bench.lightning_overhead [--steps 20] [--rounds 3] [--batch-size 16] [--max-length 128]
 """
 
 from __future__ import annotations
