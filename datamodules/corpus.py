@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from datamodules.sources import TABLE_FORMATS, read_table
+from datamodules.token_cache import cached
 from modules.backbones.base import resolve_local_source
 from modules.errors import ConfigError, DataError
 
@@ -212,29 +212,11 @@ class CorpusDataModule(pl.LightningDataModule):
         log.info(f"corpus: {self.stats['documents']} documents -> {self.stats['blocks']} blocks of {self.block_size} tokens")
 
     def _blocks(self, docs: list[str]) -> list[list[int]]:
-        cache = self._cache_path(docs)
-        if cache is not None and cache.exists():
-            return torch.load(cache)
-        ids = self.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
-        blocks = pack_blocks(ids, self.block_size, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save(blocks, tmp)
-            tmp.replace(cache)  # atomic: a parallel rank never reads a half-written file
-        return blocks
+        def pack() -> list[list[int]]:
+            ids = self.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+            return pack_blocks(ids, self.block_size, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
 
-    def _cache_path(self, docs: list[str]) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        key = hashlib.sha1()
-        tok = self.tokenizer
-        key.update(f"corpus|{tok.name_or_path}|{type(tok).__name__}|{len(tok)}|{self.block_size}".encode())
-        key.update(json.dumps(tok.get_vocab(), sort_keys=True).encode()[:1_000_000])
-        for d in docs:
-            key.update(d.encode("utf-8", "replace"))
-            key.update(b"\0")
-        return self.cache_dir / "corpus" / f"{key.hexdigest()}.pt"
+        return cached(self.cache_dir, "corpus", self.tokenizer, f"block_size={self.block_size}", docs, pack)
 
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
         self.setup()

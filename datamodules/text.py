@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -12,12 +11,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from datamodules.sampling import EpochAwareLoader, EpochShuffleSampler
 from datamodules.sources import Split, load_splits, stratified_split
+from datamodules.token_cache import cached
 from modules.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -184,27 +183,11 @@ class TextDataModule(pl.LightningDataModule):
 
     def _tokenize(self, split: Split) -> list[list[int]]:
         texts = [str(t) for t in split.columns[self.text_column]]
-        cache = self._cache_path(texts)
-        if cache is not None and cache.exists():
-            return torch.load(cache)
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save(ids, tmp)
-            tmp.replace(cache)  # atomic: a parallel rank never reads a half-written file
-        return ids
 
-    def _cache_path(self, texts: list[str]) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        key = hashlib.sha1()
-        tok = self.tokenizer
-        key.update(f"{tok.name_or_path}|{type(tok).__name__}|{len(tok)}|{self.max_length}".encode())
-        for t in texts:
-            key.update(t.encode("utf-8", "replace"))
-            key.update(b"\0")
-        return self.cache_dir / "tokenized" / f"{key.hexdigest()}.pt"
+        def tokenize() -> list[list[int]]:
+            return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+        return cached(self.cache_dir, "tokenized", self.tokenizer, f"max_length={self.max_length}", texts, tokenize)
 
     # -- loaders --------------------------------------------------------------------------------
     def _loader(self, role: str, shuffle: bool) -> DataLoader:

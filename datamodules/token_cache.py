@@ -1,0 +1,38 @@
+"""Tokenized texts cached on disk, keyed by the tokenizer (vocabulary included), the settings and the texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cached(cache_dir: str | Path | None, kind: str, tokenizer: Any, settings: str, texts: Sequence[str],
+           compute: Callable[[], Any]) -> Any:
+    """``compute()``, or what an earlier call with the same key stored under ``cache_dir/kind``.
+
+    The key covers the tokenizer's name, class, size and whole vocabulary (two tokenizers trained
+    into the same folder must not share entries), ``settings`` (e.g. max length) and every text.
+    Writes are atomic, so a parallel rank never reads a half-written file.
+    """
+    if cache_dir is None:
+        return compute()
+    key = hashlib.sha1()
+    key.update(f"{kind}|{tokenizer.name_or_path}|{type(tokenizer).__name__}|{len(tokenizer)}|{settings}".encode())
+    key.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "replace"))
+        key.update(b"\0")
+    path = Path(cache_dir) / kind / f"{key.hexdigest()}.pt"
+    if path.exists():
+        return torch.load(path)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
