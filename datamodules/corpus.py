@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, seed_item
 from datamodules.sources import TABLE_FORMATS, read_table
 from datamodules.token_cache import cached
 from modules.backbones.base import resolve_local_source
@@ -103,13 +104,18 @@ def pack_blocks(token_ids: Sequence[Sequence[int]], block_size: int, cls_id: int
 class BlockDataset(Dataset):
     """Packed token blocks; masked per batch by the collator (train) or once, seeded (val)."""
 
-    def __init__(self, blocks: list[list[int]], labels: list[list[int]] | None = None) -> None:
-        self.blocks, self.labels = blocks, labels
+    def __init__(self, blocks: list[list[int]], labels: list[list[int]] | None = None, seed: int = 0) -> None:
+        self.blocks, self.labels, self.seed = blocks, labels, seed
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, tuple):  # (epoch, index): the batch's masking (in the collator, next) is reproducible
+            epoch, i = key
+            seed_item(self.seed, epoch, i)
+        else:
+            i = key
         if self.labels is None:
             return {"input_ids": self.blocks[i]}
         return {"input_ids": self.blocks[i], "labels": self.labels[i]}
@@ -198,7 +204,7 @@ class CorpusDataModule(pl.LightningDataModule):
                 masked = masker([{"input_ids": b} for b in blocks]) if blocks else None
                 self.datasets[role] = BlockDataset(masked["input_ids"].tolist(), masked["labels"].tolist()) if blocks else BlockDataset([])
             else:
-                self.datasets[role] = BlockDataset(blocks)
+                self.datasets[role] = BlockDataset(blocks, seed=self.seed)
         if "train" not in self.datasets or not len(self.datasets["train"]):
             raise DataError(f"corpus {self.source!r} gives no training blocks; add text or lower data.val_fraction")
         self.stats = {
@@ -222,10 +228,10 @@ class CorpusDataModule(pl.LightningDataModule):
         self.setup()
         if role not in self.datasets:
             raise ConfigError(f"the corpus has no {role} split; set data.val_fraction > 0")
-        return DataLoader(
+        return (EpochAwareLoader if shuffle else DataLoader)(
             self.datasets[role],
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochTaggedSampler(len(self.datasets[role]), self.seed) if shuffle else None,
             collate_fn=self.collate if role == "train" else self._collate_masked,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

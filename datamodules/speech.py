@@ -26,6 +26,7 @@ import torch
 from scipy.signal import resample_poly
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, seed_item
 from datamodules.sources import VAL_SPLIT_NAMES, Split, read_table
 from datamodules.spoken_corpus import CorpusSpec, generate_corpus
 from modules.backbones.base import resolve_local_source
@@ -65,8 +66,9 @@ class Clip:
 class SpeechDataset(Dataset):
     """Clips decoded on access; in training, optionally speed perturbed (tempo and pitch, like Kaldi)."""
 
-    def __init__(self, clips: list[Clip], rate: int, speed_factors: Sequence[float] = (), bad_audio: str = "error") -> None:
-        self.clips, self.rate = clips, rate
+    def __init__(self, clips: list[Clip], rate: int, speed_factors: Sequence[float] = (), bad_audio: str = "error",
+                 seed: int = 0) -> None:
+        self.clips, self.rate, self.seed = clips, rate, seed
         self.speed_factors = [float(f) for f in speed_factors]
         self.bad_audio = bad_audio
         self.skipped: list[str] = []
@@ -74,7 +76,12 @@ class SpeechDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        if isinstance(key, tuple):  # (epoch, index) from a training sampler: reproducible speed perturbation
+            epoch, i = key
+            seed_item(self.seed, epoch, i)
+        else:
+            i = key
         clip = self.clips[i]
         try:
             wave = read_audio(clip.audio, self.rate)
@@ -117,28 +124,45 @@ class AudioCollator:
         }
 
 
+class _EpochCounter:
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (less padding): shuffle, sort within pools of ``pool`` batches, shuffle batches."""
+    """Batches of similar length (less padding): shuffle, sort within pools of ``pool`` batches, shuffle batches.
+
+    The order is a function of (seed, epoch); Lightning sets the epoch (``set_epoch``). Shuffled (training)
+    batches hold ``(epoch, index)`` pairs, so the dataset seeds each clip's random speed perturbation.
+    """
 
     def __init__(self, lengths: Sequence[float], batch_size: int, shuffle: bool, seed: int = 0, pool: int = 50) -> None:
         self.lengths, self.batch_size, self.shuffle, self.seed, self.pool = list(lengths), batch_size, shuffle, seed, pool
-        self.epoch = 0
+        # Lightning calls set_epoch on ``batch_sampler.sampler``, not on the batch sampler itself
+        self.sampler = _EpochCounter()
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        # no side effect here: DataLoader iterators may call iter() more than once per epoch
+        epoch = self.sampler.epoch
+        rng = np.random.default_rng(self.seed * 100_003 + epoch)
         order = rng.permutation(len(self.lengths)).tolist() if self.shuffle else list(range(len(self.lengths)))
         size = self.batch_size * self.pool if self.shuffle else len(order)
         batches = []
         for start in range(0, len(order), size):
             chunk = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        if self.shuffle:
-            rng.shuffle(batches)
-        return iter(batches)
+        if not self.shuffle:
+            return iter(batches)
+        rng.shuffle(batches)
+        return iter([[(epoch, i) for i in batch] for batch in batches])
 
 
 class SpeechDataModule(pl.LightningDataModule):
@@ -252,7 +276,7 @@ class SpeechDataModule(pl.LightningDataModule):
                 log.warning(f"{role}: {self.counts[role]['unknown_chars']} characters are not in the vocabulary "
                             f"(built from train); they map to <unk> and count as errors")
             speed = self.speed_perturb if role == "train" else ()
-            self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.bad_audio)
+            self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.bad_audio, self.seed)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"speech data at {self.rate} Hz: {sizes}; vocabulary of {len(self.vocab)}: {''.join(self.vocab.tokens[3:])}")
         for role, counts in self.counts.items():
@@ -399,9 +423,9 @@ class SpeechDataModule(pl.LightningDataModule):
             sampler = LengthGroupedBatchSampler([c.seconds for c in dataset.clips], size, shuffle=train, seed=self.seed)
             kwargs: dict[str, Any] = {"batch_sampler": sampler}
         else:
-            kwargs = {"batch_size": size, "shuffle": train}
-        return DataLoader(dataset, collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+            kwargs = {"batch_size": size, "sampler": EpochTaggedSampler(len(dataset), self.seed) if train else None}
+        return (EpochAwareLoader if train else DataLoader)(dataset, collate_fn=self.collate, num_workers=self.num_workers,
+                                                           persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -233,3 +233,23 @@ def test_finetune_schedules_keep_the_frozen_feature_encoder_frozen(respect_froze
     assert trains == (not respect_frozen)
     assert changed(state, "feature_encoder") == (not respect_frozen)
     assert changed(state, "block_1") and changed(state, "head")
+
+
+@needs_espeak
+def test_resume_is_exact_with_workers_and_speed_perturbation(tmp_path: Path) -> None:
+    """Stopped after epoch 1 and resumed: same weights as one run, with 2 loader workers and random speed perturbation."""
+    from tests.conftest import run_train
+
+    common = ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",
+              "data.generate.heldout_voices=2", "data.batch_size=8", "data.num_workers=2", "data.speed_perturb=[0.9,1.0,1.1]",
+              "+backbone.config_overrides.hidden_size=64", "+backbone.config_overrides.num_hidden_layers=2",
+              "trainer.max_epochs=3", "callbacks.early_stopping=null", "test_after_fit=false",
+              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    cache = tmp_path / "cache"
+    run_train(tmp_path / "whole", common, cache)
+    run_train(tmp_path / "first", [*common, "+callbacks.stop._target_=tests.probes.StopAfterEpoch", "+callbacks.stop.epoch=1"], cache)
+    run_train(tmp_path / "resumed", [*common, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"], cache)
+    whole, resumed = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+                      for run in ("whole", "resumed"))
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming"
