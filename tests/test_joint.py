@@ -206,6 +206,12 @@ def test_heads_are_routed_and_a_head_trains_only_on_its_own_batches() -> None:
         task({**source, "dataset": "other"})
     with pytest.raises(ConfigError, match="has no head"):
         MultiHeadClassifier(backbone, heads={"a": ["x", "y"]}, target="b", optimizer=torch.optim.AdamW)
+    # one head per step: plain DDP would fail at the second step; refused up front, with the fix
+    task.trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp_find_unused_parameters_true"):
+        task.setup("fit")
+    task.trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp_find_unused_parameters_true", logger=False)
+    task.setup("fit")
 
 
 # -- mistakes -------------------------------------------------------------------------------------
