@@ -10,6 +10,7 @@ from typing import Any
 
 _HOMES = {
     "CorpusDataModule": "datamodules.corpus",
+    "JointDataModule": "datamodules.joint",
     "SpeechDataModule": "datamodules.speech",
     "TextDataModule": "datamodules.text",
     "VisionDataModule": "datamodules.vision",

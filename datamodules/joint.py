@@ -1,0 +1,345 @@
+"""Joint training data: several datasets, one batch from one of them per step, then the target alone.
+
+Design:
+  * Which dataset a step draws from is a pure function of (seed, epoch, step), the same on every
+    process: under DDP all ranks train the same head at each step (a head no rank used keeps
+    ``grad=None``, so the optimizer leaves it alone).
+  * Every epoch has ``steps_per_epoch`` steps, joint or target-only, so the LR schedule's total
+    (``trainer.estimated_stepping_batches``) is exact and a target-only run with ``joint_epochs=0``
+    spends the same budget.
+  * Each child's batches come from a seeded permutation per (epoch, pass), sharded by rank, and the
+    train loader saves how far into the epoch it got: a run resumed from any checkpoint sees the
+    batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from modules.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SAMPLINGS = ("ratio", "temperature")
+
+
+def sampling_probabilities(
+    sizes: Mapping[str, int], sampling: str, ratios: Mapping[str, float] | None = None, temperature: float = 1.0
+) -> dict[str, float]:
+    """Per-dataset probability of being drawn at a joint step.
+
+    ``ratio``: proportional to ``ratios`` (any positive scale). ``temperature``: ``p_i ∝ n_i**(1/T)``
+    for training-set sizes ``n_i`` (T=1: proportional to size, T→∞: uniform).
+    """
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"data.sampling={sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+    if sampling == "temperature":
+        if ratios:
+            raise ConfigError("data.ratios is set but data.sampling=temperature ignores it; "
+                              "set data.sampling=ratio, or data.ratios=null")
+        if not temperature > 0:
+            raise ConfigError(f"data.temperature={temperature} must be > 0 (1: proportional to size, large: uniform)")
+        weights = {name: float(n) ** (1.0 / temperature) for name, n in sizes.items()}
+    else:
+        if not ratios:
+            raise ConfigError(f"data.sampling=ratio needs data.ratios, one weight per dataset: {', '.join(sizes)}")
+        unknown = sorted(set(ratios) - set(sizes))
+        if unknown:
+            raise ConfigError(f"data.ratios has {', '.join(unknown)}, which data.datasets lacks; its datasets are: {', '.join(sizes)}")
+        missing = [name for name in sizes if name not in ratios]
+        if missing:
+            raise ConfigError(f"data.ratios gives no weight for {', '.join(missing)}; give every dataset one (0 leaves it out)")
+        negative = {k: v for k, v in ratios.items() if not float(v) >= 0}
+        if negative:
+            raise ConfigError(f"data.ratios {negative} must be >= 0")
+        weights = {name: float(ratios[name]) for name in sizes}
+    total = sum(weights.values())
+    if not total > 0:
+        raise ConfigError(f"data.ratios {dict(ratios or {})} sum to 0; give at least one dataset a positive weight")
+    return {name: w / total for name, w in weights.items()}
+
+
+class JointSampler:
+    """The dataset each step of an epoch draws from: seeded draws by probability, then only the target.
+
+    Lightning calls ``set_epoch`` at every epoch start; ``choices(epoch)`` is a pure function of
+    (seed, epoch), so every process and every resumed run makes the same choices.
+    """
+
+    def __init__(self, probabilities: Mapping[str, float], target: str, joint_epochs: int, steps_per_epoch: int,
+                 seed: int = 0) -> None:
+        self.names = list(probabilities)
+        self.probabilities = torch.tensor([probabilities[n] for n in self.names], dtype=torch.float64)
+        self.target, self.joint_epochs, self.steps, self.seed = target, joint_epochs, steps_per_epoch, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def choices(self, epoch: int) -> list[str]:
+        if epoch >= self.joint_epochs:
+            return [self.target] * self.steps
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        drawn = torch.multinomial(self.probabilities, self.steps, replacement=True, generator=generator)
+        return [self.names[i] for i in drawn.tolist()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.choices(self.epoch))
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class CyclingBatchSampler(Sampler[list[int]]):
+    """Endless batches of indices: pass after pass, each a permutation seeded by (seed, epoch, pass), sharded by rank.
+
+    ``skip`` batches at the start of the epoch are left out without loading anything (resuming mid-epoch).
+    """
+
+    def __init__(self, size: int, batch_size: int, drop_last: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
+        self.per_rank = size // world_size  # equal on every rank
+        if self.per_rank == 0:
+            raise DataError(f"a training set of {size} examples cannot be shared by {world_size} processes")
+        self.drop_last = drop_last and self.per_rank > batch_size
+        self.epoch, self.skip = 0, 0
+
+    def batches_per_pass(self) -> int:
+        return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, done, pass_index = self.skip, 0, 0
+        while True:
+            generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 10_007 + pass_index)
+            mine = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size][: self.per_rank].tolist()
+            for start in range(0, self.batches_per_pass() * self.batch_size, self.batch_size):
+                if done >= skip:
+                    yield mine[start : start + self.batch_size]
+                done += 1
+            pass_index += 1
+
+
+class JointLoader:
+    """The training loader: ``steps_per_epoch`` batches, each from the dataset ``sampler`` chose, with a ``dataset`` key.
+
+    Stateful (Lightning saves ``state_dict`` in checkpoints): resuming mid-epoch skips the steps done.
+    """
+
+    def __init__(self, sampler: JointSampler, loaders: Mapping[str, DataLoader]) -> None:
+        self.sampler, self.loaders = sampler, dict(loaders)
+        self._yielded, self._resume_at = 0, None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # a generator: the body runs at the first next(), after Lightning's set_epoch
+        epoch = self.sampler.epoch
+        choices = self.sampler.choices(epoch)
+        skip = 0
+        if self._resume_at is not None and self._resume_at[0] == epoch:
+            skip = self._resume_at[1]
+        self._resume_at = None
+        iterators: dict[str, Iterator] = {}
+        for step in range(skip, len(choices)):
+            name = choices[step]
+            if name not in iterators:  # lazily: a dataset not drawn this epoch costs nothing
+                batch_sampler = self.loaders[name].batch_sampler
+                batch_sampler.epoch, batch_sampler.skip = epoch, choices[:skip].count(name)
+                iterators[name] = iter(self.loaders[name])
+            batch = dict(next(iterators[name]))
+            batch["dataset"] = name
+            self._yielded = step + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["yielded"]))
+
+
+class TaggedLoaders:
+    """Evaluation batches of several loaders, one after the other, each with its loader's name as ``dataset``."""
+
+    def __init__(self, loaders: Sequence[tuple[str, Any]]) -> None:
+        self.loaders = list(loaders)
+
+    def __len__(self) -> int:
+        return sum(len(loader) for _, loader in self.loaders)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for name, loader in self.loaders:
+            for batch in loader:
+                yield {**batch, "dataset": name}
+
+
+class JointDataModule(pl.LightningDataModule):
+    """Two or more labelled datasets trained at once (one head each, ``task=joint_classification``), then the target alone.
+
+    Each training step draws one batch from one dataset; after ``joint_epochs`` epochs every step
+    draws from ``target``. Validation and test use the target's loaders, so its metrics keep their
+    usual names (``val/acc``); with ``validate_sources`` the sources' validation sets follow,
+    logged as ``val/<name>/acc``.
+
+    Args:
+        datasets: name -> a datamodule, or its config (``_target_`` + arguments; built here with
+            ``processor``). Any of this repo's classification datamodules, all of one modality.
+        target: the dataset training continues on, validated and tested.
+        sampling: ``ratio`` (``ratios``) or ``temperature`` (``p_i ∝ n_i**(1/T)`` by training-set size).
+        ratios: name -> weight, for ``sampling=ratio`` (0 leaves a dataset out of the joint phase).
+        temperature: T for ``sampling=temperature``: 1 proportional to size, large values uniform.
+        joint_epochs: epochs of joint training before the target-only epochs (0: target only).
+        steps_per_epoch: optimizer steps per epoch in both phases (default: the sum of the
+            datasets' batches per pass, one pass over everything in expectation at T=1).
+        validate_sources: also validate the sources (``val/<name>/...``) after the target.
+        processor: the backbone's processor (``train.py`` passes it), handed to every child config.
+        seed: the dataset draws and each dataset's order.
+    """
+
+    def __init__(
+        self,
+        datasets: Mapping[str, Any],
+        target: str,
+        sampling: str = "temperature",
+        ratios: Mapping[str, float] | None = None,
+        temperature: float = 1.0,
+        joint_epochs: int = 1,
+        steps_per_epoch: int | None = None,
+        validate_sources: bool = True,
+        processor: Any = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if not datasets or len(datasets) < 2:
+            raise ConfigError(f"data.datasets has {len(datasets or {})} dataset(s) ({', '.join(datasets or {})}); joint "
+                              "training needs two or more, e.g. data.datasets: {source: {...}, target: {...}}")
+        for name in datasets:
+            if not str(name).isidentifier():
+                raise ConfigError(f"data.datasets name {name!r} is used in metric names and module keys; "
+                                  "use letters, digits and underscores")
+        if target not in datasets:
+            raise ConfigError(f"data.target={target!r} is not among data.datasets ({', '.join(datasets)}); name one of them")
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"data.sampling={sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+        if joint_epochs < 0:
+            raise ConfigError(f"data.joint_epochs={joint_epochs} must be >= 0 (0: train on the target alone)")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ConfigError(f"data.steps_per_epoch={steps_per_epoch} must be >= 1 (or null: one pass over every dataset)")
+        # the rule is checked now, so a bad ratio fails before any data loads
+        sampling_probabilities({name: 1 for name in datasets}, sampling, ratios, temperature)
+        self.target, self.sampling, self.temperature = target, sampling, temperature
+        self.ratios = dict(ratios) if ratios else None
+        self.joint_epochs, self.steps_per_epoch, self.validate_sources = joint_epochs, steps_per_epoch, validate_sources
+        self.seed = seed
+        self.children = {name: self._build(name, spec, processor) for name, spec in datasets.items()}
+        self.probabilities: dict[str, float] = {}
+        self.train_specs: dict[str, DataLoader] = {}
+
+    @staticmethod
+    def _build(name: str, spec: Any, processor: Any) -> Any:
+        if isinstance(spec, Mapping):
+            if "_target_" not in spec:
+                raise ConfigError(f"data.datasets.{name} needs a _target_ (a datamodule class), e.g. a config from configs/data/")
+            return hydra.utils.instantiate(spec, processor=processor, _convert_="all")
+        if not all(hasattr(spec, a) for a in ("train_dataloader", "val_dataloader", "task_kwargs")):
+            raise ConfigError(f"data.datasets.{name} is a {type(spec).__name__}; give a datamodule or its config")
+        return spec
+
+    @property
+    def sources(self) -> list[str]:
+        return [name for name in self.children if name != self.target]
+
+    # -- what the rest of the run needs to know -------------------------------------------------
+    def task_kwargs(self) -> dict[str, Any]:
+        """The task's heads (dataset -> label names) and which one is the target."""
+        self.setup("fit")
+        return {"heads": {name: list(child.task_kwargs()["label_names"]) for name, child in self.children.items()},
+                "target": self.target}
+
+    def save_to(self, run_dir: str | Path) -> None:
+        """``labels.json`` (the target's labels first, every dataset's labels and the sampling), and each dataset's own files under ``datasets/<name>/``."""
+        heads = self.task_kwargs()["heads"]
+        for name, child in self.children.items():
+            folder = Path(run_dir) / "datasets" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            child.save_to(folder)
+        info = {
+            "label_names": heads[self.target],
+            "target": self.target,
+            "datasets": {name: {"label_names": labels, "train_size": len(self.train_specs[name].dataset)}
+                         for name, labels in heads.items()},
+            "sampling": self.sampling,
+            "probabilities": self.probabilities,
+            "joint_epochs": self.joint_epochs,
+            "steps_per_epoch": self._steps_per_epoch(self._rank()[1]),
+        }
+        (Path(run_dir) / "labels.json").write_text(json.dumps(info, indent=2))
+
+    # -- loading --------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_specs:
+            return
+        for child in self.children.values():
+            child.setup(stage)
+        self.train_specs = {name: child.train_dataloader() for name, child in self.children.items()}
+        self._check_batch_formats()
+        sizes = {name: len(loader.dataset) for name, loader in self.train_specs.items()}
+        self.probabilities = sampling_probabilities(sizes, self.sampling, self.ratios, self.temperature)
+        shares = ", ".join(f"{name} {p:.3f} (n={sizes[name]})" for name, p in self.probabilities.items())
+        log.info(f"joint data: {self.joint_epochs} joint epoch(s) drawing {shares}, then {self.target} alone; "
+                 f"{self._steps_per_epoch(self._rank()[1])} steps per epoch")
+
+    def _check_batch_formats(self) -> None:
+        """One backbone reads every batch: all datasets must give the same input fields."""
+        fields = {name: sorted(set(loader.dataset[0]) - {"labels"}) for name, loader in self.train_specs.items()}
+        first = fields[self.target]
+        for name, keys in fields.items():
+            if keys != first:
+                raise DataError(f"data.datasets.{name} gives inputs {', '.join(keys)} but {self.target} gives "
+                                f"{', '.join(first)}; one backbone needs datasets of one modality")
+
+    def _steps_per_epoch(self, world_size: int) -> int:
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        return sum(self._batch_sampler(name, 0, world_size).batches_per_pass() for name in self.train_specs)
+
+    def _batch_sampler(self, name: str, rank: int, world_size: int) -> CyclingBatchSampler:
+        spec = self.train_specs[name]
+        # a different stream per dataset, so two same-sized datasets are not shuffled alike
+        return CyclingBatchSampler(len(spec.dataset), spec.batch_size, spec.drop_last,
+                                   self.seed + 7919 * list(self.train_specs).index(name), rank, world_size)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> JointLoader:
+        self.setup()
+        rank, world_size = self._rank()
+        loaders = {}
+        for name, spec in self.train_specs.items():
+            # the child's dataset and collate (mixup, padding...), our order: seeded, sharded, endless
+            loaders[name] = DataLoader(spec.dataset, batch_sampler=self._batch_sampler(name, rank, world_size),
+                                       collate_fn=spec.collate_fn, num_workers=spec.num_workers)
+        sampler = JointSampler(self.probabilities, self.target, self.joint_epochs, self._steps_per_epoch(world_size), self.seed)
+        return JointLoader(sampler, loaders)
+
+    def val_dataloader(self) -> TaggedLoaders:
+        loaders = [(self.target, self.children[self.target].val_dataloader())]
+        if self.validate_sources:
+            loaders += [(name, self.children[name].val_dataloader()) for name in self.sources]
+        return TaggedLoaders(loaders)
+
+    def test_dataloader(self) -> TaggedLoaders:
+        return TaggedLoaders([(self.target, self.children[self.target].test_dataloader())])
