@@ -101,7 +101,9 @@ class JointSampler:
 
 
 class CyclingBatchSampler(Sampler[list[int]]):
-    """Endless batches of indices: pass after pass, each a permutation seeded by (seed, epoch, pass), sharded by rank.
+    """Endless batches of ``(tag, index)`` pairs: pass after pass, each a permutation seeded by (seed, epoch, pass),
+    sharded by rank. The tag (epoch and pass) lets the child dataset seed each item's random augmentation,
+    so resumed runs augment exactly like uninterrupted ones.
 
     ``skip`` batches at the start of the epoch are left out without loading anything (resuming mid-epoch).
     """
@@ -117,14 +119,15 @@ class CyclingBatchSampler(Sampler[list[int]]):
     def batches_per_pass(self) -> int:
         return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         skip, done, pass_index = self.skip, 0, 0
         while True:
             generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 10_007 + pass_index)
             mine = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size][: self.per_rank].tolist()
             for start in range(0, self.batches_per_pass() * self.batch_size, self.batch_size):
                 if done >= skip:
-                    yield mine[start : start + self.batch_size]
+                    tag = self.epoch * 10_007 + pass_index
+                    yield [(tag, i) for i in mine[start : start + self.batch_size]]
                 done += 1
             pass_index += 1
 

@@ -31,7 +31,8 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) keys carry nothing random for text
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
