@@ -52,6 +52,9 @@ def test_wandb_offline_writes_config_and_metrics(tmp_path: Path, cache_dir: Path
     overrides = [*FAST_TEXT, "data.max_train_samples=32", "trainer.max_steps=2", "logger=wandb",
                  "logger.wandb.offline=true", "logger.wandb.tags=[test]", "logger.wandb.group=ci"]
     run_train(tmp_path, overrides, cache_dir)
+    import wandb
+
+    wandb.teardown()  # the W&B service writes the run file asynchronously; in a real run, process exit does this
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # the offline run file is what `wandb sync` uploads: config, metrics, tags and group are in it
