@@ -113,11 +113,14 @@ def main() -> None:
         "pretrain_s": pretrain_s, "load_average_at_end": os.getloadavg(), **vars(args) | {"out": str(out)},
     }
     (out / "setup.json").write_text(json.dumps(setup, indent=2, default=str))
+    curve = masked_acc_by_epoch(out / "pretrain" / "csv" / "metrics.csv")
     lines = [
         f"Fine-tuning budget: {args.train_samples} labelled BBC articles, {args.finetune_epochs} epochs, max_length 128, "
         f"seed {args.seed}; test set: 223 articles (5 topics).",
         f"MLM pretraining of (b): {args.size}, {args.pretrain_epochs} epochs on {n_docs} training-split texts, "
-        f"{pretrain_s / 60:.1f} min; val perplexity {pre.get('val/perplexity', float('nan')):.1f}.",
+        f"{pretrain_s / 60:.1f} min; val perplexity {pre.get('val/perplexity', float('nan')):.1f}; "
+        f"val masked-token accuracy by epoch: {', '.join(f'{a:.3f}' for a in curve)}.",
+        *([PLATEAU_WARNING] if on_plateau(curve) else []),
         "",
         "| arm | test acc | test macro-F1 | best val acc | fine-tune time (s) |",
         "|---|---|---|---|---|",
@@ -127,6 +130,24 @@ def main() -> None:
     plot(rows, out / "results.png")
     print("\n".join(lines))
     print(f"results in {out}")
+
+
+PLATEAU_WARNING = (
+    "**Warning: the MLM pretraining never left the unigram plateau** (masked-token accuracy flat: every masked "
+    "token predicted as the most frequent one), so (b) is not a pretrained model and its row says nothing about "
+    "pretraining. Pretrain longer (--pretrain-epochs) or at a lower LR (--pretrain-lr)."
+)
+
+
+def masked_acc_by_epoch(metrics_csv: Path) -> list[float]:
+    """The pretraining run's validation masked-token accuracy after each epoch."""
+    with open(metrics_csv, newline="") as f:
+        return [float(r["val/acc"]) for r in csv.DictReader(f) if r.get("val/acc")]
+
+
+def on_plateau(curve: list[float], tolerance: float = 0.005) -> bool:
+    """Flat masked-token accuracy over the whole pretraining: the model only learned token frequencies."""
+    return len(curve) >= 2 and max(curve) - min(curve) < tolerance
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -195,3 +195,14 @@ def test_interpolating_different_architectures_names_the_first_mismatched_tensor
     fewer.pop("model.encoder.layer.1.output.dense.bias")
     with pytest.raises(ConfigError, match=r"'model.encoder.layer.1.output.dense.bias' is in the pretrained weights but not the fine-tuned"):
         interpolate_states(snapshot(narrow), fewer, 0.5)
+
+
+def test_bench_flags_a_pretraining_stuck_on_the_unigram_plateau(tmp_path: Path) -> None:
+    from bench.scratch_vs_pretrained import masked_acc_by_epoch, on_plateau
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss,val/acc\n0,10,7.0,\n0,20,,0.0463\n1,40,,0.0463\n2,60,,0.0463\n")
+    assert masked_acc_by_epoch(metrics) == [0.0463, 0.0463, 0.0463]
+    assert on_plateau([0.0463, 0.0463, 0.0463])
+    assert not on_plateau([0.046, 0.071, 0.107])  # the seed-42 run of docs/from_scratch.md left it
+    assert not on_plateau([0.05])  # one epoch: too early to tell
