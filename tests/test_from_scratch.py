@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from datamodules.corpus import CorpusDataModule, pack_blocks, read_corpus
+from datamodules.corpus import CorpusDataModule, pack_blocks, read_corpus, read_hub_texts
 from modules.backbones import build_backbone
 from modules.errors import ConfigError, DataError
 from modules.interpolation import interpolate_states, snapshot
@@ -155,6 +155,32 @@ def test_backbone_folder_without_tokenizer_says_how_to_pair_one(pretrained: tupl
     # pairing one fixes it
     backbone = build_backbone("hf_text", name_or_path=str(tmp_path), tokenizer=str(run / "hf_backbone"))
     assert len(backbone.processor) == 2000
+
+
+def test_corpus_reads_lines_folders_tables_lists_and_hub_datasets(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first  document\n\nsecond\tdocument\n")
+    assert read_corpus(str(lines)) == ["first document", "second document"]
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text("an article\nwrapped over lines")
+    (tmp_path / "docs" / "sub" / "b.txt").write_text("another one")
+    assert read_corpus(str(tmp_path / "docs")) == ["an article wrapped over lines", "another one"]
+    table = tmp_path / "table.csv"
+    table.write_text("id,body\n1,from a table\n2,row two\n")
+    assert read_corpus(str(table), text_column="body") == ["from a table", "row two"]
+    with pytest.raises(DataError, match="text_column='text' not found"):
+        read_corpus(str(table))
+    assert read_corpus([str(lines), str(table)], text_column="body", max_documents=3) == [
+        "first document", "second document", "from a table"]
+    # the hub path, through `datasets.load_dataset` on a local data folder (what a hub name resolves to)
+    hub = tmp_path / "hub_dataset"
+    hub.mkdir()
+    (hub / "train.csv").write_text("sentence\nhub text one\nhub text two\n")
+    assert read_hub_texts(str(hub), "sentence", None, "train") == ["hub text one", "hub text two"]
+    with pytest.raises(DataError, match=r"data.text_column='text' not found in .*hub_dataset\[train\]; columns are: sentence"):
+        read_hub_texts(str(hub), "text", None, "train")
+    with pytest.raises(ConfigError, match="could not load corpus 'no-such-user/no-such-corpus'.*offline, point data.source"):
+        read_corpus("no-such-user/no-such-corpus")
 
 
 def test_corpus_without_usable_lines_is_an_error(tmp_path: Path) -> None:
