@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
     check_requirements(cfg.get("requires"))
+    if cfg.get("export_backbone"):
+        export_targets(cfg.export_backbone)  # a malformed value fails now, not after training
     backbone = build(cfg.backbone)
     datamodule = build(cfg.data, processor=backbone.processor)
     task_kwargs = datamodule.task_kwargs()
@@ -103,8 +105,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if best and not cfg.get("test_after_fit"):  # testing already loaded the best weights
             model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         if trainer.is_global_zero:
-            folder = model.backbone.save_pretrained(run_dir / Path(cfg.export_backbone).expanduser())
-            log.info(f"saved the {'best' if best else 'final'} backbone to {folder}; use it with backbone.name_or_path={folder}")
+            for target in export_targets(cfg.export_backbone):
+                folder = model.backbone.save_pretrained(run_dir / Path(target).expanduser())
+                log.info(f"saved the {'best' if best else 'final'} backbone to {folder}; use it with backbone.name_or_path={folder}")
     metrics["time/total_s"] = time.time() - started
 
     if trainer.is_global_zero:
@@ -114,6 +117,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if type(logger).__name__ == "WandbLogger":  # flush and close, so sweeps start a fresh run
             logger.experiment.finish()
     return metrics
+
+
+def export_targets(export: Any) -> list[str]:
+    """``export_backbone``: one folder or a list of them (e.g. the run folder and a stable path a later preset reads)."""
+    from modules.errors import ConfigError
+
+    targets = [export] if isinstance(export, str) else list(export) if isinstance(export, Sequence) else None
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"export_backbone={export!r} must be a folder or a list of folders (or null to export nothing)")
+    return targets
 
 
 def check_requirements(requires: Any) -> None:

@@ -85,10 +85,13 @@ def test_saved_backbone_reloads_with_auto_classes_and_fine_tunes(
     state = torch.load(next((run / "checkpoints").glob("last.ckpt")), map_location="cpu", weights_only=False)["state_dict"]
     saved = model.embeddings.word_embeddings.weight
     assert torch.equal(saved, state["backbone.model.embeddings.word_embeddings.weight"])
+    # mlm_bbc also exported it where the bbc_from_mlm preset reads it (backbone=bbc_mlm_encoder)
+    stable = cache_dir / "text" / "mlm_bbc_encoder"
+    assert torch.equal(AutoModel.from_pretrained(stable).embeddings.word_embeddings.weight, saved)
+    assert AutoTokenizer.from_pretrained(stable).get_vocab() == tokenizer.get_vocab()
     metrics = run_train(
         tmp_path,
-        [*FAST_BBC, "backbone=minilm", f"backbone.name_or_path={folder}", "optimizer.lr=2e-3", "trainer.max_epochs=8",
-         "callbacks=wise_ft", "callbacks.early_stopping=null", "callbacks.parameter_report=null",
+        [*FAST_BBC, "experiment=bbc_from_mlm", "optimizer.lr=2e-3", "trainer.max_epochs=8",
          "callbacks.wise_ft.alphas=[0,0.5,1]", "callbacks.wise_ft.save_best=true"],
         cache_dir,
     )
