@@ -6,14 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from modules.backbones.base import Backbone
-from modules.classifier import Classifier
+from modules.classifier import Classifier, classification_metrics
 from modules.errors import ConfigError, DataError
 from modules.heads import ClassificationHead
 
@@ -25,7 +22,8 @@ class MultiHeadClassifier(Classifier):
 
     The target's metrics keep the usual names (``val/acc``, ``test/f1_macro``, ``train/loss``...), so
     checkpointing, early stopping and sweeps work unchanged; a source's go under ``<stage>/<name>/``.
-    ``train/batches/<name>`` counts the batches each dataset gave per epoch. A batch without a
+    ``train/batches/<name>`` counts the batches each dataset gave per epoch; the test confusion matrix
+    (``<run>/reports/``) is the target's. A batch without a
     ``dataset`` key goes to the target head, so the checkpoint predicts the target as a plain
     classifier would. All heads form the last layer group, ``head`` (freezing schedules and
     ``head_lr_scale`` treat them alike). Labels may be soft targets (mixup/cutmix).
@@ -61,11 +59,7 @@ class MultiHeadClassifier(Classifier):
             if len(labels) < 2:
                 raise ConfigError(f"dataset {name!r} has {len(labels)} label(s); classification needs at least 2")
             for stage in STAGES:
-                self.source_metrics[f"{stage}_{name}"] = MetricCollection(
-                    {"acc": MulticlassAccuracy(len(labels), average="micro"),
-                     "f1_macro": MulticlassF1Score(len(labels), average="macro")},
-                    prefix=f"{stage}/{name}/",
-                )
+                self.source_metrics[f"{stage}_{name}"] = classification_metrics(len(labels)).clone(prefix=f"{stage}/{name}/")
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
@@ -86,15 +80,12 @@ class MultiHeadClassifier(Classifier):
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         name = self.dataset_of(batch)
-        labels = batch["labels"]
         logits = self(batch)
-        if labels.ndim == 2:  # mixup/cutmix soft targets
-            loss = torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
-            labels = labels.argmax(-1)
-        else:
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        loss, labels = self.classification_loss(logits, batch["labels"], stage)
         if name == self.target:
             prefix, metrics = stage, getattr(self, f"{stage}_metrics")
+            if stage == "test":
+                self.confusion.update(logits.detach().argmax(-1), labels)
         else:
             prefix, metrics = f"{stage}/{name}", self.source_metrics[f"{stage}_{name}"]
         metrics.update(logits.detach(), labels)

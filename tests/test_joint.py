@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -19,7 +22,7 @@ from modules import MultiHeadClassifier
 from modules.backbones import build_backbone, check_layer_groups
 from modules.backbones.base import resolve_local_source
 from modules.errors import ConfigError, DataError
-from tests.conftest import compose_config, run_train
+from tests.conftest import ROOT, compose_config, run_train
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.parameter_report=null")
@@ -49,13 +52,21 @@ class DatasetsSeen(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.seen.append((trainer.current_epoch, trainer.global_step, batch["dataset"]))
+        self.fingerprints.append(float(batch["pixel_values"].double().sum()) if "pixel_values" in batch else None)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.fingerprints: list[float | None] = []
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        (Path(trainer.default_root_dir) / "datasets_seen.json").write_text(json.dumps(self.seen))
+        rank = trainer.global_rank
+        (Path(trainer.default_root_dir) / ("datasets_seen.json" if rank == 0 else f"datasets_seen_rank{rank}.json")).write_text(
+            json.dumps(self.seen))
+        (Path(trainer.default_root_dir) / f"batch_fingerprints_rank{rank}.json").write_text(json.dumps(self.fingerprints))
 
 
-def seen(run: Path) -> list[tuple[int, int, str]]:
-    return [tuple(x) for x in json.loads((run / "datasets_seen.json").read_text())]
+def seen(run: Path, rank: int = 0) -> list[tuple[int, int, str]]:
+    name = "datasets_seen.json" if rank == 0 else f"datasets_seen_rank{rank}.json"
+    return [tuple(x) for x in json.loads((run / name).read_text())]
 
 
 def digits(**kwargs) -> VisionDataModule:
@@ -143,6 +154,9 @@ def test_joint_epochs_then_target_only_and_resume_switches_the_same(tmp_path: Pa
     assert labels["target"] == "digits" and labels["label_names"] == [str(i) for i in range(10)]
     assert labels["datasets"]["fashion_mnist"]["label_names"][0] == "T-shirt/top"
     assert (tmp_path / "whole" / "datasets" / "fashion_mnist" / "labels.json").exists()
+    assert metrics["val/fashion_mnist/acc_top5"] >= metrics["val/fashion_mnist/acc"]  # 10 classes: top-5 too
+    confusion = (tmp_path / "whole" / "reports" / "confusion_matrix.csv").read_text().splitlines()
+    assert confusion[0].split(",")[1:] == [str(i) for i in range(10)]  # the target's (digits) classes
 
     run_train(tmp_path / "stopped", [*FAST_JOINT, "+callbacks.stop._target_=tests.probes.StopAfterEpoch", "+callbacks.stop.epoch=0"])
     last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
@@ -168,6 +182,31 @@ def test_joint_epochs_then_target_only_and_resume_switches_the_same(tmp_path: Pa
             correct += int((task(batch).argmax(-1) == batch["labels"]).sum())
             total += len(batch["labels"])
     assert abs(correct / total - metrics["test/acc"]) < 1e-6
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="dataset-fashion-mnist is not installed")
+def test_joint_training_under_two_process_ddp(tmp_path: Path) -> None:
+    """gloo DDP on 2 CPU processes: both ranks draw the same dataset at every step (so both train the
+    same head), from disjoint shards, and end with identical weights."""
+    run_dir = tmp_path / "run"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true",
+           "+callbacks.probe._target_=tests.probes.TrainingProbe", f"paths.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "train.py", *FAST_JOINT, *ddp, f"hydra.run.dir={run_dir}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = seen(run_dir, 0), seen(run_dir, 1)
+    assert rank0 == rank1 and len(rank0) == 3 * 8  # 8 steps per epoch on each rank: the global batch doubles
+    assert {d for e, _, d in rank0 if e < 2} == {"fashion_mnist", "digits"} and {d for e, _, d in rank0 if e == 2} == {"digits"}
+    prints0, prints1 = (json.loads((run_dir / f"batch_fingerprints_rank{r}.json").read_text()) for r in (0, 1))
+    assert all(a != b for a, b in zip(prints0, prints1, strict=True)), "a rank trained on the other rank's batch"
+    probe0, probe1 = (torch.load(run_dir / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1))
+    for group, tensor in probe0["end"].items():
+        assert torch.equal(tensor, probe1["end"][group]), f"{group} differs across ranks after training"
+        assert not torch.equal(tensor, probe0["start"][group]), f"{group} did not train"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"test/acc", "val/fashion_mnist/acc"} <= set(metrics)
+
 
 
 # -- the multi-head task --------------------------------------------------------------------------

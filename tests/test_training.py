@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -35,6 +36,12 @@ def test_short_real_run_learns_and_fills_the_run_folder(tmp_path: Path, cache_di
     report = list(csv.DictReader(open(tmp_path / "reports" / "parameter_report.csv")))
     assert [r["group"] for r in report][:2] == ["embeddings", "block_0"]
     assert (tmp_path / "reports" / "parameter_report.png").exists()
+    # the test confusion matrix: label names on both axes, its diagonal is the test accuracy
+    confusion = list(csv.reader(open(tmp_path / "reports" / "confusion_matrix.csv")))
+    assert confusion[0][1:] == ["business", "entertainment", "politics", "sports", "tech"]
+    counts = [[int(x) for x in row[1:]] for row in confusion[1:]]
+    assert sum(counts[i][i] for i in range(5)) / sum(map(sum, counts)) == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert (tmp_path / "reports" / "confusion_matrix.png").stat().st_size > 5000
 
 
 def test_ckpt_path_resumes_where_the_run_stopped(tmp_path: Path, cache_dir: Path) -> None:
