@@ -67,6 +67,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cpu_safe_sync_batchnorm(cfg)
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
@@ -117,6 +118,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if type(logger).__name__ == "WandbLogger":  # flush and close, so sweeps start a fresh run
             logger.experiment.finish()
     return metrics
+
+
+def cpu_safe_sync_batchnorm(cfg: DictConfig) -> None:
+    """``trainer=ddp`` syncs BatchNorm statistics across processes, which torch's DDP only supports on
+    GPUs; on CPU processes (gloo) turn it off, with a warning, instead of crashing at the first step."""
+    import torch
+    from omegaconf import open_dict
+
+    trainer = cfg.get("trainer") or {}
+    if not trainer.get("sync_batchnorm"):
+        return
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        log.warning("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU support under DDP); "
+                    "running with per-process BatchNorm statistics on CPU")
+        with open_dict(cfg):
+            cfg.trainer.sync_batchnorm = False
 
 
 def export_targets(export: Any) -> list[str]:

@@ -235,3 +235,31 @@ def test_bench_flags_a_pretraining_stuck_on_the_unigram_plateau(tmp_path: Path) 
     assert on_plateau([0.0463, 0.0463, 0.0463])
     assert not on_plateau([0.046, 0.071, 0.107])  # the seed-42 run of docs/from_scratch.md left it
     assert not on_plateau([0.05])  # one epoch: too early to tell
+
+
+def test_scratch_vs_pretrained_is_one_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench, shrunk: pretrain, fine-tune the three arms per budget and seed, write CSV + markdown + plot."""
+    import sys
+
+    from bench import scratch_vs_pretrained
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    monkeypatch.setattr(sys, "argv", [
+        "scratch_vs_pretrained", "--out", str(out), "--size", "bert_tiny_scratch", "--vocab-size", "1000",
+        "--corpus-documents", "150", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--train-samples", "30",
+        "--finetune-seeds", "0", "1"])
+    scratch_vs_pretrained.main()
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["arm"], r["finetune_seed"]) for r in rows] == [
+        (arm, seed) for seed in ("0", "1") for arm in ("(a) scratch", "(b) our MLM", "(c) MiniLM")]
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 and r["train_samples"] == "30" for r in rows)
+    # (a) and (b) share the tokenizer; (b) starts from the pretraining's export, which only the bench's folder has
+    assert (out / "pretrain" / "hf_backbone" / "tokenizer.json").exists()
+    assert not (tmp_path / "cache" / "text" / "mlm_bbc_encoder").exists(), "the bench must not replace mlm_bbc's encoder"
+    md = (out / "results.md").read_text()
+    accs = [float(r["test_acc"]) for r in rows if r["arm"] == "(a) scratch"]
+    assert f"| 30 | (a) scratch | {sum(accs) / 2:.3f} ± " in md
+    gaps = [100 * (float(b["test_acc"]) - float(a["test_acc"])) for a, b in zip(rows[0::3], rows[1::3], strict=True)]
+    assert f"{sum(gaps) / 2:+.1f} points" in md
+    assert (out / "results.png").stat().st_size > 5000

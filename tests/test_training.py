@@ -103,3 +103,17 @@ def test_bad_data_path_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"tunelab: error: path '{tmp_path}/missing_dir' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sync_batchnorm_is_turned_off_for_cpu_processes(tmp_path: Path) -> None:
+    """trainer=ddp syncs BatchNorm, which torch's DDP refuses on CPU: a CPU run turns it off; a GPU run keeps it."""
+    from tests.conftest import compose_config
+    from train import cpu_safe_sync_batchnorm
+
+    cpu = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu"])
+    assert cpu.trainer.sync_batchnorm
+    cpu_safe_sync_batchnorm(cpu)
+    assert cpu.trainer.sync_batchnorm is False
+    gpu = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=gpu"])
+    cpu_safe_sync_batchnorm(gpu)
+    assert gpu.trainer.sync_batchnorm is True
