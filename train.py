@@ -17,7 +17,7 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -72,8 +72,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
     check_requirements(cfg.get("requires"))
-    if cfg.get("export_backbone"):
-        export_targets(cfg.export_backbone)  # a malformed value fails now, not after training
+    exports = export_targets(cfg.export_backbone) if cfg.get("export_backbone") else []  # malformed: fail now, not after training
     backbone = build(cfg.backbone)
     datamodule = build(cfg.data, processor=backbone.processor)
     task_kwargs = datamodule.task_kwargs()
@@ -102,11 +101,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("no best checkpoint (fast_dev_run, or no monitored metric): testing the final weights")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
-    if cfg.get("export_backbone"):
+    if exports:
         if best and not cfg.get("test_after_fit"):  # testing already loaded the best weights
             model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         if trainer.is_global_zero:
-            for target in export_targets(cfg.export_backbone):
+            for target in exports:
                 folder = model.backbone.save_pretrained(run_dir / Path(target).expanduser())
                 log.info(f"saved the {'best' if best else 'final'} backbone to {folder}; use it with backbone.name_or_path={folder}")
     metrics["time/total_s"] = time.time() - started
@@ -124,7 +123,6 @@ def cpu_safe_sync_batchnorm(cfg: DictConfig) -> None:
     """``trainer=ddp`` syncs BatchNorm statistics across processes, which torch's DDP only supports on
     GPUs; on CPU processes (gloo) turn it off, with a warning, instead of crashing at the first step."""
     import torch
-    from omegaconf import open_dict
 
     trainer = cfg.get("trainer") or {}
     if not trainer.get("sync_batchnorm"):

@@ -96,6 +96,8 @@ def main() -> None:
         pretrain_s = pre["time/total_s"]
         print(f"reusing the pretraining in {out / 'pretrain'} (--reuse-pretrain)")
     else:
+        if args.reuse_pretrain:
+            print(f"--reuse-pretrain: {out / 'pretrain'} holds no finished pretraining; pretraining now")
         started = time.time()
         pre = run(out / "pretrain", [
             "experiment=mlm_bbc", f"backbone={args.size}", f"data.source={corpus}",

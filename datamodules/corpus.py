@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, seed_item
+from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, item_index
 from datamodules.sources import TABLE_FORMATS, read_table
 from datamodules.token_cache import cached
 from modules.backbones.base import resolve_local_source
@@ -111,11 +111,7 @@ class BlockDataset(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        if isinstance(key, tuple):  # (epoch, index): the batch's masking (in the collator, next) is reproducible
-            epoch, i = key
-            seed_item(self.seed, epoch, i)
-        else:
-            i = key
+        i = item_index(key, self.seed)  # seeded: the collator that masks the batch next draws reproducibly
         if self.labels is None:
             return {"input_ids": self.blocks[i]}
         return {"input_ids": self.blocks[i], "labels": self.labels[i]}

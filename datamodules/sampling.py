@@ -52,6 +52,16 @@ def seed_item(seed: int, epoch: int, index: int) -> None:
     torch.manual_seed(value)
 
 
+def item_index(key: int | tuple[int, int], seed: int) -> int:
+    """A dataset key's index; an ``(epoch, index)`` key (``EpochTaggedSampler``) also seeds the item's
+    random augmentation from (seed, epoch, index), so it is the same in a resumed run."""
+    if isinstance(key, tuple):
+        epoch, index = key
+        seed_item(seed, epoch, index)
+        return index
+    return key
+
+
 class _DeferredIterator:
     """Creates the real DataLoader iterator at the first ``next``."""
 

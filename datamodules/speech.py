@@ -26,7 +26,7 @@ import torch
 from scipy.signal import resample_poly
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, seed_item
+from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, item_index
 from datamodules.sources import VAL_SPLIT_NAMES, Split, read_table
 from datamodules.spoken_corpus import CorpusSpec, generate_corpus
 from modules.backbones.base import resolve_local_source
@@ -77,11 +77,7 @@ class SpeechDataset(Dataset):
         return len(self.clips)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
-        if isinstance(key, tuple):  # (epoch, index) from a training sampler: reproducible speed perturbation
-            epoch, i = key
-            seed_item(self.seed, epoch, i)
-        else:
-            i = key
+        i = item_index(key, self.seed)
         clip = self.clips[i]
         try:
             wave = read_audio(clip.audio, self.rate)

@@ -15,7 +15,7 @@ from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.image_sources import ImageSplit, load_image_splits, open_image
-from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, seed_item
+from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, item_index
 from datamodules.sources import stratified_split
 from datamodules.text import sort_labels
 from modules.errors import ConfigError, DataError
@@ -53,11 +53,7 @@ class ImageDataset(Dataset):
         return len(self.label_ids)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        if isinstance(key, tuple):  # (epoch, index) from EpochTaggedSampler: reproducible augmentation
-            epoch, i = key
-            seed_item(self.seed, epoch, i)
-        else:
-            i = key
+        i = item_index(key, self.seed)
         image = open_image(self.split.images[i], self.split.names[i])
         return {"pixel_values": self.transform(image), "labels": self.label_ids[i]}
 
