@@ -8,14 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, item_index
-from datamodules.sources import TABLE_FORMATS, read_table
+from datamodules.base import DataModuleBase
+from datamodules.sampling import item_index
+from datamodules.sources import TABLE_FORMATS, Split, load_hub_dataset, read_table
 from datamodules.token_cache import cached
 from modules.backbones.base import resolve_local_source
 from modules.errors import ConfigError, DataError
@@ -68,15 +67,8 @@ def read_corpus(
 
 def read_hub_texts(name: str, text_column: str, config: str | None, split: str) -> list[str]:
     """One text column of a Hugging Face hub dataset split."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as err:  # noqa: BLE001 - connection, auth and missing-split errors differ by version
-        raise ConfigError(
-            f"could not load corpus {name!r} ({str(err).splitlines()[0][:160]}); offline, point data.source at "
-            f"a .txt file or a folder of .txt files"
-        ) from None
+    ds = load_hub_dataset(name, config, "point data.source at a .txt file or a folder of .txt files", what="corpus",
+                          split=split)
     if text_column not in ds.column_names:
         raise DataError(f"data.text_column={text_column!r} not found in {name}[{split}]; columns are: {', '.join(ds.column_names)}")
     return [str(t) for t in ds[text_column] if t is not None]
@@ -117,22 +109,27 @@ class BlockDataset(Dataset):
         return {"input_ids": self.blocks[i], "labels": self.labels[i]}
 
 
-class CorpusDataModule(pl.LightningDataModule):
+class CorpusDataModule(DataModuleBase):
     """A text corpus for masked-LM pretraining, packed into blocks and masked BERT-style.
 
     Masking is the standard recipe: ``mlm_probability`` of the non-special tokens are chosen; of those
     80 % become ``[MASK]``, 10 % a random token, 10 % stay. Training batches are masked afresh every
-    time; the validation set is masked once with a fixed seed, so its loss is comparable across epochs.
+    time; the validation (and test) set is masked once with a fixed seed, so its loss is comparable
+    across epochs.
 
     Args:
         source: ``.txt`` file, folder of ``.txt`` files, table file, hub dataset or ``pkg://``; see ``read_corpus``.
         text_column / hub_config / split: which text to read from a table or hub dataset.
         processor: the backbone's tokenizer (``train.py`` passes it).
         block_size: tokens per training block, ``[CLS]`` and ``[SEP]`` included.
-        val_fraction: share of documents held out for validation (seeded).
         max_documents: use only the first N documents (quick runs).
         cache_dir: where tokenized corpora are cached between runs (None: no cache).
+        **common: ``DataModuleBase`` arguments: ``val_fraction`` / ``test_fraction`` of the documents
+            held out (seeded; no test split by default), batch sizes, seed.
     """
+
+    modality = "text"
+    kind = "mlm"
 
     def __init__(
         self,
@@ -143,69 +140,59 @@ class CorpusDataModule(pl.LightningDataModule):
         processor: PreTrainedTokenizerBase | None = None,
         block_size: int = 128,
         mlm_probability: float = 0.15,
-        val_fraction: float = 0.05,
         max_documents: int | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
         cache_dir: str | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__()
-        if processor is None:
-            raise ConfigError("CorpusDataModule needs the backbone's tokenizer (processor=backbone.processor)")
+        common.setdefault("val_fraction", 0.05)
+        common.setdefault("test_fraction", 0.0)
+        super().__init__(**common)
+        if not isinstance(processor, PreTrainedTokenizerBase):
+            raise ConfigError("masked-LM data needs a text backbone with a tokenizer (backbone=bert_mini_scratch, hf_text, ...); "
+                              f"this backbone gives {type(processor).__name__}")
         if processor.mask_token is None or processor.cls_token is None or processor.sep_token is None:
             raise ConfigError(f"tokenizer {processor.name_or_path!r} has no [MASK]/[CLS]/[SEP] token; masked-LM needs a BERT-style tokenizer")
         if not 0.0 < mlm_probability < 1.0:
             raise ConfigError(f"data.mlm_probability={mlm_probability} must be in (0, 1)")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         self.source = source if isinstance(source, str) else list(source)
         self.text_column, self.hub_config, self.split = text_column, hub_config, split
         self.tokenizer = processor
-        self.block_size, self.mlm_probability, self.val_fraction = block_size, mlm_probability, val_fraction
+        self.block_size, self.mlm_probability = block_size, mlm_probability
         self.max_documents = max_documents
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.collate = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=mlm_probability)
-        self.datasets: dict[str, BlockDataset] = {}
         self.stats: dict[str, Any] = {}
 
-    def task_kwargs(self) -> dict[str, Any]:
-        """Nothing to pass on: the masked-LM head takes its vocabulary from the backbone."""
-        self.setup("fit")
-        return {}
+    def report(self) -> dict[str, Any]:
+        return {**super().report(), **self.stats}
 
     def save_to(self, run_dir: str | Path) -> None:
-        """Write the corpus statistics with the run."""
+        """The corpus statistics (``corpus.json``) and the data report."""
+        super().save_to(run_dir)
         (Path(run_dir) / "corpus.json").write_text(json.dumps(self.stats, indent=2))
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         docs = read_corpus(self.source, self.text_column, self.hub_config, self.split, self.max_documents)
-        order = np.random.default_rng(self.seed).permutation(len(docs))
-        n_val = int(round(self.val_fraction * len(docs)))
-        if self.val_fraction > 0 and n_val == 0 and len(docs) > 1:
-            n_val = 1
-        roles = {"val": sorted(order[:n_val].tolist()), "train": sorted(order[n_val:].tolist())}
-        for role, idx in roles.items():
-            if not idx:
-                continue
-            blocks = self._blocks([docs[i] for i in idx])
-            if role == "val":
-                # mask once, seeded: the same val tokens are predicted every epoch
-                masker = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability, seed=self.seed)
-                masked = masker([{"input_ids": b} for b in blocks]) if blocks else None
-                self.datasets[role] = BlockDataset(masked["input_ids"].tolist(), masked["labels"].tolist()) if blocks else BlockDataset([])
-            else:
+        self.parsed_rows = {"train": len(docs)}
+        splits = self.carve({"train": Split({"text": docs}, str(self.source), list(range(len(docs))))}, None)
+        for role, part in splits.items():
+            blocks = self._blocks(part.columns["text"]) if len(part) else []
+            if role == "train":
                 self.datasets[role] = BlockDataset(blocks, seed=self.seed)
-        if "train" not in self.datasets or not len(self.datasets["train"]):
+            elif blocks:
+                # mask once, seeded: the same held-out tokens are predicted every epoch
+                masker = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability, seed=self.seed)
+                masked = masker([{"input_ids": b} for b in blocks])
+                self.datasets[role] = BlockDataset(masked["input_ids"].tolist(), masked["labels"].tolist())
+            else:
+                self.datasets[role] = BlockDataset([])
+        if not len(self.datasets["train"]):
             raise DataError(f"corpus {self.source!r} gives no training blocks; add text or lower data.val_fraction")
         self.stats = {
             "source": self.source,
-            "documents": {role: len(idx) for role, idx in roles.items()},
+            "documents": {role: len(part) for role, part in splits.items()},
             "blocks": {role: len(ds) for role, ds in self.datasets.items()},
             "block_size": self.block_size,
             "tokenizer": self.tokenizer.name_or_path,
@@ -220,18 +207,8 @@ class CorpusDataModule(pl.LightningDataModule):
 
         return cached(self.cache_dir, "corpus", self.tokenizer, f"block_size={self.block_size}", docs, pack)
 
-    def _loader(self, role: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        if role not in self.datasets:
-            raise ConfigError(f"the corpus has no {role} split; set data.val_fraction > 0")
-        return (EpochAwareLoader if shuffle else DataLoader)(
-            self.datasets[role],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=EpochTaggedSampler(len(self.datasets[role]), self.seed) if shuffle else None,
-            collate_fn=self.collate if role == "train" else self._collate_masked,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def collate_for(self, role: str) -> Any:
+        return self.collate if role == "train" else self._collate_masked
 
     def _collate_masked(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad already-masked blocks; padded labels are -100 (ignored)."""
@@ -241,12 +218,3 @@ class CorpusDataModule(pl.LightningDataModule):
             labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
         batch["labels"] = labels
         return dict(batch)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.sources import VAL_SPLIT_NAMES
+from datamodules.sources import VAL_SPLIT_NAMES, load_hub_dataset
 from modules.backbones.base import resolve_local_source
 from modules.errors import ConfigError, DataError
 
@@ -103,7 +103,7 @@ def open_image(item: Any, name: str) -> Image.Image:
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(
             f"cannot read image {name} ({str(err).splitlines()[0][:120]}); replace or delete it, "
-            f"or set data.on_bad_image=skip to leave bad images out"
+            f"or set data.on_bad_input=skip to leave bad images out"
         ) from None
 
 
@@ -119,22 +119,29 @@ def read_digits() -> dict[str, ImageSplit]:
     return {"train": ImageSplit(images, labels, names, "sklearn digits", [str(i) for i in range(10)], encoded=False)}
 
 
-def read_idx_images(path: Path) -> np.ndarray:
+def read_idx(path: Path, magic: bytes, what: str) -> tuple[bytes, int]:
+    """An IDX file's bytes and item count, after checking its magic number and that its size matches the header."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
-    if data[:4] != b"\x00\x00\x08\x03":
-        raise DataError(f"{path} is not an IDX image file (magic {data[:4].hex()})")
-    count, rows, cols = (int.from_bytes(data[i : i + 4], "big") for i in (4, 8, 12))
+    if data[:4] != magic:
+        raise DataError(f"{path} is not an IDX {what} file (magic {data[:4].hex()})")
+    return data, int.from_bytes(data[4:8], "big")
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    data, count = read_idx(path, b"\x00\x00\x08\x03", "image")
+    rows, cols = (int.from_bytes(data[i : i + 4], "big") for i in (8, 12))
+    if len(data) - 16 != count * rows * cols:
+        raise DataError(f"{path} is truncated or padded: its header announces {count} images of {rows}x{cols} "
+                        f"({count * rows * cols} bytes) but it holds {len(data) - 16}; download or copy it again")
     return np.frombuffer(data, np.uint8, offset=16).reshape(count, rows, cols)
 
 
 def read_idx_labels(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x00\x00\x08\x01":
-        raise DataError(f"{path} is not an IDX label file (magic {data[:4].hex()})")
+    data, count = read_idx(path, b"\x00\x00\x08\x01", "label")
+    if len(data) - 8 != count:
+        raise DataError(f"{path} is truncated or padded: its header announces {count} labels but it holds {len(data) - 8}")
     return np.frombuffer(data, np.uint8, offset=8)
 
 
@@ -213,13 +220,8 @@ def read_hub_images(
     """An HF dataset (hub name, or the ``imagefolder`` builder on a local ``data_dir``)."""
     import datasets
 
-    try:
-        loaded = datasets.load_dataset(name, config, data_dir=data_dir)
-    except Exception as err:  # noqa: BLE001 - connection, auth and missing-config errors differ by version
-        raise ConfigError(
-            f"could not load dataset {name!r} ({str(err).splitlines()[0][:160]}); offline, point data.source at a "
-            f"local folder of class folders (or imagefolder://DIR)"
-        ) from None
+    loaded = load_hub_dataset(name, config, "point data.source at a local folder of class folders (or imagefolder://DIR)",
+                              data_dir=data_dir)
     out = {}
     for role, split in split_names.items():
         if role == "val" and split is None:
@@ -233,9 +235,9 @@ def read_hub_images(
         feature = ds.features[label_col]
         raw = ds[label_col]
         if isinstance(feature, datasets.ClassLabel):
-            label_names, labels = list(feature.names), [feature.int2str(v) for v in raw]
-        else:
-            label_names, labels = None, [str(v) for v in raw]
+            label_names, labels = list(feature.names), [feature.int2str(v) if v is not None and v >= 0 else None for v in raw]
+        else:  # a missing label stays None (never the class "None"); the datamodule applies on_bad_input
+            label_names, labels = None, [str(v) if v is not None else None for v in raw]
         images = HubImages(ds, image_col)
         paths = [item.get("path") for item in images.dataset[image_col]] if data_dir else None
         names = [p or f"{origin} row {i}" for i, p in enumerate(paths)] if paths else [f"{origin} row {i}" for i in range(len(ds))]

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from datamodules.base import DataSpec
 from modules.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -264,11 +265,29 @@ class JointDataModule(pl.LightningDataModule):
         return [name for name in self.children if name != self.target]
 
     # -- what the rest of the run needs to know -------------------------------------------------
-    def task_kwargs(self) -> dict[str, Any]:
+    kind = "joint_classification"
+
+    @property
+    def modality(self) -> str:
+        return self.children[self.target].modality
+
+    def data_spec(self) -> DataSpec:
         """The task's heads (dataset -> label names) and which one is the target."""
         self.setup("fit")
-        return {"heads": {name: list(child.task_kwargs()["label_names"]) for name, child in self.children.items()},
-                "target": self.target}
+        specs = {name: child.data_spec() for name, child in self.children.items()}
+        for name, spec in specs.items():
+            if spec.kind != "classification":
+                raise ConfigError(f"data.datasets.{name} is {spec.kind} data; joint training takes classification datasets")
+        target = specs[self.target]
+        return DataSpec("joint_classification", target.modality, target.label_names,
+                        heads={name: spec.label_names for name, spec in specs.items()}, target=self.target,
+                        has_test=target.has_test)
+
+    def task_kwargs(self) -> dict[str, Any]:
+        return self.data_spec().task_kwargs()
+
+    def has_split(self, role: str) -> bool:
+        return self.children[self.target].has_split(role)
 
     def save_to(self, run_dir: str | Path) -> None:
         """``labels.json`` (the target's labels first, every dataset's labels and the sampling), and each dataset's own files under ``datasets/<name>/``."""

@@ -79,17 +79,44 @@ def read_table(path: Path) -> Split:
     return Split({c: frame[c].tolist() for c in frame.columns}, str(path), list(range(first, first + len(frame))))
 
 
+def load_hub_dataset(name: str, config: str | None, offline_hint: str, what: str = "dataset", from_disk: bool = False,
+                     **kwargs: Any) -> Any:
+    """``datasets.load_dataset`` (``load_from_disk`` for a ``save_to_disk`` folder), failing with one line
+    that says what to do offline instead (``offline_hint``)."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(name) if from_disk else datasets.load_dataset(name, config, **kwargs)
+    except Exception as err:  # noqa: BLE001 - connection, auth and missing-config errors differ by version
+        raise ConfigError(f"could not load {what} {name!r} ({str(err).splitlines()[0][:160]}); offline, {offline_hint}") from None
+
+
+def read_data_files(data_files: Mapping[str, str | None], base: Path | None = None, what: str = "file") -> dict[str, Split]:
+    """``data.data_files``: split name (train / validation / test) -> a local table file (relative to ``base``)."""
+    out = {}
+    for split, file in data_files.items():
+        role = "val" if split in VAL_SPLIT_NAMES else split
+        if role not in ("train", "val", "test"):
+            raise ConfigError(f"data.data_files has split {split!r}; use train, validation and test")
+        if file is None:
+            continue
+        path = Path(str(file)).expanduser()
+        path = path if path.is_absolute() or base is None else base / path
+        path = Path(resolve_local_source(str(path))) if base is None else path
+        if not path.is_file():
+            raise ConfigError(f"data.data_files.{split}={file!r}: {what} {path} does not exist")
+        out[role] = read_table(path)
+    if "train" not in out:
+        raise ConfigError(f"data.data_files needs a 'train' {what}")
+    return out
+
+
 def read_hub(name: str, config: str | None, split_names: Mapping[str, str | None]) -> dict[str, Split]:
     """A dataset from the Hugging Face hub (or a local dataset script/folder), via ``datasets``."""
     import datasets
 
-    try:
-        loaded = datasets.load_dataset(name, config)
-    except Exception as err:  # noqa: BLE001 - connection, auth and missing-config errors differ by version
-        raise ConfigError(
-            f"could not load dataset {name!r} ({str(err).splitlines()[0][:160]}); offline, point data.source "
-            f"at local files instead (a CSV/JSONL/parquet file, or data.data_files={{train: ..., test: ...}})"
-        ) from None
+    loaded = load_hub_dataset(name, config, "point data.source at local files instead (a CSV/JSONL/parquet file, "
+                                            "or data.data_files={train: ..., test: ...})")
     out = {}
     for role, split in split_names.items():
         if role == "val" and split is None:  # try the usual names
@@ -98,8 +125,8 @@ def read_hub(name: str, config: str | None, split_names: Mapping[str, str | None
             ds = loaded[split]
             columns = {c: ds[c] for c in ds.column_names}
             for c, feature in ds.features.items():
-                if isinstance(feature, datasets.ClassLabel):  # keep readable label names
-                    columns[c] = [feature.int2str(v) for v in columns[c]]
+                if isinstance(feature, datasets.ClassLabel):  # readable label names; a missing one (None, -1) stays None
+                    columns[c] = [feature.int2str(v) if v is not None and v >= 0 else None for v in columns[c]]
             out[role] = Split(columns, f"{name}[{split}]", list(range(len(ds))))
     if "train" not in out:
         raise ConfigError(f"dataset {name!r} has no split {split_names['train']!r}; its splits are: {', '.join(loaded)}")
@@ -121,20 +148,7 @@ def load_splits(
     (train / validation / test) to local table files.
     """
     if data_files:
-        out = {}
-        for split, file in data_files.items():
-            role = "val" if split in VAL_SPLIT_NAMES else split
-            if role not in ("train", "val", "test"):
-                raise ConfigError(f"data.data_files has split {split!r}; use train, validation and test")
-            if file is None:
-                continue
-            path = Path(resolve_local_source(str(file)))
-            if not path.is_file():
-                raise ConfigError(f"data.data_files.{split}={file!r} is not a file")
-            out[role] = read_table(path)
-        if "train" not in out:
-            raise ConfigError("data.data_files needs a 'train' file")
-        return out
+        return read_data_files(data_files)
     if not source:
         raise ConfigError("data.source is empty; give a hub dataset name, a table file or a folder of class folders")
     resolved = resolve_local_source(source)

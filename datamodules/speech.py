@@ -8,7 +8,6 @@ perturbed, then normalised and padded by the backbone's feature extractor.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import random
@@ -19,24 +18,21 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import soundfile as sf
 import torch
 from scipy.signal import resample_poly
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler, SequentialSampler
 
-from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, item_index
-from datamodules.sources import VAL_SPLIT_NAMES, Split, read_table
+from datamodules.base import DataModuleBase, DataSpec
+from datamodules.sampling import EpochTaggedSampler, item_index
+from datamodules.sources import VAL_SPLIT_NAMES, Split, load_hub_dataset, read_data_files, read_table
 from datamodules.spoken_corpus import CorpusSpec, generate_corpus
 from modules.backbones.base import resolve_local_source
 from modules.errors import ConfigError, DataError
 from modules.vocab import CharVocab, normalise_transcript
 
 log = logging.getLogger(__name__)
-
-BAD_AUDIO_POLICIES = ("error", "skip")
-
 
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     """Polyphase resampling (anti-aliased), e.g. 44.1 kHz -> 16 kHz as up 160 / down 441."""
@@ -64,14 +60,18 @@ class Clip:
 
 
 class SpeechDataset(Dataset):
-    """Clips decoded on access; in training, optionally speed perturbed (tempo and pitch, like Kaldi)."""
+    """Clips decoded on access; in training, optionally speed perturbed (tempo and pitch, like Kaldi).
 
-    def __init__(self, clips: list[Clip], rate: int, speed_factors: Sequence[float] = (), bad_audio: str = "error",
+    A clip that passed the setup check but fails to decode here (``on_bad_input=skip``) comes out as
+    None; the collator counts it into the batch (``skipped_audio``), which the task logs, so skips
+    made inside worker processes are counted too.
+    """
+
+    def __init__(self, clips: list[Clip], rate: int, speed_factors: Sequence[float] = (), on_bad_input: str = "error",
                  seed: int = 0) -> None:
         self.clips, self.rate, self.seed = clips, rate, seed
         self.speed_factors = [float(f) for f in speed_factors]
-        self.bad_audio = bad_audio
-        self.skipped: list[str] = []
+        self.on_bad_input = on_bad_input
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -82,11 +82,10 @@ class SpeechDataset(Dataset):
         try:
             wave = read_audio(clip.audio, self.rate)
         except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-            if self.bad_audio == "skip":
-                self.skipped.append(clip.name)
+            if self.on_bad_input == "skip":
                 log.warning(f"skipped unreadable audio {clip.name}: {err}")
                 return None
-            raise DataError(f"cannot decode audio {clip.name}: {err}; fix or remove it, or set data.bad_audio=skip") from None
+            raise DataError(f"cannot decode audio {clip.name}: {err}; fix or remove it, or set data.on_bad_input=skip") from None
         if self.speed_factors:
             factor = random.choice(self.speed_factors)
             if factor != 1.0:  # faster speech = fewer samples at the same rate
@@ -101,6 +100,7 @@ class AudioCollator:
         self.processor = processor
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        skipped = sum(it is None for it in items)
         items = [it for it in items if it is not None]
         if not items:
             raise DataError("every clip of a batch was unreadable and skipped; check the audio files")
@@ -117,51 +117,50 @@ class AudioCollator:
             "attention_mask": inputs["attention_mask"].long(),
             "labels": labels,
             "texts": [it["text"] for it in items],
+            "skipped_audio": skipped,
         }
 
 
-class _EpochCounter:
-    epoch = 0
+class LengthGroupedBatchSampler(BatchSampler):
+    """Batches of similar length (less padding) over the keys ``sampler`` yields.
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-
-class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (less padding): shuffle, sort within pools of ``pool`` batches, shuffle batches.
-
-    The order is a function of (seed, epoch); Lightning sets the epoch (``set_epoch``). Shuffled (training)
-    batches hold ``(epoch, index)`` pairs, so the dataset seeds each clip's random speed perturbation.
+    Training: the sampler's order (seeded per epoch, ``(epoch, index)`` keys, so each clip's speed
+    perturbation is seeded too) is cut into pools of ``pool`` batches, sorted by length within a pool,
+    batched, and the batches shuffled by (seed, epoch). Evaluation: sorted by length, longest first.
+    It follows the ``BatchSampler`` API, so under DDP Lightning swaps ``sampler`` for a distributed
+    one (each process then groups its own shard) and calls ``set_epoch`` on it.
     """
 
-    def __init__(self, lengths: Sequence[float], batch_size: int, shuffle: bool, seed: int = 0, pool: int = 50) -> None:
-        self.lengths, self.batch_size, self.shuffle, self.seed, self.pool = list(lengths), batch_size, shuffle, seed, pool
-        # Lightning calls set_epoch on ``batch_sampler.sampler``, not on the batch sampler itself
-        self.sampler = _EpochCounter()
+    def __init__(self, sampler: Sampler | Sequence[Any], lengths: Sequence[float], batch_size: int, shuffle: bool,
+                 seed: int = 0, pool: int = 50, drop_last: bool = False) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.lengths, self.shuffle, self.seed, self.pool = list(lengths), shuffle, seed, pool
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        return len(self.sampler) // self.batch_size if self.drop_last else math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[Any]]:
         # no side effect here: DataLoader iterators may call iter() more than once per epoch
-        epoch = self.sampler.epoch
-        rng = np.random.default_rng(self.seed * 100_003 + epoch)
-        order = rng.permutation(len(self.lengths)).tolist() if self.shuffle else list(range(len(self.lengths)))
-        size = self.batch_size * self.pool if self.shuffle else len(order)
+        keys = list(self.sampler)
+
+        def length(key: Any) -> float:
+            return -self.lengths[key[1] if isinstance(key, tuple) else key]
+
+        size = self.batch_size * self.pool if self.shuffle else max(1, len(keys))
         batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
+        for start in range(0, len(keys), size):
+            chunk = sorted(keys[start : start + size], key=length)
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        if not self.shuffle:
-            return iter(batches)
-        rng.shuffle(batches)
-        return iter([[(epoch, i) for i in batch] for batch in batches])
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            epoch = keys[0][0] if keys and isinstance(keys[0], tuple) else 0
+            order = np.random.default_rng(self.seed * 100_003 + epoch).permutation(len(batches))
+            batches = [batches[i] for i in order]
+        return iter(batches)
 
 
-class SpeechDataModule(pl.LightningDataModule):
+class SpeechDataModule(DataModuleBase):
     """Transcribed audio for CTC from manifests (JSONL/CSV), HF datasets, or a generated spoken corpus.
 
     Args:
@@ -175,11 +174,17 @@ class SpeechDataModule(pl.LightningDataModule):
             given, audio much shorter than it is treated as truncated).
         processor: the backbone's feature extractor (``train.py`` passes it): rate, normalisation, padding.
         min_duration / max_duration: clips outside this range (seconds) are dropped and counted.
-        bad_audio: ``error`` (stop, naming the file) or ``skip`` (drop it and count it).
         speed_perturb: speed factors to pick from per training clip (e.g. ``[0.9, 1.0, 1.1]``).
         vocab_file: a saved ``vocab.json`` to use instead of building one from the training transcripts.
         group_by_length: batch clips of similar length together.
+        **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``: unreadable or truncated
+            audio and empty transcripts stop the run, or are left out and counted; batch sizes, seed).
+            Missing val/test splits are carved at random, or stratified by transcript when transcripts
+            repeat (a corpus of spoken words).
     """
+
+    modality = "audio"
+    kind = "ctc"
 
     def __init__(
         self,
@@ -197,23 +202,17 @@ class SpeechDataModule(pl.LightningDataModule):
         min_duration: float = 0.0,
         max_duration: float = 20.0,
         lowercase: bool = True,
-        bad_audio: str = "error",
         speed_perturb: Sequence[float] | None = None,
         vocab_file: str | None = None,
-        val_fraction: float = 0.1,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
         group_by_length: bool = True,
-        num_workers: int = 0,
-        seed: int = 42,
+        **common: Any,
     ) -> None:
-        super().__init__()
+        common.setdefault("test_fraction", 0.0)
+        common.setdefault("batch_size", 16)
+        super().__init__(**common)
         if processor is None or not hasattr(processor, "sampling_rate"):
-            raise ConfigError("SpeechDataModule needs the backbone's audio feature extractor (processor=backbone.processor)")
-        if bad_audio not in BAD_AUDIO_POLICIES:
-            raise ConfigError(f"data.bad_audio={bad_audio!r} is unknown; choose one of {', '.join(BAD_AUDIO_POLICIES)}")
+            raise ConfigError("speech data needs an audio backbone with a feature extractor (backbone=wav2vec2_tiny, hf_audio, ...); "
+                              f"this backbone gives {type(processor).__name__}")
         if not 0 <= min_duration < max_duration:
             raise ConfigError(f"data.min_duration={min_duration} must be >= 0 and below data.max_duration={max_duration}")
         if any(f <= 0 for f in speed_perturb or ()):
@@ -223,61 +222,63 @@ class SpeechDataModule(pl.LightningDataModule):
         self.audio_column, self.text_column, self.duration_column = audio_column, text_column, duration_column
         self.processor, self.rate = processor, int(processor.sampling_rate)
         self.min_duration, self.max_duration, self.lowercase = min_duration, max_duration, lowercase
-        self.bad_audio, self.speed_perturb = bad_audio, list(speed_perturb or [])
-        self.vocab_file, self.val_fraction = vocab_file, val_fraction
-        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
+        self.speed_perturb = list(speed_perturb or [])
+        self.vocab_file, self.group_by_length = vocab_file, group_by_length
         self.collate = AudioCollator(processor)
         self.vocab: CharVocab | None = None
-        self.datasets: dict[str, SpeechDataset] = {}
-        self.counts: dict[str, Counter] = {}
 
     # -- what the rest of the run needs to know -------------------------------------------------
-    def task_kwargs(self) -> dict[str, Any]:
+    def data_spec(self) -> DataSpec:
         self.setup("fit")
         assert self.vocab is not None
-        return {"vocab": self.vocab.tokens}
+        return DataSpec("ctc", self.modality, vocab=tuple(self.vocab.tokens), has_test="test" in self.datasets)
+
+    def report(self) -> dict[str, Any]:
+        return {**super().report(), "sampling_rate": self.rate}
 
     def save_to(self, run_dir: str | Path) -> None:
         """``vocab.json`` (to decode the model's outputs) and ``data_report.json`` (sizes, drops, resampling)."""
-        self.setup("fit")
+        super().save_to(run_dir)
         assert self.vocab is not None
         self.vocab.save(Path(run_dir) / "vocab.json")
-        report = {"sizes": {k: len(v) for k, v in self.datasets.items()}, "sampling_rate": self.rate,
-                  "counts": {k: dict(v) for k, v in self.counts.items()}}
-        (Path(run_dir) / "data_report.json").write_text(json.dumps(report, indent=2))
 
     # -- loading --------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         splits = self._load_splits()
-        for split in splits.values():
+        for role, split in splits.items():
             split.require(audio_column=self.audio_column, text_column=self.text_column)
-        splits = self._carve_missing(splits)
+            self.parsed_rows[role] = len(split)
+        splits = self.carve(splits, self._strata)
         checked = {role: self._check(role, split) for role, split in splits.items()}
         if self.vocab_file:
             self.vocab = CharVocab.load(resolve_local_source(self.vocab_file))
         else:
             self.vocab = CharVocab.build(text for _, text, _ in checked["train"])
         for role, rows in checked.items():
+            counts = self.counts.setdefault(role, Counter())
             clips = []
             for audio, text, (name, seconds) in rows:
                 labels, unknown = self.vocab.encode(text)
                 if unknown:
-                    self.counts[role]["unknown_chars"] += unknown
+                    counts["unknown_chars"] += unknown
                 clips.append(Clip(audio, name, text, labels, seconds))
-            if self.counts[role]["unknown_chars"]:
-                log.warning(f"{role}: {self.counts[role]['unknown_chars']} characters are not in the vocabulary "
+            if counts["unknown_chars"]:
+                log.warning(f"{role}: {counts['unknown_chars']} characters are not in the vocabulary "
                             f"(built from train); they map to <unk> and count as errors")
             speed = self.speed_perturb if role == "train" else ()
-            self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.bad_audio, self.seed)
+            self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.on_bad_input, self.seed)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"speech data at {self.rate} Hz: {sizes}; vocabulary of {len(self.vocab)}: {''.join(self.vocab.tokens[3:])}")
         for role, counts in self.counts.items():
             if counts:
                 log.info(f"{role}: {dict(counts)}")
+
+    def _strata(self, split: Split) -> list[str] | None:
+        """Transcripts as strata when they repeat (spoken words: every word in every split), else None."""
+        texts = [str(t) for t in split.columns[self.text_column]]
+        return texts if len(set(texts)) * 2 <= len(texts) else None
 
     def _load_splits(self) -> dict[str, Split]:
         if self.generate:
@@ -285,20 +286,8 @@ class SpeechDataModule(pl.LightningDataModule):
                 raise ConfigError("data.generate needs data.source: the folder to synthesise the corpus into")
             generate_corpus(self.source, CorpusSpec(**self.generate))
         if self.data_files:
-            out = {}
             base = Path(resolve_local_source(self.source)) if self.source else Path(".")
-            for split, file in self.data_files.items():
-                role = "val" if split in VAL_SPLIT_NAMES else split
-                if role not in ("train", "val", "test"):
-                    raise ConfigError(f"data.data_files has split {split!r}; use train, validation and test")
-                path = Path(file).expanduser()
-                path = path if path.is_absolute() else base / path
-                if not path.is_file():
-                    raise ConfigError(f"data.data_files.{split}: manifest {path} does not exist")
-                out[role] = read_table(path)
-            if "train" not in out:
-                raise ConfigError("data.data_files needs a 'train' manifest")
-            return out
+            return read_data_files(self.data_files, base, what="manifest")
         if not self.source:
             raise ConfigError("data.source is empty; give a manifest, a folder with data.data_files, or a dataset name")
         resolved = resolve_local_source(self.source)
@@ -310,14 +299,8 @@ class SpeechDataModule(pl.LightningDataModule):
         """A hub dataset or a ``save_to_disk`` folder; an ``Audio`` column is read undecoded (path/bytes)."""
         import datasets
 
-        try:
-            if Path(name).is_dir():
-                loaded = datasets.load_from_disk(name)
-            else:
-                loaded = datasets.load_dataset(name, self.hub_config)
-        except Exception as err:  # noqa: BLE001 - connection, auth and format errors differ by version
-            raise ConfigError(f"could not load dataset {name!r} ({str(err).splitlines()[0][:160]}); offline, point "
-                              "data.source at a folder of manifests with data.data_files") from None
+        loaded = load_hub_dataset(name, self.hub_config, "point data.source at a folder of manifests with data.data_files",
+                                  from_disk=Path(name).is_dir())
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict({"train": loaded})
         out = {}
@@ -335,30 +318,17 @@ class SpeechDataModule(pl.LightningDataModule):
             raise ConfigError(f"dataset {name!r} has no split {self.split_names['train']!r}; its splits are: {', '.join(loaded)}")
         return out
 
-    def _carve_missing(self, splits: dict[str, Split]) -> dict[str, Split]:
-        train = splits["train"]
-        if "val" not in splits and self.val_fraction > 0:
-            order = np.random.default_rng(self.seed).permutation(len(train)).tolist()
-            n_val = max(1, round(self.val_fraction * len(train)))
-            splits["val"], splits["train"] = train.take(sorted(order[:n_val])), train.take(sorted(order[n_val:]))
-        caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
-        for role, cap in caps.items():
-            if cap and role in splits and len(splits[role]) > cap:
-                keep = np.random.default_rng(self.seed).permutation(len(splits[role]))[:cap]
-                splits[role] = splits[role].take(sorted(keep.tolist()))
-        return splits
-
     def _check(self, role: str, split: Split) -> list[tuple[str | bytes, str, tuple[str, float]]]:
         """Usable (audio, transcript, (name, seconds)) rows; drops and counts the rest."""
         counts = self.counts.setdefault(role, Counter())
         base = Path(split.origin).parent if Path(split.origin).is_file() else None
         durations = split.columns.get(self.duration_column) if self.duration_column else None
-        rows = []
+        rows, empty = [], []
         for i, (row, value, text) in enumerate(zip(split.row_ids, split.columns[self.audio_column],
                                                    split.columns[self.text_column], strict=True)):
             text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else normalise_transcript(text, self.lowercase)
             if not text:
-                counts["empty_transcript"] += 1
+                empty.append(row)
                 continue
             audio, name = self._locate(value, base, f"{split.origin} row {row}")
             try:
@@ -370,12 +340,12 @@ class SpeechDataModule(pl.LightningDataModule):
                 if info.frames == 0:
                     raise ValueError("it holds no samples")
             except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-                if self.bad_audio == "skip":
+                if self.on_bad_input == "skip":
                     counts["bad_audio"] += 1
                     log.warning(f"skipped audio {name} ({split.origin} row {row}): {err}")
                     continue
                 raise DataError(f"cannot read audio {name} ({split.origin} row {row}): {err}; "
-                                "fix or remove it, or set data.bad_audio=skip") from None
+                                "fix or remove it, or set data.on_bad_input=skip") from None
             if not self.min_duration <= seconds <= self.max_duration:
                 counts["too_long" if seconds > self.max_duration else "too_short"] += 1
                 continue
@@ -384,6 +354,8 @@ class SpeechDataModule(pl.LightningDataModule):
             if info.channels > 1:
                 counts["folded_to_mono"] += 1
             rows.append((audio, text, (name, seconds)))
+        self.reject(role, "empty_transcript", empty, split.origin, f"have an empty or missing {self.text_column!r} transcript",
+                    "fill in the transcripts")
         if not rows:
             raise DataError(f"no usable clips in {role} ({split.origin}): {dict(counts)}; check the audio and "
                             "data.min_duration / data.max_duration")
@@ -409,25 +381,14 @@ class SpeechDataModule(pl.LightningDataModule):
         return str(path), str(path)
 
     # -- loaders --------------------------------------------------------------------------------
-    def _loader(self, role: str, train: bool) -> DataLoader:
-        self.setup()
-        if role not in self.datasets:
-            raise ConfigError(f"the data has no {role} split; name one in data.data_files or set data.val_fraction > 0")
+    # -- loaders --------------------------------------------------------------------------------
+    def collate_for(self, role: str) -> Any:
+        return self.collate
+
+    def batch_sampler_for(self, role: str, training: bool) -> Any:
+        if not self.group_by_length:
+            return None
         dataset = self.datasets[role]
-        size = self.batch_size if train else self.eval_batch_size
-        if self.group_by_length:
-            sampler = LengthGroupedBatchSampler([c.seconds for c in dataset.clips], size, shuffle=train, seed=self.seed)
-            kwargs: dict[str, Any] = {"batch_sampler": sampler}
-        else:
-            kwargs = {"batch_size": size, "sampler": EpochTaggedSampler(len(dataset), self.seed) if train else None}
-        return (EpochAwareLoader if train else DataLoader)(dataset, collate_fn=self.collate, num_workers=self.num_workers,
-                                                           persistent_workers=self.num_workers > 0, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val", train=False)
+        sampler = EpochTaggedSampler(len(dataset), self.seed) if training else SequentialSampler(range(len(dataset)))
+        return LengthGroupedBatchSampler(sampler, [c.seconds for c in dataset.clips],
+                                         self.batch_size if training else self.eval_batch_size, shuffle=training, seed=self.seed)

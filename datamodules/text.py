@@ -9,13 +9,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from datamodules.sampling import EpochAwareLoader, EpochShuffleSampler
-from datamodules.sources import Split, load_splits, stratified_split
+from datamodules.base import DataModuleBase
+from datamodules.sources import Split, load_splits
 from datamodules.token_cache import cached
 from modules.errors import ConfigError, DataError
 
@@ -25,6 +24,8 @@ log = logging.getLogger(__name__)
 class TokenizedDataset(Dataset):
     """Token ids (unpadded) and integer labels; padding happens per batch in the collator."""
 
+    tagged = False  # nothing random per item: plain indices
+
     def __init__(self, input_ids: list[list[int]], labels: list[int]) -> None:
         self.input_ids, self.labels = input_ids, labels
 
@@ -32,11 +33,12 @@ class TokenizedDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) keys carry nothing random for text
+        i = key[1] if isinstance(key, tuple) else key
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
 def is_empty_text(value: Any) -> bool:
+    """None, NaN (a missing cell in JSON/parquet), or only whitespace (an empty CSV cell)."""
     return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
 
 
@@ -47,7 +49,7 @@ def sort_labels(values: set[Any]) -> list[Any]:
     return sorted(values, key=str)
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(DataModuleBase):
     """Labelled texts from the hub, local files or class folders, tokenized by the backbone's tokenizer.
 
     Args:
@@ -56,12 +58,17 @@ class TextDataModule(pl.LightningDataModule):
         hub_config: the hub dataset's configuration name.
         train_split / val_split / test_split: split names in a hub dataset (val: tries the usual names).
         text_column / label_column: which columns hold the text and the label.
-        val_fraction / test_fraction: shares of train carved out (stratified, seeded) for missing splits.
-        max_train_samples / max_eval_samples: cap split sizes (seeded, stratified), for quick runs.
         processor: the backbone's tokenizer (``train.py`` passes it).
         max_length: tokens per text after truncation.
         cache_dir: where tokenized splits are cached between runs (None: no cache).
+        **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``, batch sizes, seed).
+
+    Empty texts are dropped and counted; a row with an empty or missing label stops the run
+    (``on_bad_input=error``) or is dropped and counted (``skip``): it never becomes a class.
     """
+
+    modality = "text"
+    kind = "classification"
 
     def __init__(
         self,
@@ -73,66 +80,45 @@ class TextDataModule(pl.LightningDataModule):
         test_split: str | None = "test",
         text_column: str = "text",
         label_column: str = "label",
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
         processor: PreTrainedTokenizerBase | None = None,
         max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
         cache_dir: str | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__()
-        if processor is None:
-            raise ConfigError("TextDataModule needs the backbone's tokenizer (processor=backbone.processor)")
-        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= frac < 1.0:
-                raise ConfigError(f"data.{name}={frac} must be in [0, 1)")
-        if val_fraction + test_fraction >= 1.0:
-            raise ConfigError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training data")
+        super().__init__(**common)
+        if not isinstance(processor, PreTrainedTokenizerBase):
+            raise ConfigError("text data needs a text backbone with a tokenizer (backbone=minilm, bert_scratch, hf_text, ...); "
+                              f"this backbone gives {type(processor).__name__}")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ConfigError(f"data.max_length={max_length!r} must be a whole number >= 2 (tokens per text)")
         self.source, self.data_files, self.hub_config = source, dict(data_files or {}) or None, hub_config
         self.split_names = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
         self.text_column, self.label_column = text_column, label_column
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.tokenizer = processor
         self.max_length = max_length
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.collate = DataCollatorWithPadding(self.tokenizer)
-        self.label_names: list[str] = []
-        self.datasets: dict[str, TokenizedDataset] = {}
-        self.dropped: dict[str, int] = {}
 
     # -- what the rest of the run needs to know -------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-    def task_kwargs(self) -> dict[str, Any]:
-        """Arguments the task takes from the data (``train.py`` passes them on)."""
-        self.setup("fit")
-        return {"num_classes": self.num_classes, "label_names": self.label_names}
-
     def save_to(self, run_dir: str | Path) -> None:
-        """Write the label ids with the run, so predictions map back to names."""
-        path = Path(run_dir) / "labels.json"
-        path.write_text(json.dumps({"label_names": self.label_names, "sizes": {k: len(v) for k, v in self.datasets.items()},
-                                    "dropped_empty_texts": self.dropped}, indent=2))
+        """The label ids (so predictions map back to names) and the data report."""
+        super().save_to(run_dir)
+        info = {"label_names": self.label_names, **self.report()}
+        (Path(run_dir) / "labels.json").write_text(json.dumps(info, indent=2))
+
+    def collate_for(self, role: str) -> Any:
+        return self.collate
 
     # -- loading --------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         splits = load_splits(self.source, self.data_files, self.hub_config, **self.split_names)
-        for split in splits.values():
+        for role, split in splits.items():
             split.require(text_column=self.text_column, label_column=self.label_column)
-        splits = {role: self._drop_empty(role, split) for role, split in splits.items()}
-        splits = self._carve_missing(splits)
+            self.parsed_rows[role] = len(split)
+        splits = {role: self._drop_bad_rows(role, split) for role, split in splits.items()}
+        splits = self.carve(splits, lambda s: s.columns[self.label_column])
         self.label_names = [str(v) for v in sort_labels(set(splits["train"].columns[self.label_column]))]
         if len(self.label_names) < 2:
             raise DataError(f"{splits['train'].origin} has a single label {self.label_names}; classification needs at least 2")
@@ -141,35 +127,24 @@ class TextDataModule(pl.LightningDataModule):
             self.datasets[role] = TokenizedDataset(self._tokenize(split), self._encode_labels(role, split, label_ids))
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"text data: {sizes}; {self.num_classes} labels: {', '.join(self.label_names[:10])}")
+        for role, counts in self.counts.items():
+            if counts:
+                log.info(f"{role}: {self.parsed_rows.get(role, '?')} rows parsed, dropped {dict(counts)}")
 
-    def _drop_empty(self, role: str, split: Split) -> Split:
-        texts = split.columns[self.text_column]
-        keep = [i for i, t in enumerate(texts) if not is_empty_text(t)]
-        if len(keep) < len(texts):
-            self.dropped[role] = len(texts) - len(keep)
-            log.warning(f"dropped {len(texts) - len(keep)} empty texts from {role} ({split.origin})")
-            if not keep:
-                raise DataError(f"every text in {split.origin} column {self.text_column!r} is empty")
-            split = split.take(keep)
-        return split
-
-    def _carve_missing(self, splits: dict[str, Split]) -> dict[str, Split]:
-        """Seeded, stratified val/test splits out of train for the splits the source lacks."""
-        train = splits["train"]
-        wanted = [r for r, f in (("val", self.val_fraction), ("test", self.test_fraction)) if r not in splits and f > 0]
-        if wanted:
-            fractions = [self.val_fraction if r == "val" else self.test_fraction for r in wanted]
-            parts = stratified_split([str(v) for v in train.columns[self.label_column]], fractions, self.seed)
-            for role, idx in zip(wanted, parts, strict=False):
-                splits[role] = train.take(idx)
-            splits["train"] = train.take(parts[-1])
-        caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
-        for role, cap in caps.items():
-            if cap and role in splits and len(splits[role]) > cap:
-                labels = [str(v) for v in splits[role].columns[self.label_column]]
-                keep, _ = stratified_split(labels, [cap / len(labels)], self.seed)
-                splits[role] = splits[role].take(keep)
-        return splits
+    def _drop_bad_rows(self, role: str, split: Split) -> Split:
+        """Empty texts are dropped and counted; empty or missing labels follow ``on_bad_input``."""
+        texts, labels = split.columns[self.text_column], split.columns[self.label_column]
+        no_label = [split.row_ids[i] for i, v in enumerate(labels) if is_empty_text(v)]
+        self.reject(role, "empty_label", no_label, split.origin, f"have an empty or missing {self.label_column!r}",
+                    "fill in the labels (a text field with line breaks that did not round-trip can split rows)")
+        empty = [i for i, t in enumerate(texts) if is_empty_text(t)]
+        if empty:
+            self.count(role, "empty_text", len(empty))
+            log.warning(f"dropped {len(empty)} empty texts from {role} ({split.origin})")
+        keep = [i for i, (t, v) in enumerate(zip(texts, labels, strict=True)) if not is_empty_text(t) and not is_empty_text(v)]
+        if not keep:
+            raise DataError(f"no row of {split.origin} has both a text ({self.text_column!r}) and a label ({self.label_column!r})")
+        return split.take(keep) if len(keep) < len(split) else split
 
     def _encode_labels(self, role: str, split: Split, label_ids: dict[str, int]) -> list[int]:
         out = []
@@ -189,27 +164,3 @@ class TextDataModule(pl.LightningDataModule):
             return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
         return cached(self.cache_dir, "tokenized", self.tokenizer, f"max_length={self.max_length}", texts, tokenize)
-
-    # -- loaders --------------------------------------------------------------------------------
-    def _loader(self, role: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        if role not in self.datasets:
-            raise ConfigError(f"the data has no {role} split; name one (data.{role}_split) or carve it (data.{role}_fraction > 0)")
-        dataset = self.datasets[role]
-        return (EpochAwareLoader if shuffle else DataLoader)(
-            dataset,
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val", shuffle=False)

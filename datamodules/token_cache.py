@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ def cached(cache_dir: str | Path | None, kind: str, tokenizer: Any, settings: st
 
     The key covers the tokenizer's name, class, size and whole vocabulary (two tokenizers trained
     into the same folder must not share entries), ``settings`` (e.g. max length) and every text.
-    Writes are atomic, so a parallel rank never reads a half-written file.
+    Writes are atomic (a temp file of the writer's own, then a rename), so parallel ranks never read
+    a half-written file; entries hold only lists of ints and load with ``weights_only=True``.
     """
     if cache_dir is None:
         return compute()
@@ -29,10 +32,18 @@ def cached(cache_dir: str | Path | None, kind: str, tokenizer: Any, settings: st
         key.update(b"\0")
     path = Path(cache_dir) / kind / f"{key.hexdigest()}.pt"
     if path.exists():
-        return torch.load(path)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a corrupt or foreign file: recompute and replace it
+            pass
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(value, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return value

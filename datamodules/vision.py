@@ -9,20 +9,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from timm.data import Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
+from datamodules.base import DataModuleBase
 from datamodules.image_sources import ImageSplit, load_image_splits, open_image
-from datamodules.sampling import EpochAwareLoader, EpochTaggedSampler, item_index
-from datamodules.sources import stratified_split
-from datamodules.text import sort_labels
+from datamodules.sampling import item_index
+from datamodules.text import is_empty_text, sort_labels
 from modules.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-BAD_IMAGE_POLICIES = ("error", "skip")
 # what the backbone's data config may set (timm.data.resolve_data_config)
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # augmentation options: keyword arguments of timm.data.create_transform other than the data config
@@ -70,7 +68,7 @@ class MixupCollate:
         return batch
 
 
-class VisionDataModule(pl.LightningDataModule):
+class VisionDataModule(DataModuleBase):
     """Labelled images from folders, the hub or built-in real sets, transformed as the backbone expects.
 
     Args:
@@ -79,17 +77,19 @@ class VisionDataModule(pl.LightningDataModule):
             files such as Fashion-MNIST), ``pkg://package/sub``, or a hub dataset name.
         hub_config / train_split / val_split / test_split: the hub dataset's config and split names.
         image_column / label_column: hub columns (found automatically when left empty).
-        val_fraction / test_fraction: shares of train carved out (stratified, seeded) for missing splits.
-        max_train_samples / max_eval_samples: cap split sizes (stratified, seeded), for quick runs.
         processor: the backbone's timm data config (``train.py`` passes it): input size, mean/std,
             interpolation, crop.
         augment: training augmentation, as ``timm.data.create_transform`` options (``auto_augment:
             rand-m9-mstd0.5``, ``re_prob: 0.25``, ``hflip``, ``scale``, ``color_jitter``...); null: none.
         mixup: ``timm.data.Mixup`` options (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
             ``switch_prob``, ``mode``, ``label_smoothing``); null: off.
-        on_bad_image: ``error`` (stop, naming the file) or ``skip`` (leave it out and count it).
         verify_images: decode every encoded image once at setup, so bad files are found before training.
+        **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``: unreadable images and
+            empty labels stop the run, or are left out and counted; batch sizes, seed).
     """
+
+    modality = "image"
+    kind = "classification"
 
     def __init__(
         self,
@@ -100,65 +100,36 @@ class VisionDataModule(pl.LightningDataModule):
         test_split: str | None = "test",
         image_column: str | None = None,
         label_column: str | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
         processor: Mapping[str, Any] | None = None,
         augment: Mapping[str, Any] | None = None,
         mixup: Mapping[str, Any] | None = None,
-        on_bad_image: str = "error",
         verify_images: bool = True,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
+        **common: Any,
     ) -> None:
-        super().__init__()
-        if not processor or "input_size" not in processor:
-            raise ConfigError("VisionDataModule needs the backbone's timm data config (processor=backbone.processor); "
-                              "use a timm backbone (backbone.kind=timm)")
-        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= frac < 1.0:
-                raise ConfigError(f"data.{name}={frac} must be in [0, 1)")
-        if val_fraction + test_fraction >= 1.0:
-            raise ConfigError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training data")
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ConfigError(f"data.on_bad_image={on_bad_image!r}; choose one of {', '.join(BAD_IMAGE_POLICIES)}")
-        if mixup and batch_size % 2:
-            raise ConfigError(f"data.batch_size={batch_size} is odd; mixup/cutmix pairs examples, use an even batch size")
+        super().__init__(**common)
+        if not isinstance(processor, Mapping) or "input_size" not in processor:
+            raise ConfigError("image data needs an image backbone with a timm data config (backbone=small_resnet_scratch, "
+                              f"efficientnet_lite0, timm, ...); this backbone gives {type(processor).__name__}")
+        if mixup and self.batch_size % 2:
+            raise ConfigError(f"data.batch_size={self.batch_size} is odd; mixup/cutmix pairs examples, use an even batch size")
         self.source, self.hub_config = source, hub_config
         self.split_names = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
         self.columns = {"image_column": image_column, "label_column": label_column}
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.data_config = dict(processor)
         self.augment = dict(augment) if augment is not None else None
         self.mixup_options = dict(mixup) if mixup else None
-        self.on_bad_image, self.verify_images = on_bad_image, verify_images
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.verify_images = verify_images
         self.train_transform = build_transform(self.data_config, self.augment, training=True)
         self.eval_transform = build_transform(self.data_config, None, training=False)
-        self.label_names: list[str] = []
-        self.datasets: dict[str, ImageDataset] = {}
         self.skipped: dict[str, list[str]] = {}
 
     # -- what the rest of the run needs to know -------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-    def task_kwargs(self) -> dict[str, Any]:
-        """Arguments the task takes from the data (``train.py`` passes them on)."""
-        self.setup("fit")
-        return {"num_classes": self.num_classes, "label_names": self.label_names}
-
     def save_to(self, run_dir: str | Path) -> None:
-        """Write label ids, split sizes, skipped images and the transforms with the run."""
+        """Label ids, split sizes, skipped images and the transforms with the run (and the data report)."""
+        super().save_to(run_dir)
         info = {
             "label_names": self.label_names,
-            "sizes": {k: len(v) for k, v in self.datasets.items()},
+            **self.report(),
             "skipped_bad_images": {k: {"count": len(v), "first": v[:20]} for k, v in self.skipped.items()},
             "data_config": self.data_config,
             "train_transform": str(self.train_transform),
@@ -171,7 +142,9 @@ class VisionDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         splits = load_image_splits(self.source, self.hub_config, **self.split_names, **self.columns)
-        splits = self._carve_missing(splits)
+        self.parsed_rows = {role: len(split) for role, split in splits.items()}
+        splits = {role: self._drop_unlabelled(role, split) for role, split in splits.items()}
+        splits = self.carve(splits, lambda s: s.labels)
         if self.verify_images:
             splits = {role: self._check_images(role, split) for role, split in splits.items()}
         train = splits["train"]
@@ -190,22 +163,14 @@ class VisionDataModule(pl.LightningDataModule):
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"image data: {sizes}; {self.num_classes} classes: {', '.join(self.label_names[:10])}")
 
-    def _carve_missing(self, splits: dict[str, ImageSplit]) -> dict[str, ImageSplit]:
-        """Seeded, stratified val/test splits out of train for the splits the source lacks; then caps."""
-        train = splits["train"]
-        wanted = [r for r, f in (("val", self.val_fraction), ("test", self.test_fraction)) if r not in splits and f > 0]
-        if wanted:
-            fractions = [self.val_fraction if r == "val" else self.test_fraction for r in wanted]
-            parts = stratified_split(train.labels, fractions, self.seed)
-            for role, idx in zip(wanted, parts, strict=False):
-                splits[role] = train.take(idx)
-            splits["train"] = train.take(parts[-1])
-        caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
-        for role, cap in caps.items():
-            if cap and role in splits and len(splits[role]) > cap:
-                keep, _ = stratified_split(splits[role].labels, [cap / len(splits[role])], self.seed)
-                splits[role] = splits[role].take(keep)
-        return splits
+    def _drop_unlabelled(self, role: str, split: ImageSplit) -> ImageSplit:
+        """Images whose label is empty or missing (a null in a hub column) follow ``on_bad_input``."""
+        missing = [i for i, v in enumerate(split.labels) if is_empty_text(v)]
+        self.reject(role, "empty_label", [split.names[i] for i in missing], split.origin,
+                    "have an empty or missing label", "fill in their labels")
+        if not missing:
+            return split
+        return split.take(sorted(set(range(len(split))) - set(missing)))
 
     def _check_images(self, role: str, split: ImageSplit) -> ImageSplit:
         """Decode each file once: raise on the first bad one, or (``skip``) leave bad ones out and count them."""
@@ -217,11 +182,12 @@ class VisionDataModule(pl.LightningDataModule):
                 open_image(split.images[i], split.names[i])
                 keep.append(i)
             except DataError:
-                if self.on_bad_image == "error":
+                if self.on_bad_input == "error":
                     raise
                 bad.append(split.names[i])
         if bad:
             self.skipped[role] = bad
+            self.count(role, "bad_image", len(bad))
             log.warning(f"skipped {len(bad)} unreadable images in {role} ({split.origin}), first: {bad[0]}")
             if not keep:
                 raise DataError(f"every image in {split.origin} ({role}) is unreadable, first: {bad[0]}")
@@ -229,29 +195,11 @@ class VisionDataModule(pl.LightningDataModule):
         return split
 
     # -- loaders --------------------------------------------------------------------------------
-    def _loader(self, role: str, training: bool) -> DataLoader:
-        self.setup()
-        if role not in self.datasets:
-            raise ConfigError(f"the data has no {role} split; name one (data.{role}_split) or carve it (data.{role}_fraction > 0)")
-        collate = default_collate
-        if training and self.mixup_options:
-            collate = MixupCollate(Mixup(num_classes=self.num_classes, **self.mixup_options))
-        return (EpochAwareLoader if training else DataLoader)(
-            self.datasets[role],
-            batch_size=self.batch_size if training else self.eval_batch_size,
-            sampler=EpochTaggedSampler(len(self.datasets[role]), self.seed) if training else None,
-            # as timm does: a ragged last batch (size 1 breaks BatchNorm; odd sizes break mixup) is dropped
-            drop_last=training and len(self.datasets[role]) > self.batch_size,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def collate_for(self, role: str) -> Any:
+        if role == "train" and self.mixup_options:
+            return MixupCollate(Mixup(num_classes=self.num_classes, **self.mixup_options))
+        return default_collate
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", training=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", training=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val", training=False)
+    def drop_last_for(self, role: str) -> bool:
+        # as timm does: a ragged last batch (size 1 breaks BatchNorm; odd sizes break mixup) is dropped
+        return len(self.datasets[role]) > self.batch_size

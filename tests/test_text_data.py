@@ -27,6 +27,12 @@ def frame(n: int = 30) -> pd.DataFrame:
                          "sentiment": [labels[i % 3] for i in range(n)]})
 
 
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    {".csv": lambda: df.to_csv(path, index=False), ".tsv": lambda: df.to_csv(path, sep="\t", index=False),
+     ".jsonl": lambda: df.to_json(path, orient="records", lines=True), ".json": lambda: df.to_json(path, orient="records"),
+     ".parquet": lambda: df.to_parquet(path)}[path.suffix]()
+
+
 def module(tokenizer, **kwargs) -> TextDataModule:
     kwargs.setdefault("text_column", "review")
     kwargs.setdefault("label_column", "sentiment")
@@ -38,10 +44,7 @@ def module(tokenizer, **kwargs) -> TextDataModule:
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
 def test_table_files_load_with_sorted_labels_and_carved_splits(tmp_path: Path, tokenizer, suffix: str) -> None:
     path = tmp_path / f"train{suffix}"
-    df = frame()
-    {".csv": lambda: df.to_csv(path, index=False), ".tsv": lambda: df.to_csv(path, sep="\t", index=False),
-     ".jsonl": lambda: df.to_json(path, orient="records", lines=True), ".json": lambda: df.to_json(path, orient="records"),
-     ".parquet": lambda: df.to_parquet(path)}[suffix]()
+    write_table(frame(), path)
     dm = module(tokenizer, source=str(path), val_fraction=0.2, test_fraction=0.2)
     assert dm.label_names == ["neg", "neutral", "pos"]
     assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 18, "val": 6, "test": 6}
@@ -94,9 +97,93 @@ def test_empty_texts_are_dropped_and_counted(tmp_path: Path, tokenizer, caplog) 
     df.to_csv(tmp_path / "train.csv", index=False)
     with caplog.at_level(logging.WARNING):
         dm = module(tokenizer, source=str(tmp_path / "train.csv"), val_fraction=0.2, test_fraction=0.0)
-    assert dm.dropped == {"train": 3}
+    assert dm.counts == {"train": {"empty_text": 3}}
     assert sum(len(d) for d in dm.datasets.values()) == 27
     assert "dropped 3 empty texts" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_rows_with_empty_or_missing_labels_stop_the_run(tmp_path: Path, tokenizer, suffix: str) -> None:
+    """Issue 18: an empty / whitespace / missing label is never a class; the error names file, rows and count."""
+    df = frame()
+    df["sentiment"] = df["sentiment"].astype(object)
+    df.loc[[3, 5, 9], "sentiment"] = ["", "  ", None]
+    path = tmp_path / f"train{suffix}"
+    write_table(df, path)
+    first = 2 if suffix == ".csv" else 1  # CSV rows as a spreadsheet numbers them (header = row 1)
+    rows = ", ".join(str(r + first) for r in (3, 5, 9))
+    with pytest.raises(DataError, match=rf"3 rows of .*train{suffix} \(train\) have an empty or missing 'sentiment' "
+                                        rf"\(first rows: {rows}\).*data.on_bad_input=skip"):
+        module(tokenizer, source=str(path))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_skip_policy_drops_and_counts_unlabelled_rows(tmp_path: Path, tokenizer, suffix: str) -> None:
+    df = frame()
+    df["sentiment"] = df["sentiment"].astype(object)
+    df.loc[[3, 5, 9], "sentiment"] = ["", "  ", None]
+    df.loc[12, "review"] = ""  # an empty text as well: counted on its own
+    path = tmp_path / f"train{suffix}"
+    write_table(df, path)
+    dm = module(tokenizer, source=str(path), on_bad_input="skip", val_fraction=0.2, test_fraction=0.0)
+    assert dm.label_names == ["neg", "neutral", "pos"]  # no phantom '' class
+    assert dm.counts == {"train": {"empty_label": 3, "empty_text": 1}}
+    assert dm.parsed_rows == {"train": 30}
+    assert sum(len(d) for d in dm.datasets.values()) == 26
+    dm.save_to(tmp_path)
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    assert labels["label_names"] == ["neg", "neutral", "pos"]
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["counts"] == {"train": {"empty_label": 3, "empty_text": 1}} and report["parsed_rows"] == {"train": 30}
+
+
+def test_unlabelled_rows_in_the_test_file_follow_the_policy(tmp_path: Path, tokenizer) -> None:
+    frame().to_csv(tmp_path / "train.csv", index=False)
+    test = frame(9)
+    test.loc[2, "sentiment"] = ""
+    test.to_csv(tmp_path / "test.csv", index=False)
+    files = {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}
+    with pytest.raises(DataError, match=r"1 rows of .*test.csv \(test\) have an empty .*first rows: 4\)"):
+        module(tokenizer, data_files=files)
+    dm = module(tokenizer, data_files=files, on_bad_input="skip")
+    assert len(dm.datasets["test"]) == 8 and dm.counts["test"] == {"empty_label": 1}
+
+
+def test_a_bad_policy_name_is_one_line(tokenizer) -> None:
+    with pytest.raises(ConfigError, match=r"data.on_bad_input='ignore' is unknown; choose one of error, skip"):
+        TextDataModule(source="x", processor=tokenizer, on_bad_input="ignore")
+
+
+def test_a_text_datamodule_refuses_a_non_text_backbone() -> None:
+    with pytest.raises(ConfigError, match="text data needs a text backbone"):
+        TextDataModule(source="x", processor={"input_size": (3, 8, 8)})
+
+
+def test_token_cache_survives_concurrent_writers(tmp_path: Path) -> None:
+    """Two processes filling the same cache entry at once (two DDP ranks) never leave a broken file."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from datamodules.token_cache import cached\n"
+        "class Tok:\n"
+        "    name_or_path = 'tok'\n"
+        "    def __len__(self): return 3\n"
+        "    def get_vocab(self): return {'a': 0, 'b': 1, 'c': 2}\n"
+        "def slow():\n"
+        "    time.sleep(0.3)\n"
+        "    return [[i] * 50 for i in range(2000)]\n"
+        "for _ in range(3):\n"
+        "    value = cached(sys.argv[1], 'tokenized', Tok(), 'x', ['t1', 't2'], slow)\n"
+        "    assert value == [[i] * 50 for i in range(2000)], 'wrong entry'\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=Path(__file__).parents[1],
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert len(list((tmp_path / "tokenized").glob("*.pt"))) == 1
+    assert not list((tmp_path / "tokenized").glob("*.tmp"))
 
 
 def test_tokenization_is_cached_between_runs(tmp_path: Path, tokenizer) -> None:
@@ -159,3 +246,26 @@ def test_empty_class_folder_is_an_error(tmp_path: Path, tokenizer) -> None:
 def test_hub_dataset_offline_points_to_local_files(tokenizer) -> None:
     with pytest.raises(ConfigError, match="could not load dataset 'no-such-user/no-such-set'.*local files"):
         module(tokenizer, source="no-such-user/no-such-set")
+
+
+def test_hub_labels_that_are_missing_are_never_a_class(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub ClassLabel column with nulls (or -1, the 'no label' id) gives no 'None' class."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = {"text": [f"text {i}" for i in range(20)], "label": [i % 2 for i in range(18)] + [None, -1]}
+    loaded = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loaded)
+    with pytest.raises(DataError, match=r"2 rows of some/set\[train\] \(train\) have an empty or missing 'label' \(first rows: 18, 19\)"):
+        module(tokenizer, source="some/set", text_column="text", label_column="label")
+    dm = module(tokenizer, source="some/set", text_column="text", label_column="label", on_bad_input="skip", test_fraction=0.0)
+    assert dm.label_names == ["neg", "pos"] and dm.counts["train"] == {"empty_label": 2}
+
+
+def test_class_folders_are_unaffected_by_the_label_policy(tmp_path: Path, tokenizer) -> None:
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(6):
+            (tmp_path / label / f"{i}.txt").write_text(f"{label} text {i}")
+    dm = module(tokenizer, source=str(tmp_path), text_column="text", label_column="label", val_fraction=0.0, test_fraction=0.0)
+    assert dm.label_names == ["a", "b"] and not dm.counts and len(dm.datasets["train"]) == 12

@@ -1,0 +1,257 @@
+"""What every datamodule shares: the data -> task contract, split carving and caps, loaders, the
+bad-input policy and the data report written with the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.sampling import EpochAwareLoader, EpochShuffleSampler, EpochTaggedSampler
+from datamodules.sources import stratified_split
+from modules.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BAD_INPUT_POLICIES = ("error", "skip")
+DATA_KINDS = ("classification", "ctc", "mlm", "joint_classification")
+MODALITIES = ("text", "image", "audio")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data tells the task (``train.py`` hands it over): the one data -> task contract.
+
+    kind: which tasks can train on it (``classification``, ``ctc``, ``mlm``, ``joint_classification``).
+    modality: what the backbone reads (``text``, ``image``, ``audio``).
+    label_names: classification label ids -> names (the target's, for joint data).
+    vocab: CTC output tokens.
+    heads: joint data: dataset name -> its label names; target: the dataset validated and tested.
+    has_test: whether a real test split exists (never the validation set under another name).
+    """
+
+    kind: str
+    modality: str
+    label_names: tuple[str, ...] = ()
+    vocab: tuple[str, ...] = ()
+    heads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    target: str | None = None
+    has_test: bool = True
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The task's constructor arguments that come from the data."""
+        if self.kind == "classification":
+            return {"num_classes": len(self.label_names), "label_names": list(self.label_names)}
+        if self.kind == "ctc":
+            return {"vocab": list(self.vocab)}
+        if self.kind == "joint_classification":
+            return {"heads": {name: list(labels) for name, labels in self.heads.items()}, "target": self.target}
+        return {}
+
+
+class Sliceable(Protocol):
+    def __len__(self) -> int: ...
+
+    def take(self, indices: Sequence[int]) -> Any: ...
+
+
+S = TypeVar("S", bound=Sliceable)
+
+
+def check_policy(name: str, value: str) -> None:
+    if value not in BAD_INPUT_POLICIES:
+        raise ConfigError(f"data.{name}={value!r} is unknown; choose one of {', '.join(BAD_INPUT_POLICIES)}")
+
+
+class DataModuleBase(pl.LightningDataModule):
+    """The shared half of every datamodule. Subclasses fill ``self.datasets`` in ``setup`` and say
+    what they give the task in ``data_spec``; loaders, carving, caps and the report come from here.
+
+    Args:
+        val_fraction / test_fraction: shares of train carved out (stratified by label when there are
+            labels, seeded) for the splits the source lacks.
+        max_train_samples / max_eval_samples: cap split sizes (stratified, seeded), for quick runs.
+        on_bad_input: ``error`` (stop with one line naming the file and row) or ``skip`` (leave bad
+            examples out and count them in the log and ``data_report.json``).
+        batch_size / eval_batch_size / num_workers / seed: loaders and every seeded choice.
+    """
+
+    modality: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        on_bad_input: str = "error",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
+                raise ConfigError(f"data.{name}={frac!r} must be a number in [0, 1)")
+        if val_fraction + test_fraction >= 1.0:
+            raise ConfigError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training data")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"data.{name}={value!r} must be a whole number >= 1" + (" (or null)" if name != "batch_size" else ""))
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers!r} must be a whole number >= 0")
+        check_policy("on_bad_input", on_bad_input)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.on_bad_input = on_bad_input
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.datasets: dict[str, Dataset] = {}
+        self.label_names: list[str] = []  # classification data: label id -> name, set in setup
+        self.counts: dict[str, Counter] = {}  # role -> what was dropped, resampled, ... (the data report)
+        self.parsed_rows: dict[str, int] = {}  # role -> rows the source gave, before anything was dropped
+
+    # -- the contract -----------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def data_spec(self) -> DataSpec:
+        """What this data gives the task (``kind``, ``modality``, labels; subclasses add e.g. a vocabulary)."""
+        self.setup("fit")
+        return DataSpec(self.kind, self.modality, tuple(self.label_names), has_test="test" in self.datasets)
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The task's arguments that come from the data (``data_spec().task_kwargs()``)."""
+        self.setup("fit")
+        return self.data_spec().task_kwargs()
+
+    def has_split(self, role: str) -> bool:
+        self.setup("fit")
+        return role in self.datasets
+
+    # -- the bad-input policy ---------------------------------------------------------------------
+    def count(self, role: str, reason: str, n: int = 1) -> None:
+        self.counts.setdefault(role, Counter())[reason] += n
+
+    def reject(self, role: str, reason: str, rows: Sequence[Any], origin: str, what: str, fix: str) -> None:
+        """Bad rows found at setup: stop with one line (``error``) or count them (``skip``).
+
+        ``what`` says what is wrong with them ("have an empty label"), ``fix`` how to repair them.
+        """
+        if not rows:
+            return
+        if self.on_bad_input == "error":
+            first = ", ".join(str(r) for r in rows[:5])
+            raise DataError(f"{len(rows)} rows of {origin} ({role}) {what} (first rows: {first}); {fix}, "
+                            f"or set data.on_bad_input=skip to leave them out and count them")
+        self.count(role, reason, len(rows))
+        log.warning(f"{role}: skipped {len(rows)} rows of {origin} that {what} (first: {rows[0]}); counted in data_report.json")
+
+    # -- splits -----------------------------------------------------------------------------------
+    def carve(self, splits: dict[str, S], labels_of: Callable[[S], Sequence[Any] | None] | None) -> dict[str, S]:
+        """Seeded val/test splits out of train for those the source lacks (stratified when ``labels_of``
+        gives a split's labels, at random when it gives None), then the caps. ``splits`` maps role ->
+        anything with ``len`` and ``take``."""
+        train = splits["train"]
+        wanted = [r for r, f in (("val", self.val_fraction), ("test", self.test_fraction)) if r not in splits and f > 0]
+        if wanted:
+            fractions = [self.val_fraction if r == "val" else self.test_fraction for r in wanted]
+            parts = self._split_indices(train, labels_of, fractions)
+            if not parts[-1]:
+                raise DataError(f"carving {', '.join(wanted)} out of {len(train)} training examples leaves none to train on; "
+                                "add data or lower data.val_fraction / data.test_fraction")
+            for role, idx in zip(wanted, parts, strict=False):
+                splits[role] = train.take(idx)
+            splits["train"] = train.take(parts[-1])
+        caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
+        for role, cap in caps.items():
+            if cap and role in splits and len(splits[role]) > cap:
+                keep, _ = self._split_indices(splits[role], labels_of, [cap / len(splits[role])])
+                splits[role] = splits[role].take(keep)
+        return splits
+
+    def _split_indices(self, split: Sliceable, labels_of: Callable[[Any], Sequence[Any] | None] | None,
+                       fractions: Sequence[float]) -> list[list[int]]:
+        labels = labels_of(split) if labels_of is not None else None
+        if labels is not None:
+            return stratified_split([str(v) for v in labels], fractions, self.seed)
+        # unlabelled (speech, corpus): a seeded permutation, each part at least one example
+        order = np.random.default_rng(self.seed).permutation(len(split)).tolist()
+        parts, start = [], 0
+        for fraction in fractions:
+            n = max(1, round(fraction * len(split))) if fraction > 0 and len(split) > 1 else 0
+            parts.append(sorted(order[start : start + n]))
+            start += n
+        return [*parts, sorted(order[start:])]
+
+    # -- loaders ----------------------------------------------------------------------------------
+    def collate_for(self, role: str) -> Callable | None:
+        """The collate function of a split's loader (default: torch's)."""
+        return None
+
+    def batch_sampler_for(self, role: str, training: bool) -> Any:
+        """A batch sampler for the split (e.g. length-grouped), or None for plain batches."""
+        return None
+
+    def drop_last_for(self, role: str) -> bool:
+        return False
+
+    def loader(self, role: str) -> DataLoader:
+        """The loader of one split: training shuffles (seeded per epoch) and tags items with the epoch
+        when they are augmented; evaluation keeps the order."""
+        self.setup()
+        if role not in self.datasets:
+            raise ConfigError(f"the data has no {role} split; name one (data.{role}_split or data.data_files.{role}) "
+                              f"or carve it (data.{role}_fraction > 0)")
+        dataset, training = self.datasets[role], role == "train"
+        kwargs: dict[str, Any] = {"collate_fn": self.collate_for(role), "num_workers": self.num_workers,
+                                  "persistent_workers": self.num_workers > 0}
+        batch_sampler = self.batch_sampler_for(role, training)
+        if batch_sampler is not None:
+            kwargs["batch_sampler"] = batch_sampler
+        else:
+            kwargs["batch_size"] = self.batch_size if training else self.eval_batch_size
+            kwargs["drop_last"] = training and self.drop_last_for(role)
+            if training:
+                tagged = getattr(dataset, "tagged", True)
+                kwargs["sampler"] = (EpochTaggedSampler if tagged else EpochShuffleSampler)(len(dataset), self.seed)
+        return (EpochAwareLoader if training else DataLoader)(dataset, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_split("test"):
+            # never the validation set under the name "test": it picked the checkpoint
+            raise ConfigError("the data has no test split, and the validation set is not a test set (it picked the "
+                              "checkpoint); give a test file/split or carve one with data.test_fraction > 0")
+        return self.loader("test")
+
+    # -- the report written with the run ----------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """Sizes, rows parsed and what was dropped or changed, per split (``data_report.json``)."""
+        info: dict[str, Any] = {"sizes": {k: len(v) for k, v in self.datasets.items()},
+                                "counts": {k: dict(v) for k, v in self.counts.items() if v}}
+        if self.parsed_rows:
+            info["parsed_rows"] = dict(self.parsed_rows)
+        return info
+
+    def save_to(self, run_dir: str | Path) -> None:
+        """``data_report.json`` (and, for subclasses, what predictions need: labels, vocabulary)."""
+        self.setup("fit")
+        (Path(run_dir) / "data_report.json").write_text(json.dumps(self.report(), indent=2, default=str))
