@@ -29,6 +29,7 @@ class WeightEMA(pl.Callback):
         self.ema: ModelEmaV3 | None = None
         self._raw: dict[str, torch.Tensor] | None = None
         self._restored: dict[str, torch.Tensor] | None = None
+        self._updated_at = -1  # the optimizer step the average last took in
 
     @staticmethod
     def tracked(pl_module: pl.LightningModule) -> nn.ModuleDict:
@@ -44,8 +45,10 @@ class WeightEMA(pl.Callback):
             self._restored = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+        # once per optimizer step: with gradient accumulation, micro-batches that stepped nothing are skipped
+        if self.ema is not None and trainer.global_step != self._updated_at:
             self.ema.update(self.tracked(pl_module), step=trainer.global_step)
+            self._updated_at = trainer.global_step
 
     # -- validate on the EMA weights ---------------------------------------------------------------
     def swap_in(self, pl_module: pl.LightningModule) -> None:

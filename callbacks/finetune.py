@@ -10,7 +10,8 @@ Design:
     unfrozen later are averaged across processes here, before each optimizer step, so every rank
     keeps identical weights (the failure mode of Lightning issue #20340).
   * Newly unfrozen groups can get an explicit LR and a short linear warm-up of their own, applied on
-    top of the scheduler's value for that step and undone after it, so no scheduler state changes.
+    top of the scheduler's value for that step and undone right after the optimizer step (an optimizer
+    step post-hook), before Lightning steps the scheduler, so the schedule itself never changes.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class FinetuneSchedule(pl.Callback):
         self._ddp_managed: set[int] = set()
         self._frozen: list[str] = []
         self._scheduled_lrs: list[float] | None = None
+        self._factored_lrs: list[float] = []
+        self._hooked: set[int] = set()  # optimizers whose step post-hook undoes the per-group factors
         self._trainable_steps = 0.0
         self._steps = 0
 
@@ -182,7 +185,11 @@ class FinetuneSchedule(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         self._sync_late_unfrozen_grads(trainer, pl_module)
-        self._set_unfrozen_lrs(trainer, optimizer)
+        raw = getattr(optimizer, "optimizer", optimizer)  # Lightning may hand a LightningOptimizer
+        if id(raw) not in self._hooked:
+            raw.register_step_post_hook(lambda opt, args, kwargs: self._restore_lrs(opt))
+            self._hooked.add(id(raw))
+        self._set_unfrozen_lrs(trainer, raw)
         self._steps += 1
         total = sum(p.numel() for p in pl_module.parameters())
         self._trainable_steps += sum(p.numel() for p in pl_module.parameters() if p.requires_grad) / total
@@ -193,8 +200,18 @@ class FinetuneSchedule(pl.Callback):
                           batch_size=1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._scheduled_lrs is not None:  # undo the per-group factors: the scheduler owns the LRs
-            for group, lr in zip(trainer.optimizers[0].param_groups, self._scheduled_lrs, strict=True):
+        # an optimizer step that was skipped (AMP found inf gradients) never ran the post-hook: undo the
+        # factors on groups the scheduler did not set anew since
+        if self._scheduled_lrs is not None:
+            for group, lr, factored in zip(trainer.optimizers[0].param_groups, self._scheduled_lrs, self._factored_lrs, strict=True):
+                if group["lr"] == factored:
+                    group["lr"] = lr
+            self._scheduled_lrs = None
+
+    def _restore_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        """Undo the per-group factors right after the optimizer step: the scheduler owns the LRs."""
+        if self._scheduled_lrs is not None:
+            for group, lr in zip(optimizer.param_groups, self._scheduled_lrs, strict=True):
                 group["lr"] = lr
             self._scheduled_lrs = None
 
@@ -253,6 +270,7 @@ class FinetuneSchedule(pl.Callback):
             if self.unfreeze_warmup:
                 factor *= min(1.0, (trainer.global_step - start + 1) / self.unfreeze_warmup)
             g["lr"] = g["lr"] * factor
+        self._factored_lrs = [g["lr"] for g in groups]
 
 
 def owner_of(model: torch.nn.Module, param_name: str) -> torch.nn.Module:

@@ -52,6 +52,11 @@ class WiseFT(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # setup runs before a checkpoint is restored: these are the weights the run was built with,
         # also when resuming (train.py seeds before building, so a from-scratch init repeats too)
+        if stage == "fit" and trainer.world_size > 1:
+            # the α sweep validates in one process with a Trainer of its own: beside a live process group it
+            # would hang in the metrics' sync (or talk across ranks), so it is refused rather than risked
+            raise ConfigError(f"callbacks=wise_ft runs its α sweep in a single process, not under {trainer.world_size}-process "
+                              "training; train with one device (trainer=cpu or trainer=gpu), or drop callbacks.wise_ft")
         if stage == "fit" and self.pretrained is None:
             if not hasattr(pl_module, "backbone"):
                 raise ConfigError("callbacks.wise_ft needs a task with a backbone (a modules.TaskModule)")
@@ -92,9 +97,5 @@ class WiseFT(pl.Callback):
         assert self.best is not None and self.pretrained is not None
         pl_module.backbone.load_state_dict(interpolate_states(self.pretrained, backbone_state(tuned), self.best["alpha"]))
         torch.save({"alpha": self.best["alpha"], "state_dict": snapshot(pl_module)}, folder / "best_alpha.pt")
-        model = getattr(pl_module.backbone, "model", None)
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(folder / "best_backbone")
-            processor = getattr(pl_module.backbone, "processor", None)
-            if hasattr(processor, "save_pretrained"):
-                processor.save_pretrained(folder / "best_backbone")
+        if getattr(pl_module.backbone, "exportable", False):
+            pl_module.backbone.save_pretrained(folder / "best_backbone")

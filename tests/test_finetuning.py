@@ -93,6 +93,38 @@ def test_unfrozen_groups_get_their_own_lr_and_warmup(tmp_path: Path, cache_dir: 
         assert lr[t]["block_1"] == pytest.approx(1e-5 * min(1.0, (t - 2 + 1) / 4)), t
 
 
+def test_unfreeze_warmup_rides_on_a_decaying_schedule(tmp_path: Path, cache_dir: Path) -> None:
+    """The hard case: gradual unfreezing by step with a warm-up per unfrozen group under a *linear decay*.
+    Every group's LR follows the schedule at every step, with the warm-up factor on top while it lasts
+    (the schedule must not freeze at its value of the first unfreezing)."""
+    total = 12
+    state = tiny_run(tmp_path, cache_dir, "finetune=gradual", "finetune.unit=step", "finetune.every=3",
+                     "finetune.unfreeze_warmup=2", "scheduler=linear", "scheduler.warmup=0", "optimizer.lr=1e-3",
+                     f"trainer.max_steps={total}")
+    unfrozen_at = {"block_2": 3, "block_1": 6, "block_0": 9}
+    assert [s["step"] for s in state["steps"]] == list(range(total))
+    for s in state["steps"]:
+        t, decay = s["step"], 1 - s["step"] / total
+        assert s["lr"]["head"] == pytest.approx(1e-3 * decay, rel=1e-9), t
+        for group, start in unfrozen_at.items():
+            assert (group in s["trainable"]) == (t >= start), (t, group)
+            warm = min(1.0, (t - start + 1) / 2) if t >= start else 1.0
+            assert s["lr"][group] == pytest.approx(1e-3 * decay * warm, rel=1e-9), (t, group)
+
+
+def test_parameters_outside_every_layer_group_are_refused(tmp_path: Path, cache_dir: Path) -> None:
+    from torch import nn
+
+    from train import build
+
+    cfg = compose_config(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=1"], cache_dir)
+    backbone = build(cfg.backbone)
+    backbone.adapter = nn.Linear(4, 4)  # a third-party adapter its layer_groups() forgot
+    task = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), num_classes=5)
+    with pytest.raises(ConfigError, match=r"2 parameters are in no layer group.*first: backbone.adapter.weight"):
+        task.configure_optimizers()
+
+
 def test_accumulation_and_clipping_are_plain_overrides(tmp_path: Path, cache_dir: Path) -> None:
     """Total steps for the schedule come from the trainer: accumulation halves them."""
     state = tiny_run(tmp_path, cache_dir, "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5",
