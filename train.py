@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import numbers
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,16 +25,8 @@ from rich.table import Table
 
 log = logging.getLogger("tunelab")
 
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
-
-
-def redact(config: Any) -> Any:
-    """A plain copy of ``config`` with values of secret-looking keys replaced."""
-    if isinstance(config, Mapping):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()}
-    if isinstance(config, list):
-        return [redact(v) for v in config]
-    return config
+# runs whose weights are meaningless by design (one batch; a few memorised batches)
+SMOKE_TRAINER_KEYS = ("fast_dev_run", "overfit_batches")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -63,7 +55,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
     import torch
 
+    from callbacks.secrets import redact
+
     started = time.time()
+    check_config(cfg)
+    task_cls = check_task_and_data(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,12 +68,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
     check_requirements(cfg.get("requires"))
-    exports = export_targets(cfg.export_backbone) if cfg.get("export_backbone") else []  # malformed: fail now, not after training
+    exports = export_targets(cfg.export_backbone, run_dir, smoke_run(cfg)) if cfg.get("export_backbone") else []
     backbone = build(cfg.backbone)
+    check_backbone(cfg, backbone, task_cls, exports)
     datamodule = build(cfg.data, processor=backbone.processor)
-    task_kwargs = datamodule.task_kwargs()
+    spec = datamodule.data_spec()
     scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
-    model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler, **task_kwargs)
+    model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler, **spec.task_kwargs())
+    check_monitor(cfg, model)
 
     # the freezing schedule goes first, so reports see its changes at the same step
     callbacks = ([build(cfg.finetune)] if cfg.get("finetune") else []) + build_each(cfg.get("callbacks"))
@@ -96,17 +94,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best_score = getattr(trainer.checkpoint_callback, "best_model_score", None)
     if best_score is not None:
         metrics[f"best/{cfg.monitor}"] = float(best_score)
-    if cfg.get("test_after_fit"):
+    tested = False
+    if cfg.get("test_after_fit") and not spec.has_test:
+        log.warning("the data has no test split: no test/* metrics (the validation set picked the checkpoint, so it is "
+                    "no test set); give a test file/split or set data.test_fraction > 0")
+    elif cfg.get("test_after_fit"):
         if best is None:
             log.warning("no best checkpoint (fast_dev_run, or no monitored metric): testing the final weights")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+        tested = True
     if exports:
-        if best and not cfg.get("test_after_fit"):  # testing already loaded the best weights
+        if best and not tested:  # testing already loaded the best weights
+            # our own checkpoint, written by this run: a full unpickle is safe
             model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         if trainer.is_global_zero:
             for target in exports:
-                folder = model.backbone.save_pretrained(run_dir / Path(target).expanduser())
+                folder = model.backbone.save_pretrained(target)
                 log.info(f"saved the {'best' if best else 'final'} backbone to {folder}; use it with backbone.name_or_path={folder}")
     metrics["time/total_s"] = time.time() - started
 
@@ -117,6 +121,114 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if type(logger).__name__ == "WandbLogger":  # flush and close, so sweeps start a fresh run
             logger.experiment.finish()
     return metrics
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Types and ranges of the values people change most, checked before anything heavy starts."""
+    from modules.errors import ConfigError
+
+    def number(key: str, low: float | None = None, integer: bool = False, allow: tuple = (), low_open: bool = False) -> None:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or value in allow:
+            return
+        kind = "a whole number" if integer else "a number"
+        ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if not ok:
+            bound = "" if low is None else f" {'>' if low_open else '>='} {low}"
+            extra = f" (or {', '.join(map(str, allow))})" if allow else ""
+            raise ConfigError(f"{key}={value!r} must be {kind}{bound}{extra}")
+
+    number("trainer.max_epochs", 1, integer=True, allow=(-1,))
+    number("trainer.max_steps", 1, integer=True, allow=(-1,))
+    number("trainer.accumulate_grad_batches", 1, integer=True)
+    number("trainer.gradient_clip_val", 0)
+    number("trainer.log_every_n_steps", 1, integer=True)
+    number("optimizer.lr", 0, low_open=True)
+    number("optimizer.weight_decay", 0)
+    number("seed", 0, integer=True)
+    for key in ("data.batch_size", "data.eval_batch_size"):
+        number(key, 1, integer=True)
+    endless = OmegaConf.select(cfg, "trainer.max_epochs") == -1 and OmegaConf.select(cfg, "trainer.max_steps") in (-1, None)
+    if endless and cfg.get("scheduler"):
+        raise ConfigError("trainer.max_epochs=-1 with no trainer.max_steps trains without end, but scheduler="
+                          f"{cfg.scheduler.get('_target_', '?').rsplit('.', 1)[-1]} needs the run's length; set "
+                          "trainer.max_steps, a positive trainer.max_epochs, or scheduler=null")
+
+
+def config_choice(group: str) -> str:
+    """The option picked for a config group (``data=bbc_news`` -> ``bbc_news``), for messages."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return str(HydraConfig.get().runtime.choices.get(group) or "?")
+    except ValueError:  # no Hydra context (a config built by hand)
+        return "?"
+
+
+def data_class_attr(node: DictConfig, attr: str) -> Any:
+    """A class attribute of the datamodule ``node`` builds (joint data: its target dataset's)."""
+    cls = hydra.utils.get_class(node._target_)
+    value = getattr(cls, attr, None)
+    if not isinstance(value, str) and node.get("datasets") and node.get("target") in node.datasets:
+        return data_class_attr(node.datasets[node.target], attr)
+    return value
+
+
+def check_task_and_data(cfg: DictConfig) -> type:
+    """The task class, after checking it trains on this data; fills in the task's default ``monitor``."""
+    from modules.errors import ConfigError
+
+    try:
+        task_cls = hydra.utils.get_class(cfg.task._target_)
+        data_kind = data_class_attr(cfg.data, "kind") if cfg.data.get("_target_") else None
+    except Exception as err:  # noqa: BLE001 - a misspelt _target_: Hydra's message is long
+        raise ConfigError(f"cannot import a class named in the config ({str(err).splitlines()[0]})") from None
+    wants = getattr(task_cls, "data_kind", "")
+    if data_kind and wants and data_kind != wants:
+        raise ConfigError(f"task={config_choice('task')} trains on {wants} data, but data={config_choice('data')} is "
+                          f"{data_kind} data; pick matching groups (e.g. the presets in configs/experiment/)")
+    default_name, default_mode = getattr(task_cls, "default_monitor", ("val/loss", "min"))
+    with open_dict(cfg):
+        if cfg.get("monitor") is None:
+            cfg.monitor, cfg.monitor_mode = default_name, cfg.get("monitor_mode") or default_mode
+        elif cfg.get("monitor_mode") is None:
+            lower = ("loss", "wer", "cer", "perplexity", "error")
+            cfg.monitor_mode = "min" if any(str(cfg.monitor).endswith(w) for w in lower) else "max"
+    if cfg.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"monitor_mode={cfg.monitor_mode!r} must be min or max")
+    return task_cls
+
+
+def check_backbone(cfg: DictConfig, backbone: Any, task_cls: type, exports: list[Path]) -> None:
+    """The backbone reads the data's modality, and can be exported when ``export_backbone`` asks for it."""
+    from modules.errors import ConfigError
+
+    wanted = data_class_attr(cfg.data, "modality") if cfg.data.get("_target_") else None
+    have = getattr(backbone, "modality", "")
+    if wanted and have and wanted != have:
+        raise ConfigError(f"data={config_choice('data')} is {wanted} data, but backbone={config_choice('backbone')} reads "
+                          f"{have}; pick a {wanted} backbone (see `python train.py --help`, group backbone)")
+    if exports and not getattr(backbone, "exportable", False):
+        raise ConfigError(f"export_backbone is set, but backbone={config_choice('backbone')} ({type(backbone).__name__}) "
+                          "cannot be saved in the Hugging Face format; set export_backbone=null and use the run's checkpoints")
+
+
+def check_monitor(cfg: DictConfig, model: Any) -> None:
+    """``monitor`` names a metric the task logs (checked now, not after the first epoch)."""
+    from modules.errors import ConfigError
+
+    names = model.monitorable() if hasattr(model, "monitorable") else None
+    monitor = str(cfg.monitor)
+    if names and monitor.startswith(("val/", "train/")) and monitor not in names:
+        raise ConfigError(f"monitor={monitor!r} is not a metric this task logs; choose one of: {', '.join(names)}")
+
+
+def smoke_run(cfg: DictConfig) -> bool:
+    """A smoke run (``debug=fast_dev_run``, ``debug=overfit``): its weights must not replace real artifacts."""
+    trainer = cfg.get("trainer") or {}
+    return any(trainer.get(k) not in (None, False, 0) for k in SMOKE_TRAINER_KEYS)
 
 
 def cpu_safe_sync_batchnorm(cfg: DictConfig) -> None:
@@ -135,14 +247,24 @@ def cpu_safe_sync_batchnorm(cfg: DictConfig) -> None:
             cfg.trainer.sync_batchnorm = False
 
 
-def export_targets(export: Any) -> list[str]:
-    """``export_backbone``: one folder or a list of them (e.g. the run folder and a stable path a later preset reads)."""
+def export_targets(export: Any, run_dir: Path, smoke: bool = False) -> list[Path]:
+    """``export_backbone``: one folder or a list (relative to the run folder, or absolute).
+
+    A smoke run (``debug=fast_dev_run`` and friends) exports only inside its own run folder: one
+    batch of training must never overwrite an encoder that a later preset reads.
+    """
     from modules.errors import ConfigError
 
     targets = [export] if isinstance(export, str) else list(export) if isinstance(export, Sequence) else None
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"export_backbone={export!r} must be a folder or a list of folders (or null to export nothing)")
-    return targets
+    folders = [(run_dir / Path(t).expanduser()).resolve() for t in targets]
+    if smoke:
+        outside = [f for f in folders if not f.is_relative_to(run_dir.resolve())]
+        if outside:
+            log.warning(f"smoke run (fast_dev_run / overfit_batches): not exporting to {', '.join(map(str, outside))}")
+        folders = [f for f in folders if f not in outside]
+    return folders
 
 
 def check_requirements(requires: Any) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
@@ -29,15 +26,14 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 
 class Classifier(TaskModule):
     """Pooled backbone features -> linear head; cross-entropy; ``acc``, ``f1_macro`` (and ``acc_top5``
-    above 5 classes) per stage. At test end the confusion matrix goes to ``<run>/<report_dir>/``
-    (``confusion_matrix.csv`` + ``.png``).
+    above 5 classes) per stage, and the test confusion matrix (``confusion``), which the
+    ``ConfusionMatrixReport`` callback writes to the run folder.
 
     Args:
         num_classes: number of labels (filled in from the data by ``train.py``).
         label_names: label id -> name, kept in the checkpoint for prediction.
         dropout: dropout before the head.
         label_smoothing: cross-entropy label smoothing.
-        report_dir: folder under the trainer's ``default_root_dir`` for the confusion matrix.
     """
 
     def __init__(
@@ -47,7 +43,6 @@ class Classifier(TaskModule):
         label_names: Sequence[str] | None = None,
         dropout: float = 0.1,
         label_smoothing: float = 0.0,
-        report_dir: str = "reports",
         **task_kwargs: Any,
     ) -> None:
         super().__init__(backbone, **task_kwargs)
@@ -57,13 +52,18 @@ class Classifier(TaskModule):
         self.num_classes = num_classes
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
         self.label_smoothing = label_smoothing
-        self.report_dir = report_dir
         self.head = ClassificationHead(backbone.feature_dim, num_classes, dropout)
         metrics = classification_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    data_kind = "classification"
+    default_monitor = ("val/acc", "max")
+
+    def metric_names(self) -> list[str]:
+        return ["loss", *self.val_metrics.keys(keep_base=True)]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits, (batch, num_classes)."""
@@ -91,21 +91,6 @@ class Classifier(TaskModule):
     def on_test_epoch_start(self) -> None:
         self.confusion.reset()
 
-    def on_test_epoch_end(self) -> None:
-        matrix = self.confusion.compute().cpu()  # every rank takes part in the sync
-        self.write_confusion(matrix)
-
-    @rank_zero_only
-    def write_confusion(self, matrix: torch.Tensor) -> None:
-        out = Path(self.trainer.default_root_dir) / self.report_dir
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "confusion_matrix.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["true \\ predicted", *self.label_names])
-            for name, row in zip(self.label_names, matrix.tolist(), strict=True):
-                writer.writerow([name, *row])
-        plot_confusion(matrix, self.label_names, out / "confusion_matrix.png")
-
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
         return [self.label_names[i] for i in self(batch).argmax(-1).tolist()]
 
@@ -115,33 +100,3 @@ class TextClassifier(Classifier):
 
     Batches come from ``datamodules.TextDataModule``: ``input_ids``, ``attention_mask``, ``labels``.
     """
-
-
-def plot_confusion(matrix: torch.Tensor, label_names: Sequence[str], path: Path) -> None:
-    """Row-normalised confusion matrix (recall per true class) with counts, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = matrix.numpy()
-    rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
-    n = len(label_names)
-    size = min(4 + 0.45 * n, 24)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        ticks = range(n)
-        ax.set_xticks(ticks, [str(x)[:14] for x in label_names], rotation=60, ha="right")
-        ax.set_yticks(ticks, [str(x)[:14] for x in label_names])
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"Test confusion matrix ({int(counts.sum())} examples, accuracy {counts.trace() / max(1, counts.sum()):.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

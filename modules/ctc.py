@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
@@ -37,8 +35,8 @@ class CTCRecognizer(TaskModule):
         vocab: the character tokens (``<pad>`` = blank, ``<unk>``, ``|``, ...), filled in from the
             data by ``train.py`` and kept in the checkpoint's hyperparameters.
         dropout: dropout before the head.
-        num_samples: sample predictions shown per validation (logged, and written to
-            ``<run>/predictions/val.txt``).
+        num_samples: sample (reference, prediction) pairs kept per validation (``val_samples``; the
+            ``PredictionSamples`` callback writes them to ``<run>/predictions/val.txt`` and the loggers).
     """
 
     def __init__(
@@ -58,7 +56,13 @@ class CTCRecognizer(TaskModule):
         self.num_samples = num_samples
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_metrics", nn.ModuleDict({"wer": WordErrorRate(), "cer": CharErrorRate()}))
-        self._samples: list[tuple[str, str]] = []
+        self.val_samples: list[tuple[str, str]] = []
+
+    data_kind = "ctc"
+    default_monitor = ("val/wer", "min")
+
+    def metric_names(self) -> list[str]:
+        return ["loss", "wer", "cer"]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (batch, frames, vocab) and the number of real frames per example."""
@@ -82,35 +86,21 @@ class CTCRecognizer(TaskModule):
                           reduction="mean", zero_infinity=True)
         size = len(labels)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=size)
+        # clips that failed to decode in a loader worker (data.on_bad_input=skip), summed over the epoch
+        self.log(f"{stage}/skipped_audio", float(batch.get("skipped_audio", 0)), on_step=False, on_epoch=True,
+                 reduce_fx="sum", batch_size=1)
         if stage != "train" or self.global_step % 10 == 0:  # decoding every train step costs time for little
             predictions = self.decode(log_probs.detach(), frames)
             references = list(batch["texts"])
             for name, metric in getattr(self, f"{stage}_metrics").items():
                 metric.update(predictions, references)
                 self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=size)
-            if stage == "val" and len(self._samples) < self.num_samples:
-                self._samples += list(zip(references, predictions, strict=True))[: self.num_samples - len(self._samples)]
+            if stage == "val" and len(self.val_samples) < self.num_samples:
+                self.val_samples += list(zip(references, predictions, strict=True))[: self.num_samples - len(self.val_samples)]
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._samples = []
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._samples or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        rows = [[ref, hyp, "ok" if ref == hyp else "x"] for ref, hyp in self._samples]
-        header = f"epoch {self.current_epoch} step {self.global_step}"
-        text = "\n".join([header] + [f"  ref: {r}\n  hyp: {h}  [{m}]" for r, h, m in rows])
-        out = Path(self.trainer.default_root_dir) / "predictions"
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "val.txt", "a") as f:
-            f.write(text + "\n\n")
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table("val/samples", columns=["reference", "prediction", "match"], data=rows)
-            elif isinstance(logger, TensorBoardLogger):
-                table = "| reference | prediction |\n|---|---|\n" + "\n".join(f"| {r} | {h} |" for r, h, _ in rows)
-                logger.experiment.add_text("val/samples", table, self.global_step)
+        self.val_samples = []
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         return self.decode(*self(batch))

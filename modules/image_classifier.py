@@ -14,7 +14,7 @@ class ImageClassifier(Classifier):
 
     Batches come from ``datamodules.VisionDataModule``: ``pixel_values`` and ``labels``; labels are
     soft targets (batch, num_classes) when mixup/cutmix is on, and the loss is then soft-target
-    cross-entropy. At test end the confusion matrix is written to ``<run>/reports/`` (PNG + CSV).
+    cross-entropy.
     """
 
     def __init__(
@@ -24,7 +24,6 @@ class ImageClassifier(Classifier):
         label_names: Sequence[str] | None = None,
         dropout: float = 0.0,
         label_smoothing: float = 0.0,
-        report_dir: str = "reports",
         **task_kwargs: Any,
     ) -> None:
-        super().__init__(backbone, num_classes, label_names, dropout, label_smoothing, report_dir, **task_kwargs)
+        super().__init__(backbone, num_classes, label_names, dropout, label_smoothing, **task_kwargs)

@@ -63,6 +63,12 @@ class MaskedLM(TaskModule):
         self.head = MaskedLMHead(backbone.feature_dim, vocab_size, eps)
         self.train_perplexity, self.val_perplexity, self.test_perplexity = ExpMeanMetric(), ExpMeanMetric(), ExpMeanMetric()
 
+    data_kind = "mlm"
+    default_monitor = ("val/loss", "min")
+
+    def metric_names(self) -> list[str]:
+        return ["loss", "perplexity", "acc"]
+
     @property
     def embeddings(self) -> torch.Tensor:
         return self.backbone.model.get_input_embeddings().weight

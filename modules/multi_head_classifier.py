@@ -61,6 +61,13 @@ class MultiHeadClassifier(Classifier):
             for stage in STAGES:
                 self.source_metrics[f"{stage}_{name}"] = classification_metrics(len(labels)).clone(prefix=f"{stage}/{name}/")
 
+    data_kind = "joint_classification"
+
+    def metric_names(self) -> list[str]:
+        sources = [f"{name}/{m}" for name in self.head_label_names if name != self.target
+                   for m in ("loss", *classification_metrics(len(self.head_label_names[name])).keys())]
+        return [*super().metric_names(), *sources]
+
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
         ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)

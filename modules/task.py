@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from modules.backbones.base import Backbone, LayerGroup
+from modules.errors import ConfigError
 from modules.optim import param_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -23,6 +24,11 @@ class TaskModule(pl.LightningModule):
     metrics). The optimizer and scheduler are ``_partial_`` factories from ``configs/``: the task
     completes them with its layer-group parameter groups and the run's total step count.
 
+    Each task declares the data it trains on (``data_kind``, matched against the datamodule's
+    ``DataSpec``), the metric that picks its best checkpoint by default (``default_monitor``:
+    name and mode) and the metrics it logs per stage (``metric_names``), so a wrong ``monitor``
+    fails at start-up instead of after an epoch.
+
     Args:
         backbone: a backbone adapter (``modules.backbones``).
         optimizer: ``partial(torch.optim.X, lr=..., weight_decay=...)``.
@@ -30,6 +36,9 @@ class TaskModule(pl.LightningModule):
         lr_decay: layer-wise LR decay; group k steps below the top gets ``lr * lr_decay**k``.
         head_lr_scale: the head's LR relative to the top backbone group.
     """
+
+    data_kind: ClassVar[str] = ""
+    default_monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")
 
     def __init__(
         self,
@@ -54,6 +63,15 @@ class TaskModule(pl.LightningModule):
         ]
         return [*backbone, LayerGroup("head", {f"head.{n}": p for n, p in self.head.named_parameters()})]
 
+    def metric_names(self) -> list[str]:
+        """What ``step`` logs per stage, without the stage prefix (``loss``, ``acc``, ...)."""
+        return ["loss"]
+
+    def monitorable(self) -> list[str]:
+        """Epoch-level metric names a ``monitor`` can name: ``val/<metric>`` and ``train/<metric>``."""
+        names = [f"{stage}/{m}" for stage in ("val", "train") for m in self.metric_names()]
+        return [*names, "train/loss_epoch"]
+
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -68,8 +86,15 @@ class TaskModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         defaults = getattr(self.optimizer_factory, "keywords", {})
+        layer_groups = self.layer_groups()
+        grouped = {id(p) for g in layer_groups for p in g.params.values()}
+        outside = [n for n, p in self.named_parameters() if id(p) not in grouped]
+        if outside:  # they would never be trained, without a word
+            raise ConfigError(f"{len(outside)} parameters are in no layer group, so the optimizer would never train them "
+                              f"(first: {', '.join(outside[:3])}); the backbone adapter's layer_groups() must cover every "
+                              "parameter of the model")
         groups = param_groups(
-            self.layer_groups(),
+            layer_groups,
             lr=defaults.get("lr", 1e-3),
             weight_decay=defaults.get("weight_decay", 0.0),
             lr_decay=self.lr_decay,

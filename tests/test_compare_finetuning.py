@@ -13,7 +13,7 @@ from tests.conftest import ROOT, TINY_SCRATCH
 
 def test_multirun_writes_the_comparison_table(tmp_path: Path, cache_dir: Path) -> None:
     tiny = [o for o in TINY_SCRATCH if not o.startswith("+callbacks.probe")]
-    args = ["--multirun", "experiment=compare_finetuning", "finetune=linear_probe,gradual", *tiny,
+    args = ["--multirun", "comparison=finetune_strategies", "finetune=linear_probe,gradual", *tiny,
             "finetune.every=2", "trainer.max_steps=5", "trainer.max_epochs=10", "callbacks.early_stopping=null",
             f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}"]
     out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -14,6 +14,8 @@ from tests.conftest import CONFIG_DIR, compose_config, run_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
+# a comparison is a multirun over one choice; without --multirun it runs its first job, on the experiment it names
+COMPARISONS = {"finetune_strategies": None, "joint_vs_target": "joint_fashion_digits"}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -29,8 +31,34 @@ def test_experiment_preset_runs(experiment: str, tmp_path: Path, cache_dir: Path
             run_train(tmp_path, overrides, cache_dir)
         return
     metrics = run_train(tmp_path, overrides, cache_dir)
-    assert any(k.startswith("test/") for k in metrics), metrics
+    # test metrics exactly when the data has a test split (the MLM corpus has none: never val relabelled)
+    assert any(k.startswith("test/") for k in metrics) == has_test_split(tmp_path), metrics
     assert (tmp_path / "config.yaml").exists()
+
+
+def has_test_split(run_dir: Path) -> bool:
+    """From the run's data report (joint data: the target dataset's)."""
+    import json
+
+    labels = run_dir / "labels.json"
+    target = json.loads(labels.read_text()).get("target") if labels.exists() else None
+    report = run_dir / ("datasets/" + target if target else "") / "data_report.json"
+    return "test" in json.loads(report.read_text())["sizes"]
+
+
+def test_every_comparison_is_listed() -> None:
+    assert sorted(COMPARISONS) == sorted(p.stem for p in (CONFIG_DIR / "comparison").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("comparison", sorted(COMPARISONS))
+def test_comparison_preset_runs(comparison: str, tmp_path: Path, cache_dir: Path) -> None:
+    experiment = COMPARISONS[comparison]
+    overrides = [f"comparison={comparison}", "debug=fast_dev_run", "trainer.enable_progress_bar=false",
+                 *([f"experiment={experiment}"] if experiment else [])]
+    cfg = compose_config(tmp_path, overrides, cache_dir)
+    assert cfg.run_name.startswith("compare_")
+    metrics = run_train(tmp_path, overrides, cache_dir)
+    assert any(k.startswith("test/") for k in metrics), metrics
 
 
 @pytest.mark.parametrize("debug", DEBUGS)
@@ -44,3 +72,18 @@ def test_limit_batches_preset_runs_real_loop(tmp_path: Path, cache_dir: Path) ->
     metrics = run_train(tmp_path, ["debug=limit_batches", "data.max_length=32", "trainer.enable_progress_bar=false"], cache_dir)
     assert "test/acc" in metrics
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_the_config_tree_ships_in_the_wheel(tmp_path: Path) -> None:
+    """A non-editable install finds configs/ beside train.py: every YAML file is in the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                          str(CONFIG_DIR.parent)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("tunelab-*.whl"))).namelist())
+    wanted = {str(p.relative_to(CONFIG_DIR.parent)) for p in CONFIG_DIR.rglob("*.yaml")}
+    assert wanted and wanted <= names, sorted(wanted - names)[:5]
+    assert "train.py" in names

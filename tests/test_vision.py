@@ -201,13 +201,13 @@ def test_corrupt_and_truncated_images_error_or_are_skipped(tmp_path: Path) -> No
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     big.save(root / "dog" / "5.png")
     (root / "dog" / "5.png").write_bytes((root / "dog" / "5.png").read_bytes()[:300])  # truncated
-    with pytest.raises(DataError, match=r"cannot read image .*cat/3\.png.*on_bad_image=skip"):
+    with pytest.raises(DataError, match=r"cannot read image .*cat/3\.png.*on_bad_input=skip"):
         VisionDataModule(source=str(root), processor=SMALL, val_fraction=0.0, test_fraction=0.0).setup()
     (root / "cat" / "3.png").unlink()
     with pytest.raises(DataError, match=r"dog/5\.png"):
         VisionDataModule(source=str(root), processor=SMALL, val_fraction=0.0, test_fraction=0.0).setup()
     (root / "cat" / "9.png").write_bytes(b"\x89PNG garbage")
-    data = VisionDataModule(source=str(root), processor=SMALL, on_bad_image="skip", val_fraction=0.0, test_fraction=0.0)
+    data = VisionDataModule(source=str(root), processor=SMALL, on_bad_input="skip", val_fraction=0.0, test_fraction=0.0)
     data.setup()
     assert len(data.datasets["train"]) == 14
     assert sorted(Path(p).name for p in data.skipped["train"]) == ["5.png", "9.png"]
@@ -338,3 +338,38 @@ def test_layer_wise_lr_decay_and_frozen_groups_on_a_timm_backbone() -> None:
     optimizer.step()
     assert all(torch.equal(p, before[n]) for n, p in stem.params.items())
     assert not torch.equal(task.head.linear.weight.grad, torch.zeros_like(task.head.linear.weight))
+
+
+def test_ema_updates_once_per_optimizer_step_under_accumulation() -> None:
+    """With gradient accumulation, micro-batches that stepped nothing do not decay the average again."""
+    from types import SimpleNamespace
+
+    from timm.utils import ModelEmaV3
+
+    from callbacks.ema import WeightEMA
+
+    class Task(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3, 2)
+
+    task = Task()
+    ema = WeightEMA(decay=0.5, warmup=False)
+    ema.on_fit_start(SimpleNamespace(), task)
+    reference = ModelEmaV3(WeightEMA.tracked(task), decay=0.5)
+    for micro_batch, step in enumerate([0, 0, 1, 1, 2, 2]):  # accumulate_grad_batches=2: one step per 2 micro-batches
+        with torch.no_grad():
+            task.head.weight.add_(1.0)
+        ema.on_train_batch_end(SimpleNamespace(global_step=step), task, None, None, micro_batch)
+        if micro_batch % 2 == 0:
+            reference.update(WeightEMA.tracked(task), step=step)
+    assert torch.equal(ema.ema.module.state_dict()["head.weight"], reference.module.state_dict()["head.weight"])
+
+
+def test_wise_ft_refuses_multi_process_training() -> None:
+    from types import SimpleNamespace
+
+    from callbacks import WiseFT
+
+    with pytest.raises(ConfigError, match="callbacks=wise_ft runs its α sweep in a single process"):
+        WiseFT().setup(SimpleNamespace(world_size=2), torch.nn.Module(), "fit")

@@ -7,6 +7,7 @@ from modules.backbones.base import (
     LayerGroup,
     build_backbone,
     check_layer_groups,
+    export_checkpoint,
     register_backbone,
 )
 from modules.backbones.hf_audio import HFAudioBackbone
@@ -23,5 +24,6 @@ __all__ = [
     "TimmBackbone",
     "build_backbone",
     "check_layer_groups",
+    "export_checkpoint",
     "register_backbone",
 ]

@@ -64,6 +64,12 @@ class Backbone(nn.Module):
 
     feature_dim: int
     processor: Any = None
+    modality: str = ""  # what it reads: text, image or audio (matched against the data's)
+
+    @property
+    def exportable(self) -> bool:
+        """Whether ``save_pretrained`` can write it in the Hugging Face format."""
+        return hasattr(getattr(self, "model", None), "save_pretrained")
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> BackboneOutput:  # pragma: no cover
         raise NotImplementedError
@@ -73,10 +79,10 @@ class Backbone(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the wrapped model and its processor in the Hugging Face format (a ``name_or_path`` for later runs)."""
-        model = getattr(self, "model", None)
-        if not hasattr(model, "save_pretrained"):
+        if not self.exportable:
             raise ConfigError(f"{type(self).__name__} cannot be saved in the Hugging Face format; "
                               "leave export_backbone=null and use the run's checkpoints")
+        model = self.model
         out = Path(directory).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
@@ -178,3 +184,34 @@ def build_backbone(kind: str, **kwargs: Any) -> Backbone:
     if kind not in BACKBONES:
         raise ConfigError(f"backbone.kind={kind!r} is unknown; available: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[kind](**kwargs)
+
+
+def load_checkpoint_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, loaded with ``weights_only`` where the file allows it."""
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - older checkpoints pickle more than tensors and plain types
+        # only for checkpoints of tunelab runs (callers check the run folder): our own format
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return ckpt["state_dict"]
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Save the backbone of a tunelab run's checkpoint as a Hugging Face model folder (any exportable kind).
+
+    The backbone is rebuilt from the run's ``config.yaml`` (next to ``checkpoints/``), given the
+    checkpoint's ``backbone.*`` weights, and written by ``Backbone.save_pretrained`` - the one export
+    path that ``export_backbone`` and WiSE-FT use too.
+    """
+    from omegaconf import OmegaConf
+
+    ckpt = Path(checkpoint).expanduser()
+    config_path = ckpt.parent.parent / "config.yaml"
+    if not ckpt.is_file() or not config_path.is_file():
+        raise ConfigError(f"{ckpt} is not a checkpoint inside a tunelab run folder (needs {config_path})")
+    node = OmegaConf.to_container(OmegaConf.load(config_path).backbone, resolve=True)
+    node.pop("_target_", None)
+    backbone = build_backbone(**node)
+    state = load_checkpoint_state(ckpt)
+    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
+    return backbone.save_pretrained(out_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +75,8 @@ class HFAudioBackbone(Backbone):
             training from scratch; fine-tuning schedules keep it frozen unless finetune.respect_frozen=false).
         sampling_rate: the rate of a feature extractor built for a from-scratch model.
     """
+
+    modality = "audio"
 
     def __init__(
         self,
@@ -175,38 +176,3 @@ class HFAudioBackbone(Backbone):
             else:  # adapters, heads of exotic variants: after the transformer
                 final.params[full] = param
         return [g for g in (encoder, projection, *blocks, final) if g.params]
-
-
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Save the audio backbone of a tunelab run's checkpoint as a Hugging Face model folder.
-
-    The backbone is rebuilt from the run's ``config.yaml`` (next to ``checkpoints/``), then given
-    the checkpoint's ``backbone.*`` weights.
-    """
-    from omegaconf import OmegaConf
-
-    ckpt = Path(checkpoint).expanduser()
-    config_path = ckpt.parent.parent / "config.yaml"
-    if not ckpt.is_file() or not config_path.is_file():
-        raise ConfigError(f"{ckpt} is not a checkpoint inside a tunelab run folder (needs {config_path})")
-    node = OmegaConf.to_container(OmegaConf.load(config_path).backbone, resolve=True)
-    node.pop("_target_", None)
-    kind = node.pop("kind")
-    if kind != "hf_audio":
-        raise ConfigError(f"{ckpt} holds a {kind!r} backbone; export handles hf_audio")
-    backbone = HFAudioBackbone(**node)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
-    return backbone.save_pretrained(out_dir)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m modules.backbones.hf_audio", description="export a run's audio encoder")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="checkpoint -> Hugging Face folder (usable as backbone.name_or_path)")
-    export.add_argument("checkpoint")
-    export.add_argument("out_dir")
-    args = parser.parse_args()
-    print(f"saved {export_checkpoint(args.checkpoint, args.out_dir)}")

@@ -63,6 +63,8 @@ class HFTextBackbone(Backbone):
         pooling: ``mean`` over real tokens, ``cls`` (first token) or the model's ``pooler``.
     """
 
+    modality = "text"
+
     def __init__(
         self,
         name_or_path: str | None = DEFAULT_TEXT_BACKBONE,

@@ -137,6 +137,8 @@ class TimmBackbone(Backbone):
         channels_last: run convolutions in channels-last memory format (faster on recent GPUs).
     """
 
+    modality = "image"
+
     def __init__(
         self,
         model_name: str = "resnet18",
