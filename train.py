@@ -88,6 +88,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for callback in trainer.callbacks:  # work that needs the fitted model and the run's trainer (WiSE-FT's α sweep)
+        if hasattr(callback, "after_fit"):
+            metrics.update(callback.after_fit(trainer, model, datamodule))
     metrics["params/total"] = float(sum(p.numel() for p in model.parameters()))
     metrics["params/trainable"] = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None

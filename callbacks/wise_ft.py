@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
+from modules.backbones.base import load_checkpoint_state
 from modules.errors import ConfigError
-from modules.interpolation import DEFAULT_ALPHAS, backbone_state, snapshot, sweep, write_sweep
+from modules.interpolation import DEFAULT_ALPHAS, backbone_state, best_row, snapshot, sweep, write_sweep
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ class WiseFT(pl.Callback):
     ``<run>/<dirname>/``: ``wise_ft.csv``/``.md`` (metric per α), ``wise_ft.png`` and ``best.json``.
     With ``save_best`` the interpolated model at the best α is saved there too (``best_backbone/``
     in Hugging Face format when the backbone has one, and ``best_alpha.pt``, the whole task's weights).
-    Evaluation runs in one process (rank 0), after fitting and before ``train.py`` tests.
+    ``train.py`` runs the sweep after fitting and before testing (``after_fit``), with the run's own
+    trainer: under DDP every process validates its shard, so nothing runs beside a live process group.
 
     Args:
         alphas: the grid (0 = pretrained backbone, 1 = fine-tuned).
@@ -52,44 +54,40 @@ class WiseFT(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # setup runs before a checkpoint is restored: these are the weights the run was built with,
         # also when resuming (train.py seeds before building, so a from-scratch init repeats too)
-        if stage == "fit" and trainer.world_size > 1:
-            # the α sweep validates in one process with a Trainer of its own: beside a live process group it
-            # would hang in the metrics' sync (or talk across ranks), so it is refused rather than risked
-            raise ConfigError(f"callbacks=wise_ft runs its α sweep in a single process, not under {trainer.world_size}-process "
-                              "training; train with one device (trainer=cpu or trainer=gpu), or drop callbacks.wise_ft")
         if stage == "fit" and self.pretrained is None:
             if not hasattr(pl_module, "backbone"):
                 raise ConfigError("callbacks.wise_ft needs a task with a backbone (a modules.TaskModule)")
             self.pretrained = snapshot(pl_module.backbone)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def after_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any) -> dict[str, float]:
+        """The α sweep, on every process; returns ``best/wise_ft_*`` for the run's final metrics."""
         if trainer.fast_dev_run or self.pretrained is None:
-            return
-        self._evaluate(trainer, pl_module)
-
-    @rank_zero_only
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            return {}
         final = snapshot(pl_module)
         best_path = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        tuned = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"] if best_path else final
+        tuned = load_checkpoint_state(best_path) if best_path else final
         pl_module.load_state_dict(tuned)  # the fine-tuned head (and backbone) of the best checkpoint
-        datamodule = trainer.datamodule
-        loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+        loggers = trainer.loggers
+        trainer.loggers = []  # the sweep's validations are not points of the training curves
+
+        def validate() -> dict[str, float]:
+            return trainer.validate(pl_module, datamodule=datamodule, verbose=False)[0]
+
         try:
-            self.rows = sweep(pl_module, self.pretrained, backbone_state(tuned), self.alphas, loader, self.monitor,
-                              accelerator=pl_module.device.type)
-            folder = Path(trainer.default_root_dir) / self.dirname
-            self.best = write_sweep(self.rows, folder, self.monitor, self.mode)
-            log.info(f"WiSE-FT: best α={self.best['alpha']:.2f} ({self.monitor}={self.best[self.monitor]:.4f}); "
-                     f"α=1 (fine-tuned) gives {self.rows[-1][self.monitor]:.4f}; see {folder}")
-            # into the run's final metrics (metrics.json and the summary table)
-            trainer.callback_metrics["best/wise_ft_alpha"] = torch.tensor(self.best["alpha"])
-            trainer.callback_metrics[f"best/wise_ft_{self.monitor.replace('/', '_')}"] = torch.tensor(self.best[self.monitor])
-            if self.save_best:
-                self._save(pl_module, tuned, folder)
+            self.rows = sweep(pl_module, self.pretrained, backbone_state(tuned), self.alphas, validate, self.monitor)
+            self.best = best_row(self.rows, self.monitor, self.mode)
+            if trainer.is_global_zero:
+                folder = Path(trainer.default_root_dir) / self.dirname
+                write_sweep(self.rows, folder, self.monitor, self.mode)
+                log.info(f"WiSE-FT: best α={self.best['alpha']:.2f} ({self.monitor}={self.best[self.monitor]:.4f}); "
+                         f"α=1 (fine-tuned) gives {self.rows[-1][self.monitor]:.4f}; see {folder}")
+                if self.save_best:
+                    self._save(pl_module, tuned, folder)
         finally:
+            trainer.loggers = loggers
             pl_module.load_state_dict(final)
-            pl_module.trainer = trainer  # the evaluator took the module over; give it back
+        return {"best/wise_ft_alpha": self.best["alpha"],
+                f"best/wise_ft_{self.monitor.replace('/', '_')}": self.best[self.monitor]}
 
     def _save(self, pl_module: pl.LightningModule, tuned: dict[str, torch.Tensor], folder: Path) -> None:
         from modules.interpolation import interpolate_states

@@ -179,8 +179,8 @@ class SpeechDataModule(DataModuleBase):
         group_by_length: batch clips of similar length together.
         **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``: unreadable or truncated
             audio and empty transcripts stop the run, or are left out and counted; batch sizes, seed).
-            Missing val/test splits are carved at random, or stratified by transcript when transcripts
-            repeat (a corpus of spoken words).
+            Missing val/test splits are carved (and caps applied) at random, or stratified by word when
+            every transcript is a single word (a keyword corpus).
     """
 
     modality = "audio"
@@ -276,9 +276,10 @@ class SpeechDataModule(DataModuleBase):
                 log.info(f"{role}: {dict(counts)}")
 
     def _strata(self, split: Split) -> list[str] | None:
-        """Transcripts as strata when they repeat (spoken words: every word in every split), else None."""
-        texts = [str(t) for t in split.columns[self.text_column]]
-        return texts if len(set(texts)) * 2 <= len(texts) else None
+        """Single-word transcripts (a keyword corpus) are classes: carve and cap stratified by word.
+        Sentences are no classes: carve them at random."""
+        texts = [str(t).strip().lower() for t in split.columns[self.text_column]]
+        return texts if texts and all(" " not in t for t in texts) else None
 
     def _load_splits(self) -> dict[str, Split]:
         if self.generate:

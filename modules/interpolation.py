@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from modules.errors import ConfigError
@@ -60,28 +58,25 @@ def backbone_state(task_state: Mapping[str, torch.Tensor], prefix: str = "backbo
 
 
 def sweep(
-    task: pl.LightningModule,
+    task: torch.nn.Module,
     pre: Mapping[str, torch.Tensor],
     ft: Mapping[str, torch.Tensor],
     alphas: Iterable[float],
-    dataloader: Any,
+    validate: Callable[[], Mapping[str, float]],
     metric: str,
-    accelerator: str = "cpu",
 ) -> list[dict[str, float]]:
     """Validate ``task`` with its backbone at each α (head as it is: fine-tuned); restores θ_ft after.
 
+    ``validate()`` runs one validation and returns its metrics (the run's own trainer does it, so
+    under DDP every process validates its shard and the metrics are reduced across them).
     Returns one row per α: ``{"alpha": α, <metric>: value, ...other val metrics}``.
     """
     check_same_architecture(pre, ft, "the backbone")
-    evaluator = pl.Trainer(
-        accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
     rows = []
     try:
         for alpha in alphas:
             task.backbone.load_state_dict(interpolate_states(pre, ft, alpha))
-            results = evaluator.validate(task, dataloaders=dataloader, verbose=False)[0]
+            results = validate()
             if metric not in results:
                 raise ConfigError(f"wise_ft metric {metric!r} is not logged in validation; logged: {', '.join(results)}")
             rows.append({"alpha": float(alpha), **{k: float(v) for k, v in results.items()}})

@@ -49,3 +49,13 @@ class StopAfterEpoch(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             trainer.should_stop = True
+
+
+class EMAProbe(pl.Callback):
+    """Saves each rank's EMA weights (of the run's ``WeightEMA`` callback) to ``<run>/ema_rank<r>.pt`` at fit end."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from callbacks.ema import WeightEMA
+
+        ema = next(c for c in trainer.callbacks if isinstance(c, WeightEMA))
+        torch.save(ema.ema.module.state_dict(), Path(trainer.default_root_dir) / f"ema_rank{trainer.global_rank}.pt")

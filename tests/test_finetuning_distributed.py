@@ -49,3 +49,24 @@ def test_resume_mid_schedule_ends_with_the_same_weights(tmp_path: Path, cache_di
     assert epoch2_whole[0]["trainable"] == ["block_1", "block_2", "head"]
     for group in GROUPS:
         assert torch.equal(whole["end"][group], resumed["end"][group]), f"{group} differs after resuming"
+
+
+def test_wise_ft_sweeps_under_ddp(tmp_path: Path, cache_dir: Path) -> None:
+    """The α sweep runs on every process with the run's trainer: no nested Trainer beside a live process group."""
+    import csv
+    import json
+
+    run_dir = tmp_path / "run"
+    args = [*TINY_SCRATCH, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
+            "callbacks=wise_ft", "callbacks.wise_ft.alphas=[0,0.5,1]", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "wise_ft" / "wise_ft.csv")))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [float(r["alpha"]) for r in rows] == [0.0, 0.5, 1.0]
+    # α=1 is the best checkpoint itself: the sweep's validation (sharded like training's) gives its score
+    assert float(rows[-1]["val/acc"]) == metrics["best/val/acc"]
+    assert metrics["best/wise_ft_val_acc"] == max(float(r["val/acc"]) for r in rows) and "test/acc" in metrics
+    logged = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert sum(1 for r in logged if r.get("val/acc")) == 2  # the sweep's validations are not in the training curves

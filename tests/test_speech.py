@@ -340,3 +340,16 @@ def test_speech_trains_under_two_process_ddp(tmp_path: Path) -> None:
     for group in rank0["end"]:
         assert torch.equal(rank0["end"][group], rank1["end"][group]), f"{group} differs across ranks"
     assert any(not torch.equal(rank0["start"][g], rank0["end"][g]) for g in rank0["end"])
+
+
+def test_keyword_corpora_are_carved_stratified_by_word(tmp_path: Path) -> None:
+    """Single-word transcripts are classes: every word lands in the carved validation split in proportion."""
+    processor = tiny_backbone().processor
+    sf.write(tmp_path / "good.wav", tone(0.5, 16000), 16000)
+    words = ["yes"] * 18 + ["no"] * 6
+    write_manifest(tmp_path, [{"audio": "good.wav", "text": w} for w in words])
+    data = SpeechDataModule(str(tmp_path), data_files={"train": "train.jsonl"}, processor=processor, val_fraction=0.25)
+    data.setup()
+    val = sorted(c.text for c in data.datasets["val"].clips)
+    assert val == ["no"] * 2 + ["yes"] * 5  # 25 % of each word (rounded), not a random draw
+    assert len(data.datasets["train"].clips) == 17

@@ -366,10 +366,29 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation() -> None:
     assert torch.equal(ema.ema.module.state_dict()["head.weight"], reference.module.state_dict()["head.weight"])
 
 
-def test_wise_ft_refuses_multi_process_training() -> None:
-    from types import SimpleNamespace
+def test_ema_under_two_process_ddp_with_accumulation(tmp_path: Path) -> None:
+    """Both ranks keep the same average, one update per optimizer step, and the checkpoint holds it."""
+    import os
+    import subprocess
+    import sys
 
-    from callbacks import WiseFT
+    from tests.conftest import ROOT
 
-    with pytest.raises(ConfigError, match="callbacks=wise_ft runs its α sweep in a single process"):
-        WiseFT().setup(SimpleNamespace(world_size=2), torch.nn.Module(), "fit")
+    run_dir = tmp_path / "run"
+    args = ["experiment=digits_scratch", "callbacks=ema", "callbacks.ema.decay=0.9", "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2", "trainer.accumulate_grad_batches=2", "trainer.max_epochs=1", "data.max_train_samples=512",
+            "data.max_eval_samples=64", "test_after_fit=false", "+callbacks.ema_probe._target_=tests.probes.EMAProbe", *QUIET,
+            f"hydra.run.dir={run_dir}"]
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = (torch.load(run_dir / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1))
+    # BatchNorm statistics stay per process on CPU (no SyncBatchNorm there): the weights must agree
+    weights = [n for n in rank0 if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) > 10
+    for name in weights:
+        assert torch.equal(rank0[name], rank1[name]), f"EMA {name} differs across ranks"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2  # 256 images per rank, batches of 64, 2 micro-batches per step
+    for name, tensor in rank0.items():
+        assert torch.equal(ckpt["state_dict"][name], tensor), name
