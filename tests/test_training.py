@@ -208,3 +208,20 @@ def test_bad_input_is_one_line_before_training(tmp_path: Path, case: str) -> Non
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("tunelab: error: ") and message.format(tmp=tmp_path) in last, last
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_export_cli_writes_any_runs_backbone_in_hf_format(tmp_path: Path, cache_dir: Path) -> None:
+    """``python -m modules.backbones export``: the one export path (Backbone.save_pretrained) from a checkpoint."""
+    from transformers import AutoModel
+
+    from tests.conftest import TINY_SCRATCH
+
+    run_train(tmp_path / "run", [*TINY_SCRATCH, "trainer.max_steps=2", "test_after_fit=false"], cache_dir)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = subprocess.run([sys.executable, "-m", "modules.backbones", "export", str(ckpt), str(tmp_path / "hf")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = AutoModel.from_pretrained(tmp_path / "hf")
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert torch.equal(model.embeddings.word_embeddings.weight, state["backbone.model.embeddings.word_embeddings.weight"])
+    assert (tmp_path / "hf" / "tokenizer_config.json").exists()
