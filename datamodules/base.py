@@ -15,7 +15,13 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sampling import EpochAwareLoader, EpochShuffleSampler, EpochTaggedSampler
+from datamodules.sampling import (
+    EpochAwareLoader,
+    EpochShuffleSampler,
+    EpochTaggedSampler,
+    batches_trained,
+    training_position,
+)
 from datamodules.sources import stratified_split
 from modules.errors import ConfigError, DataError
 
@@ -121,6 +127,7 @@ class DataModuleBase(pl.LightningDataModule):
         self.label_names: list[str] = []  # classification data: label id -> name, set in setup
         self.counts: dict[str, Counter] = {}  # role -> what was dropped, resampled, ... (the data report)
         self.parsed_rows: dict[str, int] = {}  # role -> rows the source gave, before anything was dropped
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) from a mid-epoch checkpoint
 
     # -- the contract -----------------------------------------------------------------------------
     @property
@@ -227,7 +234,11 @@ class DataModuleBase(pl.LightningDataModule):
             if training:
                 tagged = getattr(dataset, "tagged", True)
                 kwargs["sampler"] = (EpochTaggedSampler if tagged else EpochShuffleSampler)(len(dataset), self.seed)
-        return (EpochAwareLoader if training else DataLoader)(dataset, **kwargs)
+        if training:  # resumable at any step: see state_dict below
+            resume_at, self._resume_at = self._resume_at, None
+            return EpochAwareLoader(dataset, progress=lambda: batches_trained(getattr(self, "trainer", None)),
+                                    resume_at=resume_at, **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")
@@ -241,6 +252,16 @@ class DataModuleBase(pl.LightningDataModule):
             raise ConfigError("the data has no test split, and the validation set is not a test set (it picked the "
                               "checkpoint); give a test file/split or carve one with data.test_fraction > 0")
         return self.loader("test")
+
+    # -- exact resume at any step -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the epoch and how many of its training batches were trained."""
+        return training_position(getattr(self, "trainer", None))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restored before the loaders are built: the training loader skips the batches already trained."""
+        if state.get("batches_done"):
+            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
 
     # -- the report written with the run ----------------------------------------------------------
     def report(self) -> dict[str, Any]:

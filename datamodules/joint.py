@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from datamodules.base import DataSpec
+from datamodules.sampling import batches_trained, training_position
 from modules.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,11 @@ class JointLoader:
     Stateful (Lightning saves ``state_dict`` in checkpoints): resuming mid-epoch skips the steps done.
     """
 
-    def __init__(self, sampler: JointSampler, loaders: Mapping[str, DataLoader]) -> None:
+    def __init__(self, sampler: JointSampler, loaders: Mapping[str, DataLoader], progress: Any = None,
+                 resume_at: tuple[int, int] | None = None) -> None:
         self.sampler, self.loaders = sampler, dict(loaders)
-        self._yielded, self._resume_at = 0, None
+        self.progress = progress  # batches of the epoch trained, Lightning's count
+        self._yielded, self._resume_at = 0, resume_at
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -167,7 +170,8 @@ class JointLoader:
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "yielded": self._yielded}
+        done = self.progress() if self.progress is not None else None
+        return {"epoch": self.sampler.epoch, "yielded": self._yielded if done is None else done}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self._resume_at = (int(state["epoch"]), int(state["yielded"]))
@@ -249,6 +253,7 @@ class JointDataModule(pl.LightningDataModule):
         self.children = {name: self._build(name, spec, processor) for name, spec in datasets.items()}
         self.probabilities: dict[str, float] = {}
         self.train_specs: dict[str, DataLoader] = {}
+        self._resume_at: tuple[int, int] | None = None
 
     @staticmethod
     def _build(name: str, spec: Any, processor: Any) -> Any:
@@ -355,7 +360,17 @@ class JointDataModule(pl.LightningDataModule):
             loaders[name] = DataLoader(spec.dataset, batch_sampler=self._batch_sampler(name, rank, world_size),
                                        collate_fn=spec.collate_fn, num_workers=spec.num_workers)
         sampler = JointSampler(self.probabilities, self.target, self.joint_epochs, self._steps_per_epoch(world_size), self.seed)
-        return JointLoader(sampler, loaders)
+        resume_at, self._resume_at = self._resume_at, None
+        return JointLoader(sampler, loaders, progress=lambda: batches_trained(getattr(self, "trainer", None)),
+                           resume_at=resume_at)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: the epoch and how many of its steps were trained (resume at any step)."""
+        return training_position(getattr(self, "trainer", None))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("batches_done"):
+            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
 
     def val_dataloader(self) -> TaggedLoaders:
         loaders = [(self.target, self.children[self.target].val_dataloader())]

@@ -1,9 +1,11 @@
-"""Samplers whose order is a pure function of (seed, epoch): resumed runs replay the same batches."""
+"""Samplers whose order is a pure function of (seed, epoch), and a training loader that resumes at any step:
+resumed runs replay exactly the batches (and augmentation) of an uninterrupted run."""
 
 from __future__ import annotations
 
+import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -62,11 +64,41 @@ def item_index(key: int | tuple[int, int], seed: int) -> int:
     return key
 
 
-class _DeferredIterator:
-    """Creates the real DataLoader iterator at the first ``next``."""
+def batches_trained(trainer: Any) -> int | None:
+    """Training batches of the current epoch that Lightning has run ``training_step`` on (None: no trainer).
 
-    def __init__(self, make: Any) -> None:
-        self._make, self._it = make, None
+    Not the loader's own count: Lightning fetches one batch ahead, so at a checkpoint the loader has
+    yielded one batch more than training used; resuming past that batch would lose it.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(loop.batch_progress.current.ready) if loop is not None else None
+
+
+def training_position(trainer: Any) -> dict[str, int]:
+    """Where training is: the current epoch and how many of its batches were trained (for checkpoints)."""
+    done = batches_trained(trainer)
+    return {"epoch": int(getattr(trainer, "current_epoch", 0) or 0), "batches_done": done or 0}
+
+
+class _SkipFirst:
+    """An index or batch sampler without its first ``n`` items; its length stays the epoch's full length
+    (Lightning counts the skipped batches as done)."""
+
+    def __init__(self, base: Any, n: int) -> None:
+        self.base, self.n = base, n
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.base), self.n, None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class _DeferredIterator:
+    """Creates the real DataLoader iterator at the first ``next``; counts what it yields."""
+
+    def __init__(self, make: Any, start: int = 0) -> None:
+        self._make, self._it, self.yielded = make, None, start
 
     def __iter__(self) -> _DeferredIterator:
         return self
@@ -74,17 +106,74 @@ class _DeferredIterator:
     def __next__(self) -> Any:
         if self._it is None:
             self._it = self._make()
-        return next(self._it)
+        item = next(self._it)
+        self.yielded += 1
+        return item
 
 
 class EpochAwareLoader(DataLoader):
-    """A DataLoader whose worker processes are started (and indices prefetched) at the first batch.
+    """The training DataLoader: started at the first batch, and resumable at any step.
 
     Lightning creates the training iterator before it calls ``sampler.set_epoch`` on a resumed run,
     and worker processes prefetch indices as soon as the iterator exists, so a resumed run would
     replay epoch 0's order (and augmentation seeds) in its first epoch. Deferring the iterator until
     the first ``next`` makes the epoch-seeded samplers above hold with ``num_workers > 0`` too.
+
+    Resumed from the middle of an epoch (``resume_at``: the epoch and how many of its batches were
+    trained, from the checkpoint), the first iterator of that epoch leaves those batches out without
+    loading them, so the run continues with exactly the batch an uninterrupted run would train next,
+    under DDP too (the skip applies to this process's shard). The datamodule hands ``resume_at`` over
+    when it builds the loader: Lightning's own loader-state path does not reach a loader that was built
+    early (``trainer.estimated_stepping_batches`` in ``configure_optimizers`` builds it before the
+    checkpoint's loop state is restored). ``state_dict``/``load_state_dict`` give the same position.
+
+    Args:
+        progress: returns the number of batches of the current epoch already trained (the datamodule
+            passes Lightning's count, ``batches_trained``).
+        resume_at: (epoch, batches trained in it) to resume from, or None.
     """
 
+    def __init__(self, *args: Any, progress: Callable[[], int | None] | None = None,
+                 resume_at: tuple[int, int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._resume_at: tuple[int, int] | None = tuple(resume_at) if resume_at else None
+        self._skip = 0
+        self._current: _DeferredIterator | None = None
+
     def __iter__(self) -> Any:
-        return _DeferredIterator(super().__iter__)
+        self._current = _DeferredIterator(self._start)
+        return self._current
+
+    def _start(self) -> Any:
+        self._skip = 0
+        if self._resume_at is not None:
+            epoch, done = self._resume_at
+            self._resume_at = None
+            if epoch == self.epoch:
+                self._skip = done
+                if self._current is not None:
+                    self._current.yielded = done  # batch positions continue where the epoch stopped
+        return super().__iter__()
+
+    @property
+    def _index_sampler(self) -> Any:
+        base = super()._index_sampler
+        return _SkipFirst(base, self._skip) if self._skip else base
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the sampler was last set to (Lightning's ``set_epoch``)."""
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "epoch") and hasattr(sampler, "set_epoch"):
+                return int(sampler.epoch)
+        return 0
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.progress() if self.progress is not None else None
+        if done is None:  # outside a Trainer: what this loader yielded
+            done = self._current.yielded if self._current is not None else 0
+        return {"epoch": self.epoch, "batches_done": done}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches_done"]))

@@ -59,3 +59,18 @@ class EMAProbe(pl.Callback):
 
         ema = next(c for c in trainer.callbacks if isinstance(c, WeightEMA))
         torch.save(ema.ema.module.state_dict(), Path(trainer.default_root_dir) / f"ema_rank{trainer.global_rank}.pt")
+
+
+class KillAtStep(pl.Callback):
+    """SIGKILLs the whole run (every process of its session: DDP ranks too) once ``step`` optimizer steps are done,
+    as a preempted or OOM-killed job dies: no cleanup, no final checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            import os
+            import signal
+
+            os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -199,14 +199,17 @@ BAD_RUNS = {
 
 @pytest.mark.parametrize("case", list(BAD_RUNS))
 def test_bad_input_is_one_line_before_training(tmp_path: Path, case: str) -> None:
+    """A user mistake raises the one-line error train.py prints as ``tunelab: error: ...`` (the CLI wrapper
+    itself: test_bad_data_path_is_one_line_without_traceback), before any training."""
+    from modules.errors import UserInputError
+
     overrides, message = BAD_RUNS[case]
     if case == "truncated IDX":
         write_truncated_idx(tmp_path / "idx")
-    out = cli(*[o.format(tmp=tmp_path) for o in overrides], f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
-    assert out.returncode == 1, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr, out.stderr[-2000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("tunelab: error: ") and message.format(tmp=tmp_path) in last, last
+    with pytest.raises(UserInputError) as err:
+        run_train(tmp_path / "run", [o.format(tmp=tmp_path) for o in overrides])
+    text = str(err.value)
+    assert "\n" not in text and message.format(tmp=tmp_path) in text, text
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
 
 
