@@ -88,6 +88,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for callback in trainer.callbacks:
+        if hasattr(callback, "final_metrics"):  # e.g. non-finite steps skipped, or where training was stopped
+            metrics.update(callback.final_metrics())
+    if "nonfinite/stopped_at_step" in metrics:
+        log.warning(f"training stopped at optimizer step {int(metrics['nonfinite/stopped_at_step'])}: non-finite loss or "
+                    "gradients (on_nonfinite=stop); the best checkpoint and the test metrics predate it")
     for callback in trainer.callbacks:  # work that needs the fitted model and the run's trainer (WiSE-FT's α sweep)
         if hasattr(callback, "after_fit"):
             metrics.update(callback.after_fit(trainer, model, datamodule))
@@ -150,6 +156,8 @@ def check_config(cfg: DictConfig) -> None:
     number("trainer.log_every_n_steps", 1, integer=True)
     number("optimizer.lr", 0, low_open=True)
     number("optimizer.weight_decay", 0)
+    if cfg.get("on_nonfinite") not in (None, "error", "skip", "stop"):
+        raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; choose one of error, skip, stop")
     number("seed", 0, integer=True)
     for key in ("data.batch_size", "data.eval_batch_size"):
         number(key, 1, integer=True)

@@ -2,10 +2,11 @@
 
 from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
+from callbacks.nonfinite import NonFiniteGuard
 from callbacks.param_report import ParameterReport
 from callbacks.reproducibility import BatchSeed
 from callbacks.task_reports import ConfusionMatrixReport, PredictionSamples
 from callbacks.wise_ft import WiseFT
 
-__all__ = ["STRATEGIES", "BatchSeed", "ConfusionMatrixReport", "FinetuneSchedule", "LRReport", "ParameterReport",
+__all__ = ["STRATEGIES", "BatchSeed", "ConfusionMatrixReport", "FinetuneSchedule", "LRReport", "NonFiniteGuard", "ParameterReport",
            "PredictionSamples", "WiseFT"]

@@ -11,3 +11,7 @@ class ConfigError(UserInputError):
 
 class DataError(UserInputError):
     """The data is wrong (missing column, unknown label, corrupt file)."""
+
+
+class TrainingError(UserInputError):
+    """Training went wrong in a way the user can fix (a non-finite loss: too high a learning rate)."""

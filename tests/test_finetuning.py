@@ -183,3 +183,41 @@ def test_negative_warmup_is_an_error() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match=r"scheduler.warmup=-5 must be >= 0"):
         partial(linear, warmup=-5)(opt, total_steps=10)
+
+
+def test_a_non_finite_step_stops_the_run_with_one_line(tmp_path: Path, cache_dir: Path) -> None:
+    from modules.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"non-finite gradients \(loss .*\) at optimizer step 2 \(epoch 0\); lower "
+                                            r"optimizer.lr.*on_nonfinite=skip"):
+        tiny_run(tmp_path, cache_dir, "trainer.max_steps=4", "+callbacks.nan._target_=tests.probes.NaNGradAt",
+                 "+callbacks.nan.step=2")
+
+
+def test_skip_policy_drops_the_step_and_counts_it(tmp_path: Path, cache_dir: Path) -> None:
+    run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=4", "trainer.max_epochs=100", "on_nonfinite=skip",
+                         "+callbacks.nan._target_=tests.probes.NaNGradAt", "+callbacks.nan.step=2"], cache_dir)
+    import json
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["nonfinite/skipped"] == 1.0 and "nonfinite/stopped_at_step" not in metrics
+    end = probe(tmp_path)["end"]
+    assert all(bool(torch.isfinite(t).all()) for t in end.values())  # the poisoned step never reached the weights
+    assert "test/acc" in metrics
+
+
+def test_stop_policy_ends_training_and_says_where(tmp_path: Path, cache_dir: Path) -> None:
+    metrics = run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=6", "trainer.max_epochs=100", "on_nonfinite=stop",
+                                   "+callbacks.nan._target_=tests.probes.NaNGradAt", "+callbacks.nan.step=2"], cache_dir)
+    assert metrics["nonfinite/stopped_at_step"] == 2.0
+    state = probe(tmp_path)
+    assert [s["step"] for s in state["steps"]] == [0, 1, 2]
+    assert all(bool(torch.isfinite(t).all()) for t in state["end"].values())
+
+
+def test_a_huge_learning_rate_is_caught(tmp_path: Path, cache_dir: Path) -> None:
+    """The reported case: optimizer.lr=1e6 used to exit 0 with a 'best' checkpoint; now it names the step."""
+    from modules.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="non-finite"):
+        tiny_run(tmp_path, cache_dir, "optimizer.lr=1e6", "trainer.max_steps=30")
