@@ -76,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
     model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler, **spec.task_kwargs())
     check_monitor(cfg, model)
+    check_checkpoint(cfg.get("ckpt_path"), model)
 
     # the freezing schedule goes first, so reports see its changes at the same step
     callbacks = ([build(cfg.finetune)] if cfg.get("finetune") else []) + build_each(cfg.get("callbacks"))
@@ -234,6 +235,34 @@ def check_monitor(cfg: DictConfig, model: Any) -> None:
     monitor = str(cfg.monitor)
     if names and monitor.startswith(("val/", "train/")) and monitor not in names:
         raise ConfigError(f"monitor={monitor!r} is not a metric this task logs; choose one of: {', '.join(names)}")
+
+
+def check_checkpoint(ckpt_path: str | None, model: Any) -> None:
+    """``ckpt_path`` exists, loads, and holds this task's weights (names and shapes), before training starts."""
+    import torch
+
+    from modules.errors import ConfigError
+
+    if not ckpt_path:
+        return
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; give <run>/checkpoints/last.ckpt of the run to resume")
+    try:  # a Lightning checkpoint pickles more than tensors; this one is about to be resumed from anyway.
+        # mmap: only the names and shapes are read now, not the weights (Lightning reads them once, later)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    except Exception as err:  # noqa: BLE001 - truncated zip, unpickling, missing key: all mean "not a checkpoint"
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a readable Lightning checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); a run killed while saving "
+                          "leaves one: resume from an earlier checkpoint") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        first = (f"{missing[0]} is missing" if missing else
+                 f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's {tuple(own[wrong[0]].shape)}")
+        raise ConfigError(f"ckpt_path={ckpt_path!r} holds another model ({len(missing)} tensors missing, {len(wrong)} of "
+                          f"another shape; {first}); resume with the config of the run that saved it")
 
 
 def smoke_run(cfg: DictConfig) -> bool:

@@ -194,6 +194,9 @@ BAD_RUNS = {
     "timm export": (["experiment=digits_scratch", "export_backbone=enc"], "export_backbone is set, but backbone=small_resnet_scratch"),
     "bad policy": (["data.on_bad_input=maybe"], "data.on_bad_input='maybe' is unknown; choose one of error, skip"),
     "truncated IDX": (["experiment=digits_scratch", "data.source=idx://{tmp}/idx"], "idx/train-images-idx3-ubyte.gz is truncated"),
+    "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "ckpt_path='{tmp}/nope.ckpt' does not exist"),
+    "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "ckpt_path='{tmp}/corrupt.ckpt' is not a readable Lightning checkpoint"),
+    "another task's checkpoint": (["ckpt_path={tmp}/other.ckpt"], "holds another model (0 tensors missing, 2 of another shape; head.linear.weight is (3, 384)"),
 }
 
 
@@ -206,6 +209,14 @@ def test_bad_input_is_one_line_before_training(tmp_path: Path, case: str) -> Non
     overrides, message = BAD_RUNS[case]
     if case == "truncated IDX":
         write_truncated_idx(tmp_path / "idx")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"PK\x03\x04 half of a zip file")
+    if case == "another task's checkpoint":  # same backbone, a 3-class head instead of BBC's 5
+        from tests.conftest import compose_config
+        from train import build
+
+        cfg = compose_config(tmp_path / "other", [])
+        other = build(cfg.task, backbone=build(cfg.backbone), optimizer=build(cfg.optimizer), num_classes=3)
+        torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
     with pytest.raises(UserInputError) as err:
         run_train(tmp_path / "run", [o.format(tmp=tmp_path) for o in overrides])
     text = str(err.value)
