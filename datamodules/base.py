@@ -28,8 +28,6 @@ from modules.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 BAD_INPUT_POLICIES = ("error", "skip")
-DATA_KINDS = ("classification", "ctc", "mlm", "joint_classification")
-MODALITIES = ("text", "image", "audio")
 
 
 @dataclass(frozen=True)

@@ -97,8 +97,8 @@ class _SkipFirst:
 class _DeferredIterator:
     """Creates the real DataLoader iterator at the first ``next``; counts what it yields."""
 
-    def __init__(self, make: Any, start: int = 0) -> None:
-        self._make, self._it, self.yielded = make, None, start
+    def __init__(self, make: Any) -> None:
+        self._make, self._it, self.yielded = make, None, 0
 
     def __iter__(self) -> _DeferredIterator:
         return self
