@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -27,6 +28,20 @@ log = logging.getLogger("tunelab")
 
 # runs whose weights are meaningless by design (one batch; a few memorised batches)
 SMOKE_TRAINER_KEYS = ("fast_dev_run", "overfit_batches")
+
+
+def run_dir_resolver(resume: Any, default: str) -> str:
+    """Hydra's run folder: the one ``resume`` names (a run folder, or a checkpoint inside one), else ``default``."""
+    if resume in (None, ""):
+        return default
+    path = Path(str(resume))
+    if path.suffix == ".ckpt" and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    return str(path)
+
+
+if not OmegaConf.has_resolver("tunelab.run_dir"):
+    OmegaConf.register_new_resolver("tunelab.run_dir", run_dir_resolver)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -54,10 +69,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (``best/<monitor>`` included)."""
     import lightning.pytorch as pl
     import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from callbacks.preemption import Preemption
     from callbacks.secrets import redact
+    from modules.errors import Preempted
+    from modules.runs import continue_loggers, remember_wandb_runs, resume_config
 
     started = time.time()
+    if cfg.get("resume"):  # the run's own config, continued in its folder from its newest checkpoint
+        hydra_cfg = HydraConfig.get()
+        cfg = resume_config(cfg, list(hydra_cfg.overrides.task), list(hydra_cfg.runtime.choices))
     check_config(cfg)
     task_cls = check_task_and_data(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -76,18 +98,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
     model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler, **spec.task_kwargs())
     check_monitor(cfg, model)
-    check_checkpoint(cfg.get("ckpt_path"), model)
+    ckpt = check_checkpoint(cfg.get("ckpt_path"), model)
+    if cfg.get("resume") and ckpt is not None:
+        continue_loggers(cfg.get("logger"), run_dir, ckpt)
+    del ckpt
 
     # the freezing schedule goes first, so reports see its changes at the same step
     callbacks = ([build(cfg.finetune)] if cfg.get("finetune") else []) + build_each(cfg.get("callbacks"))
     loggers = build_each(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(resolved)
+    remember_wandb_runs(loggers, run_dir)
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         datamodule.save_to(run_dir)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:  # SIGTERM / SIGINT / SIGUSR1: Preemption saved last.ckpt at the step boundary
+        stop = next((cb for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
+        raise Preempted(getattr(stop, "received", None) or "SIGTERM", trainer.global_step,
+                        getattr(stop, "path", None), run_dir) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for callback in trainer.callbacks:
         if hasattr(callback, "final_metrics"):  # e.g. non-finite steps skipped, or where training was stopped
@@ -237,20 +268,23 @@ def check_monitor(cfg: DictConfig, model: Any) -> None:
         raise ConfigError(f"monitor={monitor!r} is not a metric this task logs; choose one of: {', '.join(names)}")
 
 
-def check_checkpoint(ckpt_path: str | None, model: Any) -> None:
-    """``ckpt_path`` exists, loads, and holds this task's weights (names and shapes), before training starts."""
+def check_checkpoint(ckpt_path: str | None, model: Any) -> dict[str, Any] | None:
+    """``ckpt_path`` exists, loads, and holds this task's weights (names and shapes), before training starts.
+
+    Returns the checkpoint (memory-mapped: its tensors are not read), or None without ``ckpt_path``."""
     import torch
 
     from modules.errors import ConfigError
 
     if not ckpt_path:
-        return
+        return None
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; give <run>/checkpoints/last.ckpt of the run to resume")
     try:  # a Lightning checkpoint pickles more than tensors; this one is about to be resumed from anyway.
         # mmap: only the names and shapes are read now, not the weights (Lightning reads them once, later)
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = ckpt["state_dict"]
     except Exception as err:  # noqa: BLE001 - truncated zip, unpickling, missing key: all mean "not a checkpoint"
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a readable Lightning checkpoint ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); a run killed while saving "
@@ -263,6 +297,7 @@ def check_checkpoint(ckpt_path: str | None, model: Any) -> None:
                  f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's {tuple(own[wrong[0]].shape)}")
         raise ConfigError(f"ckpt_path={ckpt_path!r} holds another model ({len(missing)} tensors missing, {len(wrong)} of "
                           f"another shape; {first}); resume with the config of the run that saved it")
+    return ckpt
 
 
 def smoke_run(cfg: DictConfig) -> bool:
@@ -337,13 +372,16 @@ def main(cfg: DictConfig) -> float | None:
     """Entry point; returns the monitored metric of the best checkpoint so sweepers can optimise it."""
     import torch
 
-    from modules.errors import UserInputError
+    from modules.errors import Preempted, UserInputError
 
     torch.set_float32_matmul_precision("high")
     try:
         metrics = train(cfg)
     except UserInputError as err:
         sys.exit(f"tunelab: error: {err}")
+    except Preempted as stop:  # a clean stop, not an error: 128 + the signal number, as a shell reports it
+        print(f"tunelab: stopped: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     return metrics.get(f"best/{cfg.monitor}", metrics.get(cfg.monitor))
 
 

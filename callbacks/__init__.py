@@ -4,9 +4,10 @@ from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
 from callbacks.nonfinite import NonFiniteGuard
 from callbacks.param_report import ParameterReport
+from callbacks.preemption import Preemption
 from callbacks.reproducibility import BatchSeed
 from callbacks.task_reports import ConfusionMatrixReport, PredictionSamples
 from callbacks.wise_ft import WiseFT
 
-__all__ = ["STRATEGIES", "BatchSeed", "ConfusionMatrixReport", "FinetuneSchedule", "LRReport", "NonFiniteGuard", "ParameterReport",
+__all__ = ["STRATEGIES", "BatchSeed", "ConfusionMatrixReport", "FinetuneSchedule", "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption",
            "PredictionSamples", "WiseFT"]

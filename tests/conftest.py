@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import train as train_script  # registers the config resolvers the configs use
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 
@@ -57,9 +59,7 @@ def compose_config(output_dir: Path, overrides: Sequence[str] = (), cache: Path 
 
 def run_train(output_dir: Path, overrides: Sequence[str] = (), cache: Path | None = None) -> dict[str, float]:
     """Compose and run ``train.train`` in-process; returns its metrics."""
-    from train import train
-
-    return train(compose_config(output_dir, overrides, cache))
+    return train_script.train(compose_config(output_dir, overrides, cache))
 
 # a tiny BERT from scratch on a BBC slice: for tests of mechanics (freezing, LRs, DDP, resume)
 TINY_SCRATCH = (

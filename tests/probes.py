@@ -86,3 +86,36 @@ class NaNGradAt(pl.Callback):
         if trainer.global_step == self.step:
             grad = next(p for n, p in pl_module.named_parameters() if n.startswith("head.") and p.grad is not None).grad
             grad.view(-1)[0] = float("nan")
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signal`` to this process in the middle of optimizer step ``step`` (between backward and the update),
+    as a scheduler's SIGTERM or a user's Ctrl+C arrives: the run must finish that step, save it and stop."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+        self.step, self.signal = step, signal
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step - 1:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class KillDuringSave(pl.Callback):
+    """SIGKILLs the run while it writes the first checkpoint at or after ``step``: half the bytes are on disk."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step >= self.step:
+            import os
+            import signal
+
+            def half_then_die(fd: int) -> None:
+                os.ftruncate(fd, os.fstat(fd).st_size // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            os.fsync = half_then_die  # the checkpoint writer syncs the temporary file before renaming it

@@ -1,8 +1,11 @@
 """Killed with SIGKILL in the middle of an epoch and resumed from the last step checkpoint: the run ends
-with exactly the weights of an uninterrupted one, for every modality and under 2-process DDP."""
+with exactly the weights of an uninterrupted one, for every modality and under 2-process DDP; ``resume=`` continues
+in the run's own folder with its metrics whole. Signals stop at a step boundary with a checkpoint; a kill while saving
+leaves the previous checkpoint whole."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -79,13 +82,83 @@ def test_kill_mid_epoch_then_resume_ends_bit_identical(case: str, tmp_path: Path
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     saved_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert saved_at == kill_at // 3 * 3 and saved_at < kill_at  # the last step checkpoint before the kill
-    if ddp:
+    if ddp:  # ckpt_path: a new run folder from the checkpoint
         resumed = train(tmp_path / "resumed", cache, *overrides, f"ckpt_path={last}")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "not resumable" not in resumed.stderr
-    else:
-        train_here(tmp_path / "resumed", cache, *overrides, f"ckpt_path={last}")
-    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "resumed")
+    else:  # resume=: the same run, continued in its own folder with its own config
+        train_here(tmp_path / "killed", cache, f"resume={tmp_path / 'killed'}", "+callbacks.kill=null")
+    resumed = tmp_path / ("resumed" if ddp else "killed")
+    assert_same_weights(tmp_path / "whole", resumed, f"{case}: after kill -9 at step {kill_at} and resume")
+    if not ddp:
+        assert_same_metrics_csv(tmp_path / "whole", resumed)
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path, what: str) -> None:
+    a, b = final_weights(a_dir), final_weights(b_dir)
     assert a.keys() == b.keys()
     for name, tensor in a.items():
-        assert torch.equal(tensor, b[name]), f"{case}: {name} differs after kill -9 at step {kill_at} and resume"
+        assert torch.equal(tensor, b[name]), f"{what}: {name} differs"
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
+
+
+def assert_same_metrics_csv(whole: Path, resumed: Path) -> None:
+    """The resumed run's metrics.csv holds the whole run: every row of the uninterrupted run, once, in order, with the
+    same values, except the train epoch aggregates of the interrupted epoch (they cover the batches after the resume)."""
+    a, b = metric_rows(whole), metric_rows(resumed)
+    assert [(r["step"], sorted(r)) for r in a] == [(r["step"], sorted(r)) for r in b]
+    for x, y in zip(a, b, strict=True):
+        if "train/loss_epoch" not in x:
+            assert x == y
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_then_resume_is_exact(tmp_path: Path, cache_dir: Path) -> None:
+    """SIGTERM in the middle of step 8 (mid-epoch): the step completes, last.ckpt is saved at step 8, the run exits
+    143 with one line saying how to continue; ``resume=`` ends bit-identical to an uninterrupted run, metrics whole."""
+    train_here(tmp_path / "whole", cache_dir, *TINY_TEXT)
+    run = tmp_path / "stopped"
+    stopped = train(run, cache_dir, *TINY_TEXT, "+callbacks.stop._target_=tests.probes.SignalAtStep", "+callbacks.stop.step=8")
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (f"tunelab: stopped: SIGTERM at optimizer step 8: saved {run}/checkpoints/"
+                                                        f"last.ckpt; continue with: python train.py resume={run}")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert not (run / "metrics.json").exists()  # no test, no export: it only stopped
+    resumed = train(run, cache_dir, f"resume={run}", "+callbacks.stop=null")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path / "whole", run, "after SIGTERM at step 8 and resume=")
+    assert_same_metrics_csv(tmp_path / "whole", run)
+    assert (run / "train.log").read_text().count("received SIGTERM") == 1  # one log, continued
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGUSR1"])
+def test_ctrl_c_and_slurm_warning_stop_at_the_step_with_a_checkpoint(tmp_path: Path, cache_dir: Path, name: str) -> None:
+    run = tmp_path / "run"
+    stopped = train(run, cache_dir, *TINY_TEXT, "+callbacks.stop._target_=tests.probes.SignalAtStep", "+callbacks.stop.step=4",
+                    f"+callbacks.stop.signal={name}")
+    signum = {"SIGINT": 2, "SIGUSR1": 10}[name]
+    assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith(f"tunelab: stopped: {name} at optimizer step 4: saved ")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path: Path, cache_dir: Path) -> None:
+    """SIGKILL with half of the step-6 checkpoint written: last.ckpt is still the step-3 one and loads; resume= goes on
+    from it (and clears the half-written file)."""
+    run = tmp_path / "run"
+    killed = train(run, cache_dir, *TINY_TEXT, "+callbacks.kill._target_=tests.probes.KillDuringSave", "+callbacks.kill.step=6")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    partial = list((run / "checkpoints").glob(".*.partial-*"))
+    assert partial, "the kill did not happen during a save"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 and "state_dict" in ckpt
+    resumed = train(run, cache_dir, f"resume={run}", "+callbacks.kill=null")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12  # 2 epochs of 6
+    assert not list((run / "checkpoints").glob(".*.partial-*"))

@@ -1,0 +1,251 @@
+"""A run folder is one run: ``resume=<run folder>`` continues it there, with its own config, its newest
+checkpoint, and its logs (CSV, TensorBoard, W&B) continued rather than restarted."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from callbacks.secrets import REDACTED
+from modules.errors import ConfigError
+
+log = logging.getLogger("tunelab")
+
+WANDB_ID_FILE = "wandb_run_id"
+# checkpoints a run can continue from: ours, and Lightning's SLURM auto-requeue checkpoint
+RESUMABLE = ("last.ckpt", "hpc_ckpt_*.ckpt")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, synced, then renamed over it: a run killed while
+    saving leaves the previous ``last.ckpt`` whole. (Lightning's own save stages the bytes in the system temp folder
+    and *moves* them, which is a copy, not a rename, whenever that folder is on another file system.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(str(path))
+        if "://" in str(path):  # remote storage: Lightning's transaction-based save
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        try:
+            with open(temp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, target)
+        finally:
+            temp.unlink(missing_ok=True)
+        for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a run killed while saving
+            stale.unlink(missing_ok=True)
+
+
+def run_folder_of(resume: str) -> Path:
+    """``resume`` names a run folder, or a checkpoint inside one (``<run>/checkpoints/x.ckpt``)."""
+    path = Path(str(resume)).expanduser()
+    if path.is_file() and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    if not (path / "config.yaml").is_file():
+        what = "does not exist" if not path.exists() else "holds no config.yaml (not a tunelab run folder)"
+        raise ConfigError(f"resume={resume!r} {what}; give the folder of the run to continue (outputs/<run_name>/<date_time>)")
+    return path
+
+
+def newest_checkpoint(run_dir: Path, resume: str) -> Path:
+    """The checkpoint to continue from: the named one, else the newest of last.ckpt / SLURM's hpc_ckpt_*.ckpt."""
+    named = Path(str(resume)).expanduser()
+    if named.is_file():
+        return named
+    found = [p for pattern in RESUMABLE for p in (run_dir / "checkpoints").glob(pattern)]
+    found += list(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning writes these to trainer.default_root_dir
+    if not found:
+        raise ConfigError(f"resume={resume!r}: the run saved no checkpoint to continue from (checkpoints/last.ckpt); "
+                          "start it again, or set callbacks.last_checkpoint.every_n_train_steps so long runs save one")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[str]) -> DictConfig:
+    """The run's own saved config, with the ``key=value`` overrides given now (e.g. a longer ``trainer.max_epochs``)
+    applied on top; ``ckpt_path`` set to its newest checkpoint.
+
+    Args:
+        cfg: the config composed for this command (it supplies values the saved config had to redact).
+        overrides: this command's overrides (Hydra's ``overrides.task``).
+        groups: the config group names: choosing another option of a group cannot apply to a resolved config.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    resume = str(cfg.resume)
+    if cfg.get("ckpt_path"):
+        raise ConfigError(f"give resume={resume!r} or ckpt_path={cfg.ckpt_path!r}, not both: resume continues a run in its "
+                          "own folder, ckpt_path starts a new run folder from a checkpoint")
+    run_dir = run_folder_of(resume)
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    OmegaConf.set_struct(saved, True)  # a misspelt override is an error, as on a fresh run
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "resume"])
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra.") or key == "hydra":
+            continue
+        if key in groups or key.split("/", 1)[0] in groups:
+            raise ConfigError(f"resume: {override.input_line!r} picks another config option; a resumed run keeps its own "
+                              f"config, so give only key=value changes (e.g. trainer.max_epochs=5), or start a new run")
+        try:
+            if override.is_delete():
+                with open_dict(saved):
+                    parent, _, leaf = key.rpartition(".")
+                    node = OmegaConf.select(saved, parent) if parent else saved
+                    if node is not None and leaf in node:
+                        del node[leaf]
+            else:
+                OmegaConf.update(saved, key, override.value(), merge=True, force_add=override.is_add())
+        except Exception as err:  # a key the run's config does not have
+            raise ConfigError(f"resume: {override.input_line!r}: {key} is not in the run's config.yaml "
+                              f"({type(err).__name__}); check the spelling, or add a new key with +{key}=...") from None
+    for key in redacted_keys(saved):
+        fresh = OmegaConf.select(cfg, key, default=None)
+        if fresh in (None, REDACTED):
+            raise ConfigError(f"resume: {key} was redacted from the saved config.yaml (a secret); give it again "
+                              f"({key}=...), or better, set it in the environment")
+        OmegaConf.update(saved, key, fresh, force_add=True)
+    with open_dict(saved):
+        saved.resume = resume
+        saved.ckpt_path = str(newest_checkpoint(run_dir, resume))
+        saved.paths.output_dir = str(run_dir)
+    log.info(f"resuming the run in {run_dir} from {saved.ckpt_path}")
+    return saved
+
+
+def redacted_keys(config: Any, prefix: str = "") -> list[str]:
+    if isinstance(config, DictConfig):
+        return [k for key in config for k in redacted_keys(config._get_node(key), f"{prefix}{key}.")]
+    if OmegaConf.is_list(config):
+        return [k for i, item in enumerate(config) for k in redacted_keys(item, f"{prefix}{i}.")]
+    value = config._value() if hasattr(config, "_value") else config
+    return [prefix.rstrip(".")] if value == REDACTED else []
+
+
+def logged_step(ckpt: dict[str, Any]) -> int:
+    """The logging step of a checkpoint: rows logged after it carry larger steps (Lightning logs with the number
+    of batches that stepped the optimizer, which the checkpoint stores)."""
+    loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(loop.get("_batches_that_stepped", ckpt.get("global_step", 0)))
+
+
+def continue_loggers(logger_cfg: DictConfig | None, run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """Point the loggers of a resumed run at what the run already wrote: the CSV file keeps its rows up to the
+    checkpoint, TensorBoard purges the events after it, W&B re-attaches to the stored run id."""
+    step = logged_step(ckpt)
+    with open_dict(logger_cfg or DictConfig({})):
+        for node in (logger_cfg or {}).values():
+            if node is None or "_target_" not in node:
+                continue
+            target = str(node._target_)
+            if target.endswith("CSVLogger"):
+                node._target_ = "modules.runs.ContinuedCSVLogger"
+                node.resume_step = step
+            elif target.endswith("TensorBoardLogger"):
+                node.purge_step = step + 1  # SummaryWriter drops older events from this step on
+            elif target.endswith("WandbLogger"):
+                id_file = run_dir / WANDB_ID_FILE
+                if id_file.is_file():
+                    node.id = id_file.read_text().strip()
+                    node.resume = "allow"
+                else:
+                    log.warning(f"no {WANDB_ID_FILE} in {run_dir}: W&B starts a new run for the resumed one")
+
+
+def remember_wandb_runs(loggers: Sequence[Any], run_dir: Path) -> None:
+    """Store the W&B run id in the run folder, so ``resume=`` re-attaches to the same W&B run (rank 0 only)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
+            (run_dir / WANDB_ID_FILE).write_text(str(logger.experiment.id))
+
+
+class ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, continuing an existing ``metrics.csv`` instead of deleting it: rows up to the
+    checkpoint's step stay, later ones (the killed run's steps, about to be replayed) go. A row the resumed run logs
+    again (the same metrics at a step it kept, e.g. the report at step 0) replaces the old one in place."""
+
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self.resume_step = resume_step
+        self._kept: dict[tuple[int, frozenset[str]], int] = {}  # (step, metric names) -> row number
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as file:
+            reader = csv.DictReader(file)
+            rows, header = list(reader), list(reader.fieldnames or [])
+        kept = [row for row in rows if row_step(row) <= self.resume_step]
+        self.metrics_keys = sorted(header)
+        for i, row in enumerate(kept):
+            self._kept.setdefault(signature(row), i)
+        self._write(kept)
+        if len(kept) < len(rows):
+            log.info(f"metrics.csv: kept {len(kept)} rows up to step {self.resume_step}, dropped {len(rows) - len(kept)} "
+                     "logged after the checkpoint (the resumed run logs them again)")
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def save(self) -> None:
+        replaced = {}
+        if self._kept and self.metrics:
+            fresh = []
+            for metrics in self.metrics:
+                row = self._kept.pop(signature(metrics), None)
+                if row is None:
+                    fresh.append(metrics)
+                else:
+                    replaced[row] = metrics
+            self.metrics = fresh
+        if replaced:
+            with open(self.metrics_file_path, newline="") as file:
+                rows = list(csv.DictReader(file))
+            for i, metrics in replaced.items():
+                rows[i] = {key: metrics.get(key, "") for key in self.metrics_keys}
+            self._write(rows)
+        super().save()
+
+
+def signature(row: dict[str, Any]) -> tuple[int, frozenset[str]]:
+    """A CSV row's step and the metrics it holds (empty cells are metrics it does not hold)."""
+    return row_step(row), frozenset(k for k, v in row.items() if v not in ("", None))
+
+
+def row_step(row: dict[str, Any]) -> int:
+    step = row.get("step")
+    return -1 if step in ("", None) else int(float(step))
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """``CSVLogger`` for a resumed run (``resume=``): appends to the run's ``metrics.csv``, never deletes it."""
+
+    def __init__(self, *args: Any, resume_step: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuedWriter(self.log_dir, self.resume_step)
+        return self._experiment
