@@ -22,7 +22,7 @@ from datamodules.sampling import (
     batches_trained,
     training_position,
 )
-from datamodules.sources import stratified_split
+from datamodules.sources import TextEncoding, stratified_split
 from modules.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class DataModuleBase(pl.LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         on_bad_input: str = "error",
+        encoding: str = "utf-8",
+        encoding_errors: str = "strict",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -119,6 +121,7 @@ class DataModuleBase(pl.LightningDataModule):
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.on_bad_input = on_bad_input
+        self.text_encoding = TextEncoding(encoding, encoding_errors)  # text and table files (manifests too)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.datasets: dict[str, Dataset] = {}
@@ -268,7 +271,16 @@ class DataModuleBase(pl.LightningDataModule):
                                 "counts": {k: dict(v) for k, v in self.counts.items() if v}}
         if self.parsed_rows:
             info["parsed_rows"] = dict(self.parsed_rows)
+        if self.text_encoding.changed:  # encoding_errors=replace / ignore did change something
+            info["undecodable_text"] = {"encoding": self.text_encoding.encoding, "errors": self.text_encoding.errors,
+                                        "files": list(self.text_encoding.changed)}
         return info
+
+    def warn_undecodable(self) -> None:
+        changed = self.text_encoding.changed
+        if changed:
+            log.warning(f"{len(changed)} file(s) had bytes that are not {self.text_encoding.encoding} "
+                        f"(data.encoding_errors={self.text_encoding.errors}), e.g. {changed[0]}; listed in data_report.json")
 
     def save_to(self, run_dir: str | Path) -> None:
         """``data_report.json`` (and, for subclasses, what predictions need: labels, vocabulary)."""

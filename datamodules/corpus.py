@@ -14,7 +14,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 
 from datamodules.base import DataModuleBase
 from datamodules.sampling import item_index
-from datamodules.sources import TABLE_FORMATS, Split, load_hub_dataset, read_table
+from datamodules.sources import TABLE_FORMATS, Split, TextEncoding, load_hub_dataset, read_table
 from datamodules.token_cache import cached
 from modules.backbones.base import resolve_local_source
 from modules.errors import ConfigError, DataError
@@ -30,6 +30,7 @@ def read_corpus(
     hub_config: str | None = None,
     split: str = "train",
     max_documents: int | None = None,
+    encoding: TextEncoding | None = None,
 ) -> list[str]:
     """The non-empty documents of a corpus.
 
@@ -38,7 +39,7 @@ def read_corpus(
     hub dataset name (its ``split`` and ``text_column``), ``pkg://package/sub``, or a list of these.
     """
     if not isinstance(source, str):
-        docs = [d for s in source for d in read_corpus(s, text_column, hub_config, split)]
+        docs = [d for s in source for d in read_corpus(s, text_column, hub_config, split, encoding=encoding)]
         return docs[:max_documents] if max_documents else docs
     if not source:
         raise ConfigError("data.source is empty; give a .txt file, a folder of .txt files, a table file or a hub dataset")
@@ -47,11 +48,11 @@ def read_corpus(
         files = sorted(f for f in path.rglob("*.txt") if f.is_file())
         if not files:
             raise DataError(f"corpus folder {path} has no .txt files; add some or point data.source at a file")
-        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        texts = [(encoding or TextEncoding()).read(f) for f in files]
     elif path.is_file() and path.suffix.lower() == ".txt":
-        texts = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        texts = (encoding or TextEncoding()).read(path).splitlines()
     elif path.is_file() and path.suffix.lower() in TABLE_FORMATS:
-        table = read_table(path)
+        table = read_table(path, encoding)
         table.require(text_column=text_column)
         texts = [str(t) for t in table.columns[text_column] if t is not None]
     elif path.is_file():
@@ -174,7 +175,8 @@ class CorpusDataModule(DataModuleBase):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        docs = read_corpus(self.source, self.text_column, self.hub_config, self.split, self.max_documents)
+        docs = read_corpus(self.source, self.text_column, self.hub_config, self.split, self.max_documents, self.text_encoding)
+        self.warn_undecodable()
         self.parsed_rows = {"train": len(docs)}
         splits = self.carve({"train": Split({"text": docs}, str(self.source), list(range(len(docs))))}, None)
         for role, part in splits.items():

