@@ -385,5 +385,34 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(f"best/{cfg.monitor}", metrics.get(cfg.monitor))
 
 
+def check_command_line(argv: Sequence[str], config_name: str = "train") -> None:
+    """Compose the config once before Hydra does: a misspelt key, an unknown option or preset, or an override
+    Hydra cannot parse becomes one ``tunelab: error:`` line (Hydra prints several, then a hint about stack traces)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+
+    if any(arg.startswith("-") for arg in argv):  # --help, --cfg, --multirun (sweeps: Hydra parses those itself)
+        return
+    try:
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "configs"), version_base="1.3"):
+            compose(config_name=config_name, overrides=list(argv))
+    except MissingConfigException as err:
+        group, _, option = str(err.missing_cfg_file or "").rpartition("/")
+        if group and err.options:
+            sys.exit(f"tunelab: error: {group}={option} is not an option of {group}; choose one of: {', '.join(err.options)}")
+        sys.exit(f"tunelab: error: {' '.join(str(err).split())}")
+    except OverrideParseException as err:
+        sys.exit(f"tunelab: error: cannot parse the override {err.override!r}: {' '.join(str(err).split())}")
+    except HydraException as err:
+        text = " ".join(str(err).split())
+        text = text.replace(". To append to your config use", ": no such key; to add a new key use")
+        sys.exit(f"tunelab: error: {text} (python train.py --help lists the groups and options)")
+    finally:
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+
+
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

@@ -90,6 +90,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
         raise ConfigError(f"give resume={resume!r} or ckpt_path={cfg.ckpt_path!r}, not both: resume continues a run in its "
                           "own folder, ckpt_path starts a new run folder from a checkpoint")
     run_dir = run_folder_of(resume)
+    checkpoint = newest_checkpoint(run_dir, resume)
     saved = OmegaConf.load(run_dir / "config.yaml")
     OmegaConf.set_struct(saved, True)  # a misspelt override is an error, as on a fresh run
     parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "resume"])
@@ -120,7 +121,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
         OmegaConf.update(saved, key, fresh, force_add=True)
     with open_dict(saved):
         saved.resume = resume
-        saved.ckpt_path = str(newest_checkpoint(run_dir, resume))
+        saved.ckpt_path = str(checkpoint)
         saved.paths.output_dir = str(run_dir)
     log.info(f"resuming the run in {run_dir} from {saved.ckpt_path}")
     return saved

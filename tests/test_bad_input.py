@@ -1,0 +1,178 @@
+"""The bad-input corpus: each case is a real ``python train.py ...`` command line a user could type. Every one ends
+with a non-zero exit, no traceback, and a last line ``tunelab: error: ...`` that names the culprit — before any
+training, except where only training can tell (a non-finite loss)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_SCRATCH
+
+TINY = [a for a in TINY_SCRATCH if "probe" not in a]
+SPEECH = ["experiment=speech_digits_scratch", "data=speech_manifest", "data.source={tmp}/audio", "data.num_workers=0",
+          "data.data_files.validation=null", "data.data_files.test=null", "+data.val_fraction=0.25", "+data.test_fraction=0.25"]
+IMAGES = ["experiment=digits_scratch", "data=image_folder", "data.num_workers=0", "data.val_fraction=0.25", "data.test_fraction=0.25"]
+CSV = ["data=csv", "data.text_column=review", "data.label_column=sentiment"]
+
+# name: (command-line arguments, what the last line must say: the culprit)
+CASES: dict[str, tuple[list[str], str]] = {
+    # the command line itself
+    "misspelt key": (["trainer.max_epochz=3"], "Could not override 'trainer.max_epochz': no such key"),
+    "unknown key": (["foo=bar"], "Could not override 'foo'"),
+    "unknown backbone": (["backbone=nope"], "backbone=nope is not an option of backbone; choose one of: "),
+    "unknown preset": (["experiment=nope"], "experiment=nope is not an option of experiment"),
+    "unknown trainer": (["trainer=tpu"], "trainer=tpu is not an option of trainer"),
+    "unparsable override": (["optimizer.lr=[1"], "cannot parse the override 'optimizer.lr=[1'"),
+    # values
+    "epochs not a number": (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number >= 1 (or -1)"),
+    "lr not a number": (["optimizer.lr=fast"], "optimizer.lr='fast' must be a number > 0"),
+    "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be a number > 0"),
+    "negative batch size": (["data.batch_size=-4"], "data.batch_size=-4 must be a whole number >= 1"),
+    "fraction out of range": (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be a number in [0, 1)"),
+    "endless with a schedule": (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 with no trainer.max_steps"),
+    "unknown nonfinite policy": (["on_nonfinite=maybe"], "on_nonfinite='maybe' is unknown"),
+    "unknown bad-input policy": (["data.on_bad_input=maybe"], "data.on_bad_input='maybe' is unknown; choose one of error, skip"),
+    "unknown encoding": (["data.encoding=latin-9000"], "data.encoding='latin-9000' is not a known text encoding"),
+    "monitor not logged": (["monitor=val/nope"], "monitor='val/nope' is not a metric this task logs"),
+    "task and data disagree": (["task=ctc"], "task=ctc trains on ctc data, but data=bbc_news is classification data"),
+    "text data, image backbone": (["backbone=small_resnet_scratch"], "backbone=small_resnet_scratch reads image"),
+    "export of a timm backbone": (["experiment=digits_scratch", "export_backbone=enc"], "export_backbone is set, but backbone=small_resnet_scratch"),
+    # checkpoints and run folders
+    "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "ckpt_path='{tmp}/nope.ckpt' does not exist"),
+    "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "ckpt_path='{tmp}/corrupt.ckpt' is not a readable Lightning checkpoint"),
+    "another task's checkpoint": (["ckpt_path={tmp}/other.ckpt"], "ckpt_path='{tmp}/other.ckpt' holds another model"),
+    "resume a missing folder": (["resume={tmp}/no_such_run"], "resume='{tmp}/no_such_run' does not exist"),
+    "resume and ckpt_path": (["resume={tmp}/run_without_ckpt", "ckpt_path={tmp}/corrupt.ckpt"], "give resume="),
+    "resume a run without checkpoints": (["resume={tmp}/run_without_ckpt"], "the run saved no checkpoint to continue from"),
+    # text data
+    "missing data folder": (["data.source={tmp}/missing_dir"], "path '{tmp}/missing_dir' does not exist"),
+    "header-only CSV": ([*CSV, "data.data_files.train={tmp}/header_only.csv"], "header_only.csv"),
+    "wrong column": (["data=csv", "data.data_files.train={tmp}/reviews.csv"], "data.text_column='text' not found in {tmp}/reviews.csv; columns are: review, sentiment"),
+    "empty labels": ([*CSV, "data.data_files.train={tmp}/unlabelled.csv"], "unlabelled.csv"),
+    "label only in the test file": ([*CSV, "data.data_files.train={tmp}/reviews.csv", "data.data_files.test={tmp}/new_label.csv"], "new_label.csv"),
+    "not utf-8": ([*CSV, "data.data_files.train={tmp}/latin1.csv"], "latin1.csv is not utf-8 text: byte 0xa3 at offset"),
+    "empty class folder": (["data.source={tmp}/text_classes"], "class folder {tmp}/text_classes/empty has no .txt files"),
+    # images
+    "corrupt image": ([*IMAGES, "data.source={tmp}/images_corrupt"], "garbage.png"),
+    "truncated image": ([*IMAGES, "data.source={tmp}/images_truncated"], "half.png"),
+    "empty image class folder": ([*IMAGES, "data.source={tmp}/images_empty_class"], "empty"),
+    "truncated IDX": (["experiment=digits_scratch", "data.source=idx://{tmp}/idx"], "idx/train-images-idx3-ubyte.gz is truncated"),
+    # audio
+    "corrupt audio": ([*SPEECH, "data.data_files.train=corrupt.jsonl"], "garbage.wav"),
+    "truncated audio": ([*SPEECH, "data.data_files.train=truncated.jsonl"], "half.wav"),
+    "missing audio file": ([*SPEECH, "data.data_files.train=missing.jsonl"], "gone.wav"),
+    # only training can tell
+    "loss turns NaN": ([*TINY, "optimizer.lr=1e6", "trainer.max_steps=8", "test_after_fit=false"], "non-finite"),
+}
+
+
+def png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+
+
+def wav(path: Path, seconds: float = 0.6, rate: int = 16000) -> None:
+    t = np.arange(int(seconds * rate)) / rate
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+
+
+def make_inputs(tmp: Path) -> None:
+    """The bad files (and the good ones around them) the cases point at."""
+    (tmp / "corrupt.ckpt").write_bytes(b"PK\x03\x04 half of a zip file")
+    from tests.conftest import compose_config
+    from train import build
+
+    cfg = compose_config(tmp / "other", [])  # same backbone, a 3-class head instead of BBC's 5
+    other = build(cfg.task, backbone=build(cfg.backbone), optimizer=build(cfg.optimizer), num_classes=3)
+    torch.save({"state_dict": other.state_dict()}, tmp / "other.ckpt")
+    (tmp / "run_without_ckpt").mkdir()
+    (tmp / "run_without_ckpt" / "config.yaml").write_text("seed: 1\n")
+    # text
+    rows = [f"review {i} of the {['good', 'bad'][i % 2]} film,{['pos', 'neg'][i % 2]}" for i in range(40)]
+    (tmp / "reviews.csv").write_text("review,sentiment\n" + "\n".join(rows) + "\n")
+    (tmp / "header_only.csv").write_text("review,sentiment\n")
+    (tmp / "unlabelled.csv").write_text("review,sentiment\n" + "\n".join(r if i != 5 else "review 5 of it," for i, r in enumerate(rows)) + "\n")
+    (tmp / "new_label.csv").write_text("review,sentiment\nan odd one,neutral\na good one,pos\n")
+    (tmp / "latin1.csv").write_bytes(("review,sentiment\n" + "\n".join(rows[:10]) + "\nit cost £5,pos\n").encode("latin-1"))
+    for label in ("a", "b"):
+        for i in range(3):
+            (tmp / "text_classes" / label).mkdir(parents=True, exist_ok=True)
+            (tmp / "text_classes" / label / f"{i}.txt").write_text(f"text {i} of {label}")
+    (tmp / "text_classes" / "empty").mkdir()
+    # images
+    for name in ("images_corrupt", "images_truncated", "images_empty_class"):
+        for label in ("cat", "dog"):
+            for i in range(6):
+                png(tmp / name / label / f"{i}.png", i)
+    (tmp / "images_corrupt" / "dog" / "garbage.png").write_bytes(b"\x89PNG not really an image")
+    whole = (tmp / "images_truncated" / "cat" / "0.png").read_bytes()
+    (tmp / "images_truncated" / "dog" / "half.png").write_bytes(whole[: len(whole) // 2])
+    (tmp / "images_empty_class" / "empty").mkdir()
+    # IDX
+    (tmp / "idx").mkdir()
+    header = b"\x00\x00\x08\x03" + (100).to_bytes(4, "big") + (8).to_bytes(4, "big") + (8).to_bytes(4, "big")
+    with gzip.open(tmp / "idx" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + bytes(8 * 8 * 10))  # 100 images announced, 10 there
+    with gzip.open(tmp / "idx" / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + (100).to_bytes(4, "big") + bytes(100))
+    # audio: manifests of good clips with one bad one each
+    audio = tmp / "audio"
+    audio.mkdir()
+    words = ["one", "two", "three", "four"]
+    for i in range(8):
+        wav(audio / f"{i}.wav")
+    (audio / "garbage.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio at all")
+    whole = (audio / "0.wav").read_bytes()
+    (audio / "half.wav").write_bytes(whole[:60])
+    good = [{"audio": f"{i}.wav", "text": words[i % 4], "duration": 0.6} for i in range(8)]
+    for manifest, bad in (("corrupt", "garbage.wav"), ("truncated", "half.wav"), ("missing", "gone.wav")):
+        lines = [*good, {"audio": bad, "text": "one", "duration": 0.6}]
+        (audio / f"{manifest}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, dict]:
+    """Every case's exit status and output, from one run of tests/cli_runner.py (imports once, forks per case)."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    make_inputs(tmp)
+    cases = {name: [a.format(tmp=tmp) for a in args] + [f"hydra.run.dir={tmp}/runs/{i}", f"paths.cache_dir={cache_dir}"]
+             for i, (name, (args, _)) in enumerate(CASES.items())}
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_runner.py"), str(tmp / "cases.json"), str(tmp / "results.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp / "results.json").read_text())
+    return {name: {**result, "tmp": str(tmp)} for name, result in results.items()}
+
+
+def test_the_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_ends_with_one_line_naming_the_culprit(outcomes: dict[str, dict], case: str) -> None:
+    result = outcomes[case]
+    output = result["output"]
+    last = output.strip().splitlines()[-1] if output.strip() else ""
+    assert result["returncode"] != 0, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert last.startswith("tunelab: error: "), output[-2000:]
+    assert CASES[case][1].format(tmp=result["tmp"]) in last, last
+    run = Path(result["tmp"]) / "runs" / str(list(CASES).index(case)) / "checkpoints"
+    if case != "loss turns NaN":
+        assert not run.exists(), "refused only after training started"
