@@ -46,8 +46,10 @@ def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedPr
     """``python train.py`` in a process of its own (the one that gets killed, and every DDP run)."""
     args = [*overrides, *COMMON, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"]
     # a session of its own: the kill takes every process of the run (DDP ranks too), never pytest
+    # not pytest's W&B service (in-process runs start one and export its address): a killed run would stay "in use" there
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                          env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -162,3 +164,30 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path: Path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12  # 2 epochs of 6
     assert not list((run / "checkpoints").glob(".*.partial-*"))
+
+
+def test_resume_continues_tensorboard_and_the_wandb_run(tmp_path: Path, cache_dir: Path) -> None:
+    """Killed at step 5, resumed from step 3 with resume=: TensorBoard holds every step once (the killed run's steps 4-5
+    purged), and the resumed run logs to the same W&B run id (offline here)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loggers = ["logger=[csv,tensorboard,wandb]", "logger.wandb.offline=true", "trainer.log_every_n_steps=1"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    train_here(whole, cache_dir, *TINY_TEXT, *loggers)
+    killed = train(run, cache_dir, *TINY_TEXT, *loggers, "+callbacks.kill._target_=tests.probes.KillAtStep", "+callbacks.kill.step=5")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_id = (run / "wandb_run_id").read_text()
+    resumed = train(run, cache_dir, f"resume={run}", "+callbacks.kill=null")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run / "wandb_run_id").read_text() == run_id
+    offline_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(name.endswith(f"-{run_id}") for name in offline_runs)
+
+    def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+        events = EventAccumulator(str(folder / "tensorboard")).Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # the same folder, continued
+    for tag in ("train/loss_step", "val/loss"):
+        assert scalars(run, tag) == scalars(whole, tag), tag
+    assert_same_metrics_csv(whole, run)
