@@ -110,12 +110,16 @@ def metric_rows(run_dir: Path) -> list[dict[str, str]]:
 
 def assert_same_metrics_csv(whole: Path, resumed: Path) -> None:
     """The resumed run's metrics.csv holds the whole run: every row of the uninterrupted run, once, in order, with the
-    same values, except the train epoch aggregates of the interrupted epoch (they cover the batches after the resume)."""
+    same values, except the train epoch aggregates of the interrupted epoch (they cover the batches after the resume),
+    and a joint run's per-dataset step loss last logged before the resume (Lightning repeats the latest value of every
+    step metric it has seen in the process)."""
     a, b = metric_rows(whole), metric_rows(resumed)
-    assert [(r["step"], sorted(r)) for r in a] == [(r["step"], sorted(r)) for r in b]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
+        stale = {k for k in set(x) - set(y) if k.startswith("train/") and k.count("/") == 2 and k.endswith("_step")}
+        assert set(x) - stale == set(y), (x, y)
         if "train/loss_epoch" not in x:
-            assert x == y
+            assert {k: v for k, v in x.items() if k not in stale} == y
 
 
 @pytest.mark.slow

@@ -49,12 +49,15 @@ def train_wordpiece(
     text_column: str = "text",
     lowercase: bool = True,
     cache_dir: str | None = None,
+    encoding: str = "utf-8",
+    encoding_errors: str = "strict",
 ) -> PreTrainedTokenizerFast:
     """Train (or load from ``cache_dir``) a WordPiece tokenizer on a corpus (see ``datamodules.corpus.read_corpus``)."""
     # lazy: datamodules import modules, not the other way round at import time
     from datamodules.corpus import read_corpus
+    from datamodules.sources import TextEncoding
 
-    texts = read_corpus(corpus, text_column)
+    texts = read_corpus(corpus, text_column, encoding=TextEncoding(encoding, encoding_errors))
     key = hashlib.sha1(f"{vocab_size}|{lowercase}|{len(texts)}".encode())
     for t in texts:
         key.update(t.encode("utf-8", "replace"))
