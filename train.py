@@ -191,6 +191,12 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("on_nonfinite") not in (None, "error", "skip", "stop"):
         raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; choose one of error, skip, stop")
     number("seed", 0, integer=True)
+    devices = OmegaConf.select(cfg, "trainer.devices", default=None)
+    ok = (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+          or (OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices)))
+    if devices is not None and not ok:
+        raise ConfigError(f"trainer.devices={devices!r} must be a whole number >= 1, -1 (all), auto, or a list of device "
+                          "ids such as [0,1]")
     for key in ("data.batch_size", "data.eval_batch_size"):
         number(key, 1, integer=True)
     endless = OmegaConf.select(cfg, "trainer.max_epochs") == -1 and OmegaConf.select(cfg, "trainer.max_steps") in (-1, None)

@@ -53,9 +53,9 @@ def run(out: Path, overrides: list[str]) -> dict[str, float]:
 
 def write_train_texts(path: Path, seed: int, limit: int | None = None) -> int:
     """The texts of the same training split ``TextDataModule`` carves (val/test 10 % each, stratified, seeded)."""
-    from datamodules.sources import load_splits, stratified_split
+    from datamodules.sources import TextEncoding, load_splits, stratified_split
 
-    split = load_splits(BBC)["train"]
+    split = load_splits(BBC, encoding=TextEncoding(errors="replace"))["train"]  # as bbc_news.yaml reads it: one article is latin-1
     _, _, train_idx = stratified_split([str(v) for v in split.columns["label"]], [0.1, 0.1], seed)
     train_idx = train_idx[:limit] if limit else train_idx
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     "epochs not a number": (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number >= 1 (or -1)"),
     "lr not a number": (["optimizer.lr=fast"], "optimizer.lr='fast' must be a number > 0"),
     "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be a number > 0"),
+    "devices not a number": (["trainer.devices=two"], "trainer.devices='two' must be a whole number >= 1, -1 (all), auto"),
+    "zero steps": (["trainer.max_steps=0"], "trainer.max_steps=0 must be a whole number >= 1 (or -1)"),
     "negative batch size": (["data.batch_size=-4"], "data.batch_size=-4 must be a whole number >= 1"),
     "fraction out of range": (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be a number in [0, 1)"),
     "endless with a schedule": (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 with no trainer.max_steps"),

