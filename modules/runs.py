@@ -113,7 +113,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
         except Exception as err:  # a key the run's config does not have
             raise ConfigError(f"resume: {override.input_line!r}: {key} is not in the run's config.yaml "
                               f"({type(err).__name__}); check the spelling, or add a new key with +{key}=...") from None
-    for key in redacted_keys(saved):
+    for key in redacted_keys(OmegaConf.to_container(saved, resolve=False)):
         fresh = OmegaConf.select(cfg, key, default=None)
         if fresh in (None, REDACTED):
             raise ConfigError(f"resume: {key} was redacted from the saved config.yaml (a secret); give it again "
@@ -128,12 +128,12 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
 
 
 def redacted_keys(config: Any, prefix: str = "") -> list[str]:
-    if isinstance(config, DictConfig):
-        return [k for key in config for k in redacted_keys(config._get_node(key), f"{prefix}{key}.")]
-    if OmegaConf.is_list(config):
-        return [k for i, item in enumerate(config) for k in redacted_keys(item, f"{prefix}{i}.")]
-    value = config._value() if hasattr(config, "_value") else config
-    return [prefix.rstrip(".")] if value == REDACTED else []
+    """Dotted keys whose saved value is the redaction marker (``config``: a plain container)."""
+    if isinstance(config, dict):
+        return [k for key, value in config.items() for k in redacted_keys(value, f"{prefix}{key}.")]
+    if isinstance(config, list):
+        return [k for i, value in enumerate(config) for k in redacted_keys(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if config == REDACTED else []
 
 
 def logged_step(ckpt: dict[str, Any]) -> int:

@@ -52,6 +52,11 @@ def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedPr
                           env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
+def step_of(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was saved at (a checkpoint these tests' own runs wrote: a full unpickle)."""
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     return {"global_step": torch.tensor(ckpt["global_step"]), **ckpt["state_dict"]}
@@ -82,7 +87,7 @@ def test_kill_mid_epoch_then_resume_ends_bit_identical(case: str, tmp_path: Path
                    f"+callbacks.kill.step={kill_at}")
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup, no final checkpoint
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    saved_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    saved_at = step_of(last)
     assert saved_at == kill_at // 3 * 3 and saved_at < kill_at  # the last step checkpoint before the kill
     if ddp:  # ckpt_path: a new run folder from the checkpoint
         resumed = train(tmp_path / "resumed", cache, *overrides, f"ckpt_path={last}")
@@ -133,7 +138,7 @@ def test_sigterm_saves_at_the_step_then_resume_is_exact(tmp_path: Path, cache_di
     assert "Traceback" not in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == (f"tunelab: stopped: SIGTERM at optimizer step 8: saved {run}/checkpoints/"
                                                         f"last.ckpt; continue with: python train.py resume={run}")
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert step_of(run / "checkpoints" / "last.ckpt") == 8
     assert not (run / "metrics.json").exists()  # no test, no export: it only stopped
     resumed = train(run, cache_dir, f"resume={run}", "+callbacks.stop=null")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -151,7 +156,7 @@ def test_ctrl_c_and_slurm_warning_stop_at_the_step_with_a_checkpoint(tmp_path: P
     assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1].startswith(f"tunelab: stopped: {name} at optimizer step 4: saved ")
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert step_of(run / "checkpoints" / "last.ckpt") == 4
 
 
 def test_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path: Path, cache_dir: Path) -> None:
@@ -162,11 +167,11 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path: Path, 
     assert killed.returncode == -9, killed.stderr[-3000:]
     partial = list((run / "checkpoints").glob(".*.partial-*"))
     assert partial, "the kill did not happen during a save"
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)  # our run's own file
     assert ckpt["global_step"] == 3 and "state_dict" in ckpt
     resumed = train(run, cache_dir, f"resume={run}", "+callbacks.kill=null")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12  # 2 epochs of 6
+    assert step_of(run / "checkpoints" / "last.ckpt") == 12  # 2 epochs of 6
     assert not list((run / "checkpoints").glob(".*.partial-*"))
 
 
@@ -195,3 +200,37 @@ def test_resume_continues_tensorboard_and_the_wandb_run(tmp_path: Path, cache_di
     for tag in ("train/loss_step", "val/loss"):
         assert scalars(run, tag) == scalars(whole, tag), tag
     assert_same_metrics_csv(whole, run)
+
+
+def test_resume_config_is_the_runs_own_with_key_overrides_and_secrets_given_again(tmp_path: Path) -> None:
+    """resume= reads the run's config.yaml, not the defaults; key=value applies on top; a group change, a misspelt key
+    or a secret that was redacted (and not given again) is one line."""
+    from omegaconf import OmegaConf
+
+    from callbacks.secrets import redact
+    from modules.errors import ConfigError
+    from modules.runs import resume_config
+    from tests.conftest import compose_config
+
+    run = tmp_path / "run"
+    saved = compose_config(run, ["optimizer.lr=3e-4", "+hf_token=s3cret"])
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"stand-in")
+    written = redact(OmegaConf.to_container(saved, resolve=True))
+    del written["trainer"]["gradient_clip_val"]  # a key this run's config does not have (an older version's run)
+    OmegaConf.save(OmegaConf.create(written), run / "config.yaml")
+    groups = ["backbone", "data", "trainer", "callbacks", "experiment"]
+
+    def resume(*overrides: str):
+        now = compose_config(tmp_path / "now", [f"resume={run}", *overrides])
+        return resume_config(now, [f"resume={run}", *overrides], groups)
+
+    with pytest.raises(ConfigError, match=r"resume: hf_token was redacted from the saved config.yaml \(a secret\)"):
+        resume()
+    cfg = resume("trainer.max_epochs=4", "+hf_token=s3cret")
+    assert cfg.optimizer.lr == 3e-4 and cfg.trainer.max_epochs == 4 and cfg.hf_token == "s3cret"  # the default lr is 1e-4
+    assert cfg.ckpt_path == str(run / "checkpoints" / "last.ckpt") and cfg.paths.output_dir == str(run)
+    with pytest.raises(ConfigError, match="'trainer=ddp' picks another config option"):
+        resume("trainer=ddp", "+hf_token=s3cret")
+    with pytest.raises(ConfigError, match="'trainer.gradient_clip_val=1.0': trainer.gradient_clip_val is not in the run's"):
+        resume("+hf_token=s3cret", "trainer.gradient_clip_val=1.0")
