@@ -146,9 +146,11 @@ def logged_step(ckpt: dict[str, Any]) -> int:
 def continue_loggers(logger_cfg: DictConfig | None, run_dir: Path, ckpt: dict[str, Any]) -> None:
     """Point the loggers of a resumed run at what the run already wrote: the CSV file keeps its rows up to the
     checkpoint, TensorBoard purges the events after it, W&B re-attaches to the stored run id."""
+    if not logger_cfg:
+        return
     step = logged_step(ckpt)
-    with open_dict(logger_cfg or DictConfig({})):
-        for node in (logger_cfg or {}).values():
+    with open_dict(logger_cfg):
+        for node in logger_cfg.values():
             if node is None or "_target_" not in node:
                 continue
             target = str(node._target_)

@@ -58,7 +58,7 @@ def step_of(ckpt: Path) -> int:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)  # the test run's own
     return {"global_step": torch.tensor(ckpt["global_step"]), **ckpt["state_dict"]}
 
 
