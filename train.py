@@ -112,6 +112,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         datamodule.save_to(run_dir)
+        backbone.save_architecture(run_dir / "backbone")  # eval / predict / export rebuild it from here, offline
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

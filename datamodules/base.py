@@ -83,6 +83,8 @@ class DataModuleBase(pl.LightningDataModule):
         val_fraction / test_fraction: shares of train carved out (stratified by label when there are
             labels, seeded) for the splits the source lacks.
         max_train_samples / max_eval_samples: cap split sizes (stratified, seeded), for quick runs.
+        label_names: a fixed label set (ids in this order), e.g. a trained model's: labels outside it are an
+            error instead of new classes (``eval.py`` passes the model's). None: the training split's labels.
         on_bad_input: ``error`` (stop with one line naming the file and row) or ``skip`` (leave bad
             examples out and count them in the log and ``data_report.json``).
         batch_size / eval_batch_size / num_workers / seed: loaders and every seeded choice.
@@ -98,6 +100,7 @@ class DataModuleBase(pl.LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         on_bad_input: str = "error",
+        label_names: Sequence[str] | None = None,
         encoding: str = "utf-8",
         encoding_errors: str = "strict",
         batch_size: int = 32,
@@ -126,6 +129,7 @@ class DataModuleBase(pl.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.datasets: dict[str, Dataset] = {}
         self.label_names: list[str] = []  # classification data: label id -> name, set in setup
+        self.fixed_labels = [str(n) for n in label_names] if label_names else None
         self.counts: dict[str, Counter] = {}  # role -> what was dropped, resampled, ... (the data report)
         self.parsed_rows: dict[str, int] = {}  # role -> rows the source gave, before anything was dropped
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) from a mid-epoch checkpoint
@@ -148,6 +152,30 @@ class DataModuleBase(pl.LightningDataModule):
     def has_split(self, role: str) -> bool:
         self.setup("fit")
         return role in self.datasets
+
+    def resolve_labels(self, found: Sequence[str], origin: str) -> list[str]:
+        """Label ids: those ``found`` in the training split, or the fixed ``label_names`` (which must cover them)."""
+        if self.fixed_labels is None:
+            return list(found)
+        unseen = sorted(set(found) - set(self.fixed_labels))
+        if unseen:
+            raise DataError(f"labels {unseen[:5]} of {origin} are not among the model's {len(self.fixed_labels)} labels "
+                            f"({', '.join(self.fixed_labels[:10])}); evaluate on data labelled with the run's label set")
+        return list(self.fixed_labels)
+
+    @property
+    def label_origin(self) -> str:
+        return "model's" if self.fixed_labels is not None else "training"
+
+    def describe(self, role: str) -> list[dict[str, Any]]:
+        """Per example of a split, in loader order of the dataset: what identifies it and its reference
+        (``eval.py`` writes these beside the predictions)."""
+        self.setup()
+        return [{"index": i} for i in range(len(self.datasets[role]))]
+
+    def prediction_loader(self, role: str) -> DataLoader:
+        """The evaluation loader of a split, its batches in the order ``trainer.test`` sees them."""
+        return self.loader(role)
 
     # -- the bad-input policy ---------------------------------------------------------------------
     def count(self, role: str, reason: str, n: int = 1) -> None:

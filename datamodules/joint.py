@@ -294,6 +294,13 @@ class JointDataModule(pl.LightningDataModule):
     def has_split(self, role: str) -> bool:
         return self.children[self.target].has_split(role)
 
+    def describe(self, role: str) -> list[dict[str, Any]]:
+        """The target's examples: evaluation and prediction are the target's."""
+        return self.children[self.target].describe(role)
+
+    def prediction_loader(self, role: str) -> Any:
+        return self.children[self.target].loader(role)
+
     def save_to(self, run_dir: str | Path) -> None:
         """``labels.json`` (the target's labels first, every dataset's labels and the sampling), and each dataset's own files under ``datasets/<name>/``."""
         heads = self.task_kwargs()["heads"]

@@ -275,6 +275,11 @@ class SpeechDataModule(DataModuleBase):
             if counts:
                 log.info(f"{role}: {dict(counts)}")
 
+    def describe(self, role: str) -> list[dict[str, Any]]:
+        self.setup()
+        return [{"index": i, "audio": clip.name, "reference": clip.text, "seconds": round(clip.seconds, 3)}
+                for i, clip in enumerate(self.datasets[role].clips)]
+
     def _strata(self, split: Split) -> list[str] | None:
         """Single-word transcripts (a keyword corpus) are classes: carve and cap stratified by word.
         Sentences are no classes: carve them at random."""

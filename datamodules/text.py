@@ -26,8 +26,10 @@ class TokenizedDataset(Dataset):
 
     tagged = False  # nothing random per item: plain indices
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int]) -> None:
+    def __init__(self, input_ids: list[list[int]], labels: list[int], texts: list[str] | None = None,
+                 rows: list[Any] | None = None) -> None:
         self.input_ids, self.labels = input_ids, labels
+        self.texts, self.rows = texts, rows  # the source rows, for per-example reports
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,6 +111,12 @@ class TextDataModule(DataModuleBase):
     def collate_for(self, role: str) -> Any:
         return self.collate
 
+    def describe(self, role: str) -> list[dict[str, Any]]:
+        self.setup()
+        data = self.datasets[role]
+        return [{"index": i, "row": row, "text": text[:200], "label": self.label_names[label]}
+                for i, (row, text, label) in enumerate(zip(data.rows, data.texts, data.labels, strict=True))]
+
     # -- loading --------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -120,12 +128,14 @@ class TextDataModule(DataModuleBase):
             self.parsed_rows[role] = len(split)
         splits = {role: self._drop_bad_rows(role, split) for role, split in splits.items()}
         splits = self.carve(splits, lambda s: s.columns[self.label_column])
-        self.label_names = [str(v) for v in sort_labels(set(splits["train"].columns[self.label_column]))]
+        found = [str(v) for v in sort_labels(set(splits["train"].columns[self.label_column]))]
+        self.label_names = self.resolve_labels(found, splits["train"].origin)
         if len(self.label_names) < 2:
             raise DataError(f"{splits['train'].origin} has a single label {self.label_names}; classification needs at least 2")
         label_ids = {name: i for i, name in enumerate(self.label_names)}
         for role, split in splits.items():
-            self.datasets[role] = TokenizedDataset(self._tokenize(split), self._encode_labels(role, split, label_ids))
+            self.datasets[role] = TokenizedDataset(self._tokenize(split), self._encode_labels(role, split, label_ids),
+                                                   [str(t) for t in split.columns[self.text_column]], list(split.row_ids))
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"text data: {sizes}; {self.num_classes} labels: {', '.join(self.label_names[:10])}")
         for role, counts in self.counts.items():
@@ -152,8 +162,9 @@ class TextDataModule(DataModuleBase):
         for row, value in zip(split.row_ids, split.columns[self.label_column], strict=True):
             if str(value) not in label_ids:
                 raise DataError(
-                    f"label {value!r} in {role} ({split.origin}, row {row}) is not among the training labels "
-                    f"({', '.join(self.label_names[:10])}); fix that row or add training examples of it"
+                    f"label {value!r} in {role} ({split.origin}, row {row}) is not among the {self.label_origin} labels "
+                    f"({', '.join(self.label_names[:10])}); fix that row" + (" or add training examples of it"
+                                                                            if self.fixed_labels is None else "")
                 )
             out.append(label_ids[str(value)])
         return out

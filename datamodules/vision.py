@@ -149,15 +149,17 @@ class VisionDataModule(DataModuleBase):
             splits = {role: self._check_images(role, split) for role, split in splits.items()}
         train = splits["train"]
         present = set(train.labels)
-        self.label_names = list(train.label_names) if train.label_names else [str(v) for v in sort_labels(present)]
+        found = list(train.label_names) if train.label_names else [str(v) for v in sort_labels(present)]
+        self.label_names = self.resolve_labels(found, train.origin)
         if len(present) < 2:
             raise DataError(f"{train.origin} has a single class {sorted(present)}; classification needs at least 2")
         label_ids = {name: i for i, name in enumerate(self.label_names)}
         for role, split in splits.items():
             unknown = sorted(set(split.labels) - set(label_ids))
             if unknown:
-                raise DataError(f"labels {unknown[:5]} in {role} ({split.origin}) are not among the training labels; "
-                                "add training images of them or remove them")
+                raise DataError(f"labels {unknown[:5]} in {role} ({split.origin}) are not among the {self.label_origin} labels; "
+                                + ("add training images of them or remove them" if self.fixed_labels is None else
+                                   "evaluate on images of the run's classes"))
             transform = self.train_transform if role == "train" else self.eval_transform
             self.datasets[role] = ImageDataset(split, [label_ids[v] for v in split.labels], transform, self.seed)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
@@ -193,6 +195,12 @@ class VisionDataModule(DataModuleBase):
                 raise DataError(f"every image in {split.origin} ({role}) is unreadable, first: {bad[0]}")
             split = split.take(keep)
         return split
+
+    def describe(self, role: str) -> list[dict[str, Any]]:
+        self.setup()
+        data = self.datasets[role]
+        return [{"index": i, "image": data.split.names[i], "label": self.label_names[label]}
+                for i, label in enumerate(data.label_ids)]
 
     # -- loaders --------------------------------------------------------------------------------
     def collate_for(self, role: str) -> Any:

@@ -91,8 +91,15 @@ class Classifier(TaskModule):
     def on_test_epoch_start(self) -> None:
         self.confusion.reset()
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
-        return [self.label_names[i] for i in self(batch).argmax(-1).tolist()]
+    predict_top_k: int = 5  # predict.py / eval.py: how many (label, probability) pairs per example
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
+        """Per example: the predicted label, its probability and the top-k (label, probability) pairs."""
+        probs = self(batch).float().softmax(-1)
+        top = probs.topk(min(self.predict_top_k, probs.shape[-1]), dim=-1)
+        return [{"predicted": self.label_names[ids[0]], "score": ps[0],
+                 "top_k": [[self.label_names[i], p] for i, p in zip(ids, ps, strict=True)]}
+                for ids, ps in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
 
 
 class TextClassifier(Classifier):

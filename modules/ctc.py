@@ -102,5 +102,7 @@ class CTCRecognizer(TaskModule):
     def on_validation_epoch_start(self) -> None:
         self.val_samples = []
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        return self.decode(*self(batch))
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Per example: the greedy transcript and its number of frames."""
+        log_probs, frames = self(batch)
+        return [{"transcript": text, "frames": n} for text, n in zip(self.decode(log_probs, frames), frames.tolist(), strict=True)]

@@ -83,6 +83,37 @@ class MaskedLM(TaskModule):
         """Logits at every position (batch, length, vocab): the reference the masked path must match."""
         return self.head(self.backbone(batch).features, self.embeddings)
 
+    predict_top_k: int = 5
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
+        """Per block with ``labels`` (held-out masked data): masked tokens, how many were right, their mean
+        NLL. Without labels (raw text): the top-k tokens (id, probability) at each ``[MASK]`` position."""
+        hidden = self.backbone(batch).features
+        labels = batch.get("labels")
+        if labels is not None:
+            out = []
+            for h, y in zip(hidden, labels, strict=True):
+                where = y != -100
+                if not where.any():
+                    out.append({"masked": 0, "correct": 0, "nll": None})
+                    continue
+                logits = self.head(h[where], self.embeddings).float()
+                nll = F.cross_entropy(logits, y[where], reduction="mean").item()
+                out.append({"masked": int(where.sum()), "correct": int((logits.argmax(-1) == y[where]).sum()), "nll": nll})
+            return out
+        mask_id = getattr(self.backbone.processor, "mask_token_id", None)
+        out = []
+        for h, ids in zip(hidden, batch["input_ids"], strict=True):
+            where = (ids == mask_id).nonzero().flatten()
+            fills = []
+            if len(where):
+                probs = self.head(h[where], self.embeddings).float().softmax(-1)
+                top = probs.topk(min(self.predict_top_k, probs.shape[-1]), dim=-1)
+                fills = [{"position": int(pos), "top_k": [[i, p] for i, p in zip(ti, tp, strict=True)]}
+                         for pos, ti, tp in zip(where.tolist(), top.indices.tolist(), top.values.tolist(), strict=True)]
+            out.append({"masks": fills})
+        return out
+
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits, targets = self.masked_logits(batch)
         if targets.numel() == 0:  # a batch with nothing masked (tiny blocks): no signal, no NaN

@@ -83,8 +83,6 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
         overrides: this command's overrides (Hydra's ``overrides.task``).
         groups: the config group names: choosing another option of a group cannot apply to a resolved config.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     resume = str(cfg.resume)
     if cfg.get("ckpt_path"):
         raise ConfigError(f"give resume={resume!r} or ckpt_path={cfg.ckpt_path!r}, not both: resume continues a run in its "
@@ -92,27 +90,9 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
     run_dir = run_folder_of(resume)
     checkpoint = newest_checkpoint(run_dir, resume)
     saved = OmegaConf.load(run_dir / "config.yaml")
-    OmegaConf.set_struct(saved, True)  # a misspelt override is an error, as on a fresh run
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "resume"])
-    for override in parsed:
-        key = override.key_or_group
-        if key.startswith("hydra.") or key == "hydra":
-            continue
-        if key in groups or key.split("/", 1)[0] in groups:
-            raise ConfigError(f"resume: {override.input_line!r} picks another config option; a resumed run keeps its own "
-                              f"config, so give only key=value changes (e.g. trainer.max_epochs=5), or start a new run")
-        try:
-            if override.is_delete():
-                with open_dict(saved):
-                    parent, _, leaf = key.rpartition(".")
-                    node = OmegaConf.select(saved, parent) if parent else saved
-                    if node is not None and leaf in node:
-                        del node[leaf]
-            else:
-                OmegaConf.update(saved, key, override.value(), merge=True, force_add=override.is_add())
-        except Exception as err:  # a key the run's config does not have
-            raise ConfigError(f"resume: {override.input_line!r}: {key} is not in the run's config.yaml "
-                              f"({type(err).__name__}); check the spelling, or add a new key with +{key}=...") from None
+    apply_overrides(saved, [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "resume"], groups, "resume",
+                    "a resumed run keeps its own config, so give only key=value changes (e.g. trainer.max_epochs=5), "
+                    "or start a new run")
     for key in redacted_keys(OmegaConf.to_container(saved, resolve=False)):
         fresh = OmegaConf.select(cfg, key, default=None)
         if fresh in (None, REDACTED):
@@ -125,6 +105,37 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
         saved.paths.output_dir = str(run_dir)
     log.info(f"resuming the run in {run_dir} from {saved.ckpt_path}")
     return saved
+
+
+def apply_overrides(saved: DictConfig, overrides: Sequence[str], groups: Sequence[str], command: str, fix: str) -> None:
+    """Apply ``key=value`` (``+key=``, ``~key``) overrides to a run's saved config, in place; a misspelt key is an
+    error, and so is picking another option of a config group (``groups``): ``fix`` says what to do instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    OmegaConf.set_struct(saved, True)  # a misspelt override is an error, as on a fresh run
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as err:
+        raise ConfigError(f"{command}: cannot parse the override {err.override!r}; write key=value") from None
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra.") or key == "hydra":
+            continue
+        if key in groups or key.split("/", 1)[0] in groups:
+            raise ConfigError(f"{command}: {override.input_line!r} picks another config option; {fix}")
+        try:
+            if override.is_delete():
+                with open_dict(saved):
+                    parent, _, leaf = key.rpartition(".")
+                    node = OmegaConf.select(saved, parent) if parent else saved
+                    if node is not None and leaf in node:
+                        del node[leaf]
+            else:
+                OmegaConf.update(saved, key, override.value(), merge=True, force_add=override.is_add())
+        except Exception as err:  # a key the run's config does not have
+            raise ConfigError(f"{command}: {override.input_line!r}: {key} is not in the run's config.yaml "
+                              f"({type(err).__name__}); check the spelling, or add a new key with +{key}=...") from None
 
 
 def redacted_keys(config: Any, prefix: str = "") -> list[str]:

@@ -77,6 +77,20 @@ class Backbone(nn.Module):
     def layer_groups(self) -> list[LayerGroup]:  # pragma: no cover
         raise NotImplementedError
 
+    def save_architecture(self, directory: str | Path) -> Path | None:
+        """What rebuilds this architecture without its weights or a download (config + tokenizer / feature
+        extractor), written into the run folder so eval, predict and export need nothing else; None if the
+        run's config alone rebuilds it (timm)."""
+        model = getattr(self, "model", None)
+        if not hasattr(getattr(model, "config", None), "save_pretrained"):
+            return None
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(out)
+        if hasattr(self.processor, "save_pretrained"):
+            self.processor.save_pretrained(out)
+        return out
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the wrapped model and its processor in the Hugging Face format (a ``name_or_path`` for later runs)."""
         if not self.exportable:

@@ -1,0 +1,128 @@
+"""Per-example predictions joined with their references, and the reports built from them: a per-class table
+for classifiers, a WER/CER report (substitutions, deletions, insertions; worst utterances) for speech."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def collect_predictions(trainer: Any, model: Any, datamodule: Any, split: str) -> list[dict[str, Any]]:
+    """The task's ``predict_step`` over the split's evaluation loader (the batches ``trainer.test`` saw, on its
+    device and precision), each output joined with the example it belongs to (``datamodule.describe``), in dataset
+    order. (Not ``trainer.predict``: it rebuilds custom batch samplers such as the length-grouped one.)"""
+    import torch
+
+    loader = datamodule.prediction_loader(split)
+    order = [key[1] if isinstance(key, tuple) else int(key) for batch in loader.batch_sampler for key in batch]
+    device = trainer.strategy.root_device
+    model.to(device).eval()
+    outputs = []
+    with torch.inference_mode(), trainer.precision_plugin.forward_context():
+        for index, batch in enumerate(loader):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            outputs += model.predict_step(batch, index)
+    if len(outputs) != len(order):
+        raise RuntimeError(f"{len(outputs)} predictions for {len(order)} examples")  # a loader that drops examples
+    examples = datamodule.describe(split)
+    rows = [{**examples[i], **out} for i, out in zip(order, outputs, strict=True)]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def add_correctness(rows: list[dict[str, Any]]) -> None:
+    """Classification rows: ``correct``; speech rows: per-utterance word and character error counts."""
+    for row in rows:
+        if "predicted" in row and "label" in row:
+            row["correct"] = row["predicted"] == row["label"]
+        if "transcript" in row and "reference" in row:
+            ref, hyp = row["reference"].split(), row["transcript"].split()
+            s, d, i = edit_operations(ref, hyp)
+            row.update(words=len(ref), substitutions=s, deletions=d, insertions=i,
+                       wer=(s + d + i) / max(1, len(ref)))
+            chars = edit_operations(list(row["reference"]), list(row["transcript"]))
+            row.update(chars=len(row["reference"]), char_errors=sum(chars), cer=sum(chars) / max(1, len(row["reference"])))
+
+
+def edit_operations(ref: Sequence[Any], hyp: Sequence[Any]) -> tuple[int, int, int]:
+    """(substitutions, deletions, insertions) of a minimum edit-distance alignment of ``hyp`` to ``ref``."""
+    # cost[j] = (total, subs, dels, ins) aligning ref[:i] with hyp[:j]; ties prefer substitutions
+    previous = [(j, 0, 0, j) for j in range(len(hyp) + 1)]
+    for i in range(1, len(ref) + 1):
+        current = [(i, 0, i, 0)]
+        for j in range(1, len(hyp) + 1):
+            t, s, d, n = previous[j - 1]
+            diagonal = (t, s, d, n) if ref[i - 1] == hyp[j - 1] else (t + 1, s + 1, d, n)
+            t, s, d, n = previous[j]
+            deletion = (t + 1, s, d + 1, n)
+            t, s, d, n = current[j - 1]
+            insertion = (t + 1, s, d, n + 1)
+            current.append(min(diagonal, deletion, insertion, key=lambda c: c[0]))
+        previous = current
+    _, s, d, n = previous[-1]
+    return s, d, n
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], out: Path) -> None:
+    """``predictions.jsonl`` (every field) and ``predictions.csv`` (top-k as ``label:p;label:p``)."""
+    with open(out / "predictions.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([flatten(row.get(c)) for c in columns])
+
+
+def flatten(value: Any) -> Any:
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return ";".join(f"{a}:{b:.4f}" if isinstance(b, float) else f"{a}:{b}" for a, b in value)
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+def class_report(rows: Sequence[dict[str, Any]], label_names: Sequence[str], out: Path) -> dict[str, float]:
+    """Precision, recall, F1 and support per class (``per_class.csv``, ``per_class.md``); returns the accuracy."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    truth, predicted = [r["label"] for r in rows], [r["predicted"] for r in rows]
+    p, r, f, n = precision_recall_fscore_support(truth, predicted, labels=list(label_names), zero_division=0)
+    table = [{"label": name, "precision": float(a), "recall": float(b), "f1": float(c), "support": int(d)}
+             for name, a, b, c, d in zip(label_names, p, r, f, n, strict=True)]
+    with open(out / "per_class.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    accuracy = sum(a == b for a, b in zip(truth, predicted, strict=True)) / max(1, len(rows))
+    lines = [f"{len(rows)} examples, accuracy {accuracy:.4f}", "", "| label | precision | recall | f1 | support |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['label']} | {t['precision']:.3f} | {t['recall']:.3f} | {t['f1']:.3f} | {t['support']} |" for t in table]
+    (out / "per_class.md").write_text("\n".join(lines) + "\n")
+    return {"accuracy": accuracy}
+
+
+def speech_report(rows: Sequence[dict[str, Any]], out: Path, worst: int = 20) -> dict[str, float]:
+    """Corpus WER and CER with their error types (``wer_report.md``) and every utterance (``wer_report.csv``)."""
+    words = sum(r["words"] for r in rows)
+    s, d, i = (sum(r[k] for r in rows) for k in ("substitutions", "deletions", "insertions"))
+    chars, char_errors = sum(r["chars"] for r in rows), sum(r["char_errors"] for r in rows)
+    totals = {"wer": (s + d + i) / max(1, words), "cer": char_errors / max(1, chars), "words": words,
+              "substitutions": s, "deletions": d, "insertions": i, "utterances": len(rows),
+              "exact": sum(r["reference"] == r["transcript"] for r in rows)}
+    fields = ["index", "audio", "reference", "transcript", "wer", "cer", "words", "substitutions", "deletions", "insertions"]
+    with open(out / "wer_report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"WER {totals['wer']:.4f} over {words} words ({s} substitutions, {d} deletions, {i} insertions); "
+             f"CER {totals['cer']:.4f}; {totals['exact']} of {len(rows)} utterances exact.", "",
+             f"Worst {min(worst, len(rows))} utterances:", "", "| audio | reference | transcript | WER |", "|---|---|---|---:|"]
+    for r in sorted(rows, key=lambda r: (-r["wer"], r["index"]))[:worst]:
+        lines.append(f"| {Path(str(r['audio'])).name} | {r['reference']} | {r['transcript']} | {r['wer']:.2f} |")
+    (out / "wer_report.md").write_text("\n".join(lines) + "\n")
+    return totals

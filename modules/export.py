@@ -1,0 +1,378 @@
+"""A trained task in the formats other tools load, each checked against the task itself on the run's own data.
+
+* ``hf``: a Hugging Face folder (safetensors): a text classifier for ``AutoModelForSequenceClassification``
+  (tunelab's pooling ships as ``modeling_tunelab.py``: ``trust_remote_code=True``), a CTC recogniser for
+  ``AutoModelForCTC`` + ``AutoProcessor``, a masked LM for ``AutoModelForMaskedLM``; an image classifier as a timm
+  folder (``model.safetensors`` + ``config.json`` with its ``pretrained_cfg``) for ``timm.create_model("local-dir:...")``.
+* ``onnx``: the task's forward (logits; CTC: log-probabilities and frame counts) with dynamic batch and
+  sequence/time axes, checked with onnxruntime.
+* ``torchscript``: ``torch.jit.trace``, kept only when the traced module also matches on a batch of another shape.
+
+Every export is run on two real batches of different shapes and compared with the task's own outputs; the
+largest difference goes to ``export_report.json``, and a difference above the tolerance is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modules.errors import ConfigError
+
+log = logging.getLogger("tunelab")
+
+FORMATS = ("hf", "onnx", "torchscript")
+TOLERANCE = 1e-4
+INPUTS = {"text": ("input_ids", "attention_mask"), "image": ("pixel_values",), "audio": ("input_values", "attention_mask")}
+# masked-LM heads in transformers: where tunelab's dense / LayerNorm / output bias go
+MLM_HEADS = {
+    "bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias"),
+    "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"),
+    "xlm-roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"),
+    "camembert": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"),
+}
+
+
+class TaskForExport(nn.Module):
+    """The task's forward on plain tensors: what ONNX and TorchScript record."""
+
+    def __init__(self, task: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.task, self.names = task, tuple(names)
+        self.kind = str(getattr(type(task), "data_kind", ""))
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        batch = dict(zip(self.names, tensors, strict=True))
+        if self.kind == "mlm":
+            return self.task.dense_logits(batch)
+        return self.task(batch)  # classifiers: logits; CTC: (log-probabilities, frames per example)
+
+
+def outputs_of(value: Any) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def max_difference(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> float:
+    """Largest absolute difference over all outputs (as float64)."""
+    worst = 0.0
+    for a, b in zip(expected, got, strict=True):
+        b = torch.as_tensor(b)
+        if tuple(a.shape) != tuple(b.shape):
+            return float("inf")
+        worst = max(worst, float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
+    return worst
+
+
+def classifier_linear(task: nn.Module) -> nn.Linear:
+    """The classification head's linear layer (a joint classifier's target head)."""
+    head = task.head
+    if isinstance(head, nn.ModuleDict):
+        head = head[task.target]
+    return head.linear
+
+
+def prefixed(state: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    return {new + k[len(old):]: v for k, v in state.items() if k.startswith(old)}
+
+
+class Exporter:
+    """Exports one loaded run (``modules.inference.TrainedRun``); ``batches`` are real inputs of two shapes."""
+
+    def __init__(self, run: Any, batches: Sequence[dict[str, Any]]) -> None:
+        self.run, self.task = run, run.model.cpu().eval()
+        self.kind = run.kind
+        self.modality = str(getattr(self.task.backbone, "modality", ""))
+        self.names = INPUTS[self.modality]
+        self.batches = [{k: batch[k] for k in self.names if k in batch} for batch in batches]
+        self.wrapper = TaskForExport(self.task, self.names).eval()
+        with torch.inference_mode():
+            self.expected = [[t.detach() for t in outputs_of(self.wrapper(*self.args(b)))] for b in self.batches]
+
+    def args(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(batch[name] for name in self.names)
+
+    def check(self, what: str, run: Callable[[dict[str, torch.Tensor]], Sequence[Any]], compare: int | None = None) -> list[float]:
+        """``run`` on each batch vs the task's outputs (the first ``compare`` outputs); raise above the tolerance."""
+        differences = []
+        for batch, expected in zip(self.batches, self.expected, strict=True):
+            with torch.inference_mode():
+                got = list(run(batch))
+            differences.append(max_difference(expected[:compare or len(expected)], got[:compare or len(expected)]))
+        shapes = ", ".join("x".join(map(str, b[self.names[0]].shape)) for b in self.batches)
+        if max(differences) > TOLERANCE:
+            raise ConfigError(f"the {what} export does not reproduce the model: max abs difference {max(differences):.3g} "
+                              f"(tolerance {TOLERANCE:g}) on inputs {shapes}; please report it, and use another --format")
+        log.info(f"{what}: max abs difference {max(differences):.2e} vs the task on inputs {shapes}")
+        return differences
+
+    # -- Hugging Face / timm ------------------------------------------------------------------------
+    def hf(self, out: Path) -> dict[str, Any]:
+        if self.modality == "image":
+            return self.timm(out)
+        if self.kind in ("classification", "joint_classification"):
+            return self.hf_text_classifier(out)
+        if self.kind == "ctc":
+            return self.hf_ctc(out)
+        if self.kind == "mlm":
+            return self.hf_masked_lm(out)
+        raise ConfigError(f"--format hf: no Hugging Face class for a {self.kind} task; use --format onnx")
+
+    def hf_text_classifier(self, out: Path) -> dict[str, Any]:
+        from modules.modeling_tunelab import TunelabForSequenceClassification, TunelabTextClassifierConfig
+
+        backbone = self.task.backbone
+        labels = list(self.task.label_names)
+        linear = classifier_linear(self.task)
+        config = TunelabTextClassifierConfig(
+            encoder=backbone.model.config.to_dict(), pooling=backbone.pooling, classifier_dropout=float(self.dropout_p()),
+            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+            architectures=["TunelabForSequenceClassification"],
+            auto_map={"AutoConfig": "modeling_tunelab.TunelabTextClassifierConfig",
+                      "AutoModelForSequenceClassification": "modeling_tunelab.TunelabForSequenceClassification"})
+        model = TunelabForSequenceClassification(config).eval()
+        state = {**prefixed(backbone.model.state_dict(), "", "encoder."), "classifier.weight": linear.weight,
+                 "classifier.bias": linear.bias}
+        model.load_state_dict(state, strict=True)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        shutil.copy(Path(__file__).with_name("modeling_tunelab.py"), out / "modeling_tunelab.py")
+        backbone.processor.save_pretrained(out)
+        differences = self.check("Hugging Face", lambda b: [model(**b).logits])
+        return {"loads_with": "transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)",
+                "max_abs_difference": differences}
+
+    def hf_ctc(self, out: Path) -> dict[str, Any]:
+        from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+
+        backbone, head = self.task.backbone, self.task.head
+        config = copy.deepcopy(backbone.model.config)
+        tokens = list(self.task.vocab.tokens)
+        config.update({"vocab_size": len(tokens), "pad_token_id": self.task.vocab.blank_id, "ctc_loss_reduction": "mean",
+                       "ctc_zero_infinity": True, "final_dropout": float(head.dropout.p), "architectures": None})
+        try:
+            model = AutoModelForCTC.from_config(config).eval()
+        except ValueError:
+            raise ConfigError(f"--format hf: transformers has no CTC model for {config.model_type}; use --format onnx") from None
+        prefix = model.base_model_prefix
+        state = {**prefixed(backbone.model.state_dict(), "", f"{prefix}."), "lm_head.weight": head.linear.weight,
+                 "lm_head.bias": head.linear.bias}
+        model.load_state_dict(state, strict=True)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        vocab = out / "vocab.json"
+        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+        tokenizer = Wav2Vec2CTCTokenizer(str(vocab), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|",
+                                         bos_token=None, eos_token=None, do_lower_case=False)
+        Wav2Vec2Processor(feature_extractor=backbone.processor, tokenizer=tokenizer).save_pretrained(out)
+        use_mask = backbone.pass_attention_mask
+
+        def run(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            logits = model(batch["input_values"], attention_mask=batch["attention_mask"] if use_mask else None).logits
+            return [torch.log_softmax(logits.float(), dim=-1)]
+
+        differences = self.check("Hugging Face", run, compare=1)
+        return {"loads_with": "transformers.AutoModelForCTC.from_pretrained(folder) + AutoProcessor.from_pretrained(folder)",
+                "max_abs_difference": differences}
+
+    def hf_masked_lm(self, out: Path) -> dict[str, Any]:
+        from transformers import AutoModelForMaskedLM
+
+        backbone, head = self.task.backbone, self.task.head
+        config = copy.deepcopy(backbone.model.config)
+        names = MLM_HEADS.get(config.model_type)
+        if names is None:
+            raise ConfigError(f"--format hf: a {config.model_type} masked LM has no mapping to transformers' head here "
+                              f"(supported: {', '.join(MLM_HEADS)}); use --format onnx")
+        config.update({"architectures": None, "tie_word_embeddings": True})
+        model = AutoModelForMaskedLM.from_config(config).eval()
+        prefix = model.base_model_prefix
+        dense, norm, bias = names
+        state = {**prefixed(backbone.model.state_dict(), "", f"{prefix}."),
+                 f"{dense}.weight": head.dense.weight, f"{dense}.bias": head.dense.bias,
+                 f"{norm}.weight": head.norm.weight, f"{norm}.bias": head.norm.bias, bias: head.bias}
+        result = model.load_state_dict(state, strict=False)
+        untied = [k for k in result.missing_keys if not k.endswith(("decoder.weight", "decoder.bias"))]
+        if untied or result.unexpected_keys:
+            raise ConfigError(f"--format hf: the {config.model_type} masked-LM head does not match tunelab's "
+                              f"(missing {untied[:3]}, unexpected {result.unexpected_keys[:3]}); use --format onnx")
+        model.tie_weights()
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        backbone.processor.save_pretrained(out)
+        differences = self.check("Hugging Face", lambda b: [model(**b).logits])
+        return {"loads_with": "transformers.AutoModelForMaskedLM.from_pretrained(folder)", "max_abs_difference": differences}
+
+    def timm(self, out: Path) -> dict[str, Any]:
+        import timm
+        from timm.models import save_for_hf
+
+        backbone = self.task.backbone
+        labels = list(self.task.label_names)
+        kwargs = dict(self.run.cfg.backbone.get("model_kwargs") or {})
+        model = timm.create_model(backbone.model_name, pretrained=False, num_classes=len(labels), **kwargs).eval()
+        classifier = model.pretrained_cfg.get("classifier") or "head"
+        classifier = classifier if isinstance(classifier, str) else classifier[0]
+        linear = classifier_linear(self.task)
+        state = {**backbone.model.state_dict(), f"{classifier}.weight": linear.weight, f"{classifier}.bias": linear.bias}
+        model.load_state_dict(state, strict=True)
+        out.mkdir(parents=True, exist_ok=True)
+        # the data config the run trained with (input size, mean/std, crop) goes into the saved pretrained_cfg
+        save_for_hf(model, out, model_config={"label_names": labels}, model_args=kwargs or None,
+                    data_config=dict(backbone.processor), safe_serialization=True)
+        loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # as a user loads it
+        differences = self.check("timm", lambda b: [loaded(b["pixel_values"])])
+        return {"loads_with": f"timm.create_model('local-dir:{out}')", "max_abs_difference": differences}
+
+    def dropout_p(self) -> float:
+        head = self.task.head[self.task.target] if isinstance(self.task.head, nn.ModuleDict) else self.task.head
+        return float(head.dropout.p)
+
+    # -- ONNX and TorchScript ------------------------------------------------------------------------
+    def dynamic_shapes(self) -> dict[str, dict[int, Any]]:
+        from torch.export import Dim
+
+        batch = Dim("batch", min=1, max=4096)
+        if self.modality == "image":
+            return {"pixel_values": {0: batch}}
+        if self.modality == "audio":
+            time = Dim("time")  # the conv front end's own minimum applies (wav2vec2: 400 samples)
+            return {"input_values": {0: batch, 1: time}, "attention_mask": {0: batch, 1: time}}
+        limit = int(getattr(self.task.backbone.model.config, "max_position_embeddings", 512) or 512)
+        sequence = Dim("sequence", min=2, max=limit)
+        return {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+
+    def too_big_for_one_file(self) -> bool:
+        """ONNX files hold at most 2 GB of protobuf: bigger models keep their weights in ``model.onnx.data``."""
+        return sum(p.numel() * p.element_size() for p in self.task.parameters()) > 1.8e9
+
+    def output_names(self) -> list[str]:
+        return {"ctc": ["log_probs", "frames"], "mlm": ["logits"]}.get(self.kind, ["logits"])
+
+    def onnx(self, out: Path) -> dict[str, Any]:
+        import onnxruntime
+
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "model.onnx"
+        example = self.args(self.batches[0])
+        dynamic = self.dynamic_shapes()
+        try:
+            torch.onnx.export(self.wrapper, example, str(path), dynamo=True, input_names=list(self.names),
+                              output_names=self.output_names(), dynamic_shapes=(tuple(dynamic[n] for n in self.names),),
+                              external_data=self.too_big_for_one_file(), verbose=False)
+        except Exception as err:  # noqa: BLE001 - the exporter raises many kinds; say which model and why
+            raise ConfigError(f"--format onnx: torch.onnx could not export {type(self.task.backbone.model).__name__} "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); use --format hf") from None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        wanted = [i.name for i in session.get_inputs()]  # an input the graph does not use is left out
+
+        def run(batch: dict[str, torch.Tensor]) -> list[Any]:
+            return session.run(None, {n: batch[n].numpy() for n in wanted})
+
+        differences = self.check("ONNX", run)
+        (out / "onnx_io.json").write_text(json.dumps({
+            "inputs": {i.name: {"shape": [d if isinstance(d, int) else str(d) for d in i.shape], "type": i.type}
+                       for i in session.get_inputs()},
+            "outputs": {o.name: {"shape": [d if isinstance(d, int) else str(d) for d in o.shape], "type": o.type}
+                        for o in session.get_outputs()},
+            **self.preprocessing()}, indent=2))
+        self.save_preprocessing(out)
+        return {"loads_with": "onnxruntime.InferenceSession(folder/model.onnx)", "inputs": wanted,
+                "max_abs_difference": differences}
+
+    def torchscript(self, out: Path) -> dict[str, Any]:
+        import warnings
+
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "model.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches: the check below decides
+            self.task._jit_is_scripting = True  # Lightning's own flag: its trainer properties stay quiet while tracing
+            try:
+                traced = torch.jit.trace(self.wrapper, self.args(self.batches[0]), check_trace=False, strict=False)
+            except Exception as err:  # noqa: BLE001
+                raise ConfigError(f"--format torchscript: tracing failed ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]}); use --format onnx") from None
+            finally:
+                self.task._jit_is_scripting = False
+            try:
+                differences = self.check("TorchScript", lambda b: outputs_of(traced(*self.args(b))))
+            except ConfigError:
+                raise ConfigError("--format torchscript: the traced model does not generalise to inputs of another shape "
+                                  "(tracing records one shape's control flow); use --format onnx") from None
+        torch.jit.save(traced, str(path))
+        (out / "torchscript_io.json").write_text(json.dumps({"inputs": list(self.names), "outputs": self.output_names(),
+                                                              **self.preprocessing()}, indent=2))
+        self.save_preprocessing(out)
+        return {"loads_with": "torch.jit.load(folder/model.pt)", "max_abs_difference": differences}
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What turns raw inputs into the graph's inputs, and its outputs back into labels or text."""
+        info: dict[str, Any] = {"task": self.kind}
+        if hasattr(self.task, "label_names") and self.kind != "mlm":
+            info["label_names"] = list(self.task.label_names)
+        if self.kind == "ctc":
+            info["vocab"] = list(self.task.vocab.tokens)
+            info["blank_id"] = self.task.vocab.blank_id
+        if self.modality == "image":
+            info["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.task.backbone.processor.items()}
+        if self.modality == "text":
+            info["max_length"] = int(self.run.cfg.data.get("max_length") or self.run.cfg.data.get("block_size") or 512)
+        return info
+
+    def save_preprocessing(self, out: Path) -> None:
+        """The tokenizer or feature extractor beside the graph (the image data config is in the io file)."""
+        processor = self.task.backbone.processor
+        if hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(out)
+
+
+def sample_batches(run: Any, size: int = 4) -> list[dict[str, Any]]:
+    """Two real batches of the run's data (test split, else validation) with different shapes: ``size`` examples,
+    then ``size - 1`` others (their own padding length)."""
+    datamodule = run.datamodule()
+    role = "test" if datamodule.has_split("test") else "val"
+    loader = datamodule.prediction_loader(role)
+    dataset, collate = loader.dataset, loader.collate_fn
+    n = len(dataset)
+    if n < 2:
+        raise ConfigError(f"the run's {role} split has {n} example(s); the export check needs at least 2")
+    first = list(range(min(size, n - 1)))
+    second = list(range(len(first), min(n, len(first) + max(1, size - 1))))
+    batches = [dict(collate([dataset[i] for i in first])), dict(collate([dataset[i] for i in second]))]
+    a, b = (batch.get("input_ids") for batch in batches)
+    if a is not None and b is not None and a.shape[1] == b.shape[1] and b.shape[1] > 4:
+        # texts truncated to max_length all have its length: check another sequence length too
+        keep = b.shape[1] // 2
+        batches[1] = {k: v[:, :keep] if isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape[1] == b.shape[1] else v
+                      for k, v in batches[1].items()}
+    return batches
+
+
+def export_run(run: Any, formats: Sequence[str], out: Path) -> dict[str, Any]:
+    """Export ``run`` in each of ``formats`` into ``out/<format>/``; writes and returns ``out/export_report.json``."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"--format {unknown[0]!r} is unknown; choose from {', '.join(FORMATS)} (or all)")
+    exporter = Exporter(run, sample_batches(run))
+    report: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "weights": run.weights,
+                              "task": run.kind, "tolerance": TOLERANCE, "formats": {}}
+    for fmt in formats:
+        folder = out / fmt
+        report["formats"][fmt] = {"folder": str(folder), **getattr(exporter, fmt)(folder)}
+        log.info(f"exported {fmt}: {folder}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "export_report.json"
+    if path.is_file():  # an earlier export of other formats into the same folder stays listed
+        earlier = json.loads(path.read_text())
+        if earlier.get("checkpoint") == report["checkpoint"] and earlier.get("weights") == report["weights"]:
+            report["formats"] = {**earlier.get("formats", {}), **report["formats"]}
+    path.write_text(json.dumps(report, indent=2))
+    return report
