@@ -123,7 +123,7 @@ class Exporter:
             return self.hf_ctc(out)
         if self.kind == "mlm":
             return self.hf_masked_lm(out)
-        raise ConfigError(f"--format hf: no Hugging Face class for a {self.kind} task; use --format onnx")
+        raise ConfigError(unsupported(self.run, "hf") or f"--format hf: no Hugging Face class for a {self.kind} task")
 
     def hf_text_classifier(self, out: Path) -> dict[str, Any]:
         from modules.modeling_tunelab import TunelabForSequenceClassification, TunelabTextClassifierConfig
@@ -157,10 +157,7 @@ class Exporter:
         tokens = list(self.task.vocab.tokens)
         config.update({"vocab_size": len(tokens), "pad_token_id": self.task.vocab.blank_id, "ctc_loss_reduction": "mean",
                        "ctc_zero_infinity": True, "final_dropout": float(head.dropout.p), "architectures": None})
-        try:
-            model = AutoModelForCTC.from_config(config).eval()
-        except ValueError:
-            raise ConfigError(f"--format hf: transformers has no CTC model for {config.model_type}; use --format onnx") from None
+        model = AutoModelForCTC.from_config(config).eval()
         prefix = model.base_model_prefix
         state = {**prefixed(backbone.model.state_dict(), "", f"{prefix}."), "lm_head.weight": head.linear.weight,
                  "lm_head.bias": head.linear.bias}
@@ -187,10 +184,7 @@ class Exporter:
 
         backbone, head = self.task.backbone, self.task.head
         config = copy.deepcopy(backbone.model.config)
-        names = MLM_HEADS.get(config.model_type)
-        if names is None:
-            raise ConfigError(f"--format hf: a {config.model_type} masked LM has no mapping to transformers' head here "
-                              f"(supported: {', '.join(MLM_HEADS)}); use --format onnx")
+        names = MLM_HEADS[config.model_type]  # unsupported() refused the others
         config.update({"architectures": None, "tie_word_embeddings": True})
         model = AutoModelForMaskedLM.from_config(config).eval()
         prefix = model.base_model_prefix
@@ -334,6 +328,25 @@ class Exporter:
             processor.save_pretrained(out)
 
 
+def unsupported(run: Any, fmt: str) -> str | None:
+    """Why ``fmt`` cannot hold this run's model (checked before any work), or None."""
+    if fmt != "hf" or getattr(run.model.backbone, "modality", "") == "image":
+        return None
+    model_type = getattr(getattr(run.model.backbone, "model", None), "config", None)
+    model_type = getattr(model_type, "model_type", "?")
+    if run.kind == "mlm" and model_type not in MLM_HEADS:
+        return (f"--format hf: a {model_type} masked LM has no mapping onto a transformers masked-LM head here "
+                f"(supported: {', '.join(MLM_HEADS)}); use --format onnx or torchscript")
+    if run.kind == "ctc":
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING_NAMES
+
+        if model_type not in MODEL_FOR_CTC_MAPPING_NAMES:
+            return f"--format hf: transformers has no CTC model for {model_type}; use --format onnx or torchscript"
+    if run.kind not in ("classification", "joint_classification", "ctc", "mlm"):
+        return f"--format hf: no Hugging Face class for a {run.kind} task; use --format onnx"
+    return None
+
+
 def sample_batches(run: Any, size: int = 4) -> list[dict[str, Any]]:
     """Two real batches of the run's data (test split, else validation) with different shapes: ``size`` examples,
     then ``size - 1`` others (their own padding length)."""
@@ -361,6 +374,10 @@ def export_run(run: Any, formats: Sequence[str], out: Path) -> dict[str, Any]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ConfigError(f"--format {unknown[0]!r} is unknown; choose from {', '.join(FORMATS)} (or all)")
+    for fmt in formats:
+        problem = unsupported(run, fmt)
+        if problem:
+            raise ConfigError(problem)
     exporter = Exporter(run, sample_batches(run))
     report: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "weights": run.weights,
                               "task": run.kind, "tolerance": TOLERANCE, "formats": {}}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from modules.errors import ConfigError, DataError
+from modules.errors import ConfigError, DataError, UserInputError
 
 log = logging.getLogger("tunelab")
 
@@ -202,9 +202,16 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
     with open_dict(cfg):
         check_task_and_data(cfg)  # the task and the (new) data match
     backbone = build(OmegaConf.create(architecture_node(OmegaConf.to_container(cfg.backbone, resolve=True), run_dir)))
-    hparams = ckpt.get("hyper_parameters") or {}
-    data_args = {k: hparams[k] for k in DATA_ARGUMENTS if k in hparams}
-    model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=None, **data_args)
+    data_args = data_arguments(ckpt, run_dir, ckpt_path)
+    try:
+        model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=None, **data_args)
+    except UserInputError:
+        raise
+    except Exception:  # noqa: BLE001 - Hydra wraps the task's TypeError; the cause is the missing data arguments
+        if data_args or cfg.task._target_.endswith("MaskedLM"):
+            raise
+        raise ConfigError(f"{ckpt_path} has no hyper_parameters and {run_dir} no labels.json / vocab.json, so the label "
+                          "set is unknown; give a checkpoint train.py saved, inside its run folder") from None
     state, described = select_weights(ckpt, ckpt_path, run_dir, weights, cfg, model)
     problem = state_mismatch(model.state_dict(), state)
     if problem:
@@ -214,6 +221,26 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
     model.eval()
     log.info(f"loaded {described} from {ckpt_path}")
     return TrainedRun(run_dir, cfg, ckpt_path, model, described)
+
+
+def data_arguments(ckpt: dict[str, Any], run_dir: Path, ckpt_path: Path) -> dict[str, Any]:
+    """The task arguments that came from the data: the checkpoint's hyperparameters, else the run folder's
+    ``labels.json`` / ``vocab.json``."""
+    import json
+
+    hparams = ckpt.get("hyper_parameters") or {}
+    found = {k: hparams[k] for k in DATA_ARGUMENTS if k in hparams}
+    if found:
+        return found
+    labels, vocab = run_dir / "labels.json", run_dir / "vocab.json"
+    if vocab.is_file():
+        return {"vocab": json.loads(vocab.read_text())["tokens"]}
+    if labels.is_file():
+        info = json.loads(labels.read_text())
+        if "datasets" in info:
+            return {"heads": {n: d["label_names"] for n, d in info["datasets"].items()}, "target": info["target"]}
+        return {"num_classes": len(info["label_names"]), "label_names": info["label_names"]}
+    return {}
 
 
 def select_weights(ckpt: dict[str, Any], ckpt_path: Path, run_dir: Path, weights: str, cfg: DictConfig,

@@ -1,6 +1,7 @@
 """Run many ``python train.py ARGS`` command lines in one go: the slow imports (torch, Lightning, transformers,
 timm) happen once, then each command line runs ``train.py`` as ``__main__`` in a forked process of its own, with
-its own stdout/stderr and exit status, exactly as the shell would see it.
+its own stdout/stderr and exit status, exactly as the shell would see it. A case whose first argument names another
+entry script (``eval.py``, ``predict.py``, ``export.py``) runs that script instead.
 
     python tests/cli_runner.py cases.json results.json     # cases: {name: [arg, ...]}
 """
@@ -19,18 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
 
+SCRIPTS = ("train.py", "eval.py", "predict.py", "export.py")
+
+
 def run_one(args: list[str], output: Path) -> int:
-    """In a forked child: train.py as ``__main__`` with ``args``; returns its exit status."""
+    """In a forked child: train.py (or the script ``args[0]`` names) as ``__main__`` with ``args``; returns its exit status."""
+    script = args[0] if args and args[0] in SCRIPTS else "train.py"
+    args = args[1:] if args and args[0] in SCRIPTS else args
     pid = os.fork()
     if pid == 0:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         signal.alarm(TIMEOUT_S)
-        sys.argv = [str(ROOT / "train.py"), *args]
+        sys.argv = [str(ROOT / script), *args]
         code = 0
         try:
-            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+            runpy.run_path(str(ROOT / script), run_name="__main__")
         except SystemExit as exit_:  # what the interpreter would do with it
             if isinstance(exit_.code, int) or exit_.code is None:
                 code = exit_.code or 0

@@ -72,6 +72,24 @@ CASES: dict[str, tuple[list[str], str]] = {
     "corrupt audio": ([*SPEECH, "data.data_files.train=corrupt.jsonl"], "garbage.wav"),
     "truncated audio": ([*SPEECH, "data.data_files.train=truncated.jsonl"], "half.wav"),
     "missing audio file": ([*SPEECH, "data.data_files.train=missing.jsonl"], "gone.wav"),
+    # eval.py / predict.py / export.py on a run folder ({tmp}/run: a tiny text classifier, {tmp}/image_run, {tmp}/mlm_run)
+    "eval: missing run": (["eval.py", "{tmp}/no_such_run"], "{tmp}/no_such_run does not exist; give a run folder"),
+    "eval: not a run folder": (["eval.py", "{tmp}/text_classes"], "holds no config.yaml, so it is not a tunelab run folder"),
+    "eval: garbage checkpoint": (["eval.py", "{tmp}/run", "--checkpoint", "{tmp}/corrupt.ckpt"], "corrupt.ckpt is not a readable checkpoint"),
+    "eval: another task's checkpoint": (["eval.py", "{tmp}/run", "--checkpoint", "{tmp}/other.ckpt"], "other.ckpt holds another model than"),
+    "eval: a checkpoint that runs code": (["eval.py", "{tmp}/run", "--checkpoint", "{tmp}/pickled.ckpt"], "add --trust-checkpoint"),
+    "eval: labels the model never saw": (["eval.py", "{tmp}/run", "data=csv", "data.text_column=review", "data.label_column=sentiment",
+                                          "data.data_files.train={tmp}/reviews.csv"], "are not among the model's 5 labels"),
+    "eval: misspelt key": (["eval.py", "{tmp}/run", "data.max_lenght=9"], "data.max_lenght is not in the run's config.yaml"),
+    "eval: unknown split": (["eval.py", "{tmp}/run", "--split", "train"], "argument --split: invalid choice: 'train'"),
+    "eval: raw weights without EMA": (["eval.py", "{tmp}/run", "--weights", "raw"], "has no separate raw weights (EMA was off)"),
+    "eval: no WiSE-FT weights": (["eval.py", "{tmp}/run", "--weights", "wise_ft"], "wise_ft/best_alpha.pt does not exist"),
+    "eval: WiSE-FT α out of range": (["eval.py", "{tmp}/run", "--weights", "wise_ft:1.5"], "α must be a number in [0, 1]"),
+    "predict: missing input": (["predict.py", "{tmp}/run", "{tmp}/no_such.txt"], "input '{tmp}/no_such.txt' does not exist"),
+    "predict: unknown output type": (["predict.py", "{tmp}/run", "{tmp}/reviews.csv", "--out", "x.xlsx"], "write .jsonl or .csv"),
+    "predict: unreadable image": (["predict.py", "{tmp}/image_run", "{tmp}/images_corrupt"], "garbage.png"),
+    "export: unknown format": (["export.py", "{tmp}/run", "--format", "pdf"], "--format 'pdf': choose from hf, onnx, torchscript"),
+    "export: a format the model lacks": (["export.py", "{tmp}/mlm_run", "--format", "hf"], "a distilbert masked LM has no mapping"),
     # only training can tell
     "loss turns NaN": ([*TINY, "optimizer.lr=1e6", "trainer.max_steps=8", "test_after_fit=false"], "non-finite"),
 }
@@ -147,12 +165,47 @@ def make_inputs(tmp: Path) -> None:
         (audio / f"{manifest}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
+def fake_run(folder: Path, overrides: list[str], cache_dir: Path, **data_args: object) -> None:
+    """A run folder as train.py leaves one (config.yaml, backbone/, a checkpoint), with untrained weights."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
+    from train import build
+
+    cfg = compose_config(folder, overrides, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), folder / "config.yaml")
+    backbone = build(cfg.backbone)
+    backbone.save_architecture(folder / "backbone")
+    task = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), **data_args)
+    if "label_names" in data_args:
+        (folder / "labels.json").write_text(json.dumps({"label_names": data_args["label_names"]}))
+    (folder / "checkpoints").mkdir()
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, folder / "checkpoints" / "best.ckpt")
+
+
+def fake_runs(tmp: Path, cache_dir: Path) -> None:
+    import argparse
+
+    fake_run(tmp / "run", TINY, cache_dir, num_classes=5,
+             label_names=["business", "entertainment", "politics", "sports", "tech"])
+    fake_run(tmp / "image_run", ["experiment=digits_scratch"], cache_dir, num_classes=10, label_names=[str(i) for i in range(10)])
+    fake_run(tmp / "mlm_run", ["experiment=mlm_bbc", "data.max_documents=20", "backbone.model_type=distilbert",
+                               "backbone.config_overrides.hidden_size=32", "backbone.config_overrides.num_hidden_layers=2",
+                               "backbone.config_overrides.num_attention_heads=2", "backbone.config_overrides.intermediate_size=64",
+                               "backbone.train_tokenizer.vocab_size=600", "export_backbone=null"], cache_dir)
+    state = torch.load(tmp / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    torch.save({**state, "args": argparse.Namespace(lr=1)}, tmp / "pickled.ckpt")  # an object: weights_only refuses it
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, dict]:
     """Every case's exit status and output, from one run of tests/cli_runner.py (imports once, forks per case)."""
     tmp = tmp_path_factory.mktemp("bad_inputs")
     make_inputs(tmp)
-    cases = {name: [a.format(tmp=tmp) for a in args] + [f"hydra.run.dir={tmp}/runs/{i}", f"paths.cache_dir={cache_dir}"]
+    fake_runs(tmp, cache_dir)
+    cases = {name: [a.format(tmp=tmp) for a in args] + ([] if args[0].endswith(".py") else
+                                                        [f"hydra.run.dir={tmp}/runs/{i}", f"paths.cache_dir={cache_dir}"])
              for i, (name, (args, _)) in enumerate(CASES.items())}
     (tmp / "cases.json").write_text(json.dumps(cases))
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_runner.py"), str(tmp / "cases.json"), str(tmp / "results.json")],
