@@ -30,8 +30,14 @@ def parse(argv: Sequence[str]) -> Any:
     parser.add_argument("--out", default=None, help="the folder for the results (default <run>/eval/<split>-<time>)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the run's)")
     parser.add_argument("--precision", default=None, help="Lightning precision (default: the run's trainer.precision)")
+    parser.add_argument("--top-k", type=int, default=5, help="(label, probability) pairs per example (classifiers)")
+    parser.add_argument("--save-outputs", action="store_true",
+                        help="also write outputs.npz: each example's logits (classifiers) or frame log-probabilities (CTC)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k {args.top_k} must be >= 1")
+    return args
 
 
 def evaluate(args: Any) -> dict[str, Any]:
@@ -63,7 +69,13 @@ def evaluate(args: Any) -> dict[str, Any]:
                                 args.precision or run.cfg.trainer.get("precision", "32-true"), not args.no_progress)
     check = trainer.test if args.split == "test" else trainer.validate
     metrics = {k: float(v) for k, v in check(run.model, datamodule=datamodule, verbose=False)[0].items()}
+    run.model.predict_top_k, run.model.predict_outputs = args.top_k, args.save_outputs
     rows = collect_predictions(trainer, run.model, datamodule, args.split)
+    if args.save_outputs:
+        import numpy as np
+
+        outputs = {f"example_{r['index']}": r.pop("outputs").numpy() for r in rows if "outputs" in r}
+        np.savez_compressed(out / "outputs.npz", **outputs)
     add_correctness(rows)
     write_predictions(rows, out)
     report: dict[str, Any] = {}

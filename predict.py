@@ -33,7 +33,7 @@ def parse(argv: Sequence[str]) -> Any:
     parser.add_argument("--on-bad-input", default="error", choices=["error", "skip"],
                         help="an unreadable input: stop with one line, or skip it (a row with an error field) and count it")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
     if args.out and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):

