@@ -296,14 +296,12 @@ def check_checkpoint(ckpt_path: str | None, model: Any) -> dict[str, Any] | None
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a readable Lightning checkpoint ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); a run killed while saving "
                           "leaves one: resume from an earlier checkpoint") from None
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or wrong:
-        first = (f"{missing[0]} is missing" if missing else
-                 f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's {tuple(own[wrong[0]].shape)}")
-        raise ConfigError(f"ckpt_path={ckpt_path!r} holds another model ({len(missing)} tensors missing, {len(wrong)} of "
-                          f"another shape; {first}); resume with the config of the run that saved it")
+    from modules.inference import state_mismatch
+
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise ConfigError(f"ckpt_path={ckpt_path!r} holds another model ({problem}); resume with the config of the run "
+                          "that saved it")
     return ckpt
 
 

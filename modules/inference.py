@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -202,7 +203,7 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
     with open_dict(cfg):
         check_task_and_data(cfg)  # the task and the (new) data match
     backbone = build(OmegaConf.create(architecture_node(OmegaConf.to_container(cfg.backbone, resolve=True), run_dir)))
-    data_args = data_arguments(ckpt, run_dir, ckpt_path)
+    data_args = data_arguments(ckpt, run_dir, hydra.utils.get_class(cfg.task._target_))
     try:
         model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=None, **data_args)
     except UserInputError:
@@ -223,13 +224,15 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
     return TrainedRun(run_dir, cfg, ckpt_path, model, described)
 
 
-def data_arguments(ckpt: dict[str, Any], run_dir: Path, ckpt_path: Path) -> dict[str, Any]:
+def data_arguments(ckpt: dict[str, Any], run_dir: Path, task_cls: type) -> dict[str, Any]:
     """The task arguments that came from the data: the checkpoint's hyperparameters, else the run folder's
-    ``labels.json`` / ``vocab.json``."""
+    ``labels.json`` / ``vocab.json`` (only those the task's constructor takes)."""
+    import inspect
     import json
 
     hparams = ckpt.get("hyper_parameters") or {}
-    found = {k: hparams[k] for k in DATA_ARGUMENTS if k in hparams}
+    accepted = set(inspect.signature(task_cls.__init__).parameters)
+    found = {k: hparams[k] for k in DATA_ARGUMENTS if k in hparams and k in accepted}
     if found:
         return found
     labels, vocab = run_dir / "labels.json", run_dir / "vocab.json"

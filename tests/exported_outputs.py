@@ -65,7 +65,7 @@ def main(run_dir: str, export_dir: str, split: str, out: str) -> None:
         checks["transform_matches"] = all(  # the pretrained_cfg's transform makes the pixels the model saw
             torch.allclose(transform(open_image(dataset.split.images[i], "x")), dataset[i]["pixel_values"], atol=1e-6)
             for i in range(min(8, len(dataset))))
-        checks["label_names_match"] = model.pretrained_cfg.get("label_names") == list(datamodule.label_names)
+        checks["label_names_match"] = model.pretrained_cfg.get("label_names") == list(datamodule.data_spec().label_names)
     elif hf.is_dir() and kind == "ctc":
         from transformers import AutoModelForCTC, AutoProcessor
 
@@ -89,7 +89,7 @@ def main(run_dir: str, export_dir: str, split: str, out: str) -> None:
         else:
             model = AutoModelForSequenceClassification.from_pretrained(hf, trust_remote_code=True).eval()
             checks["id2label_match"] = [model.config.id2label[i] for i in range(model.config.num_labels)] == \
-                list(datamodule.label_names)
+                list(datamodule.data_spec().label_names)
         run_format("hf", lambda b: [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.numpy()])
         tokenizer = AutoTokenizer.from_pretrained(hf, trust_remote_code=True)
         dataset = datamodule.prediction_loader(split).dataset

@@ -20,6 +20,7 @@ import eval as eval_script
 import export as export_script
 import predict as predict_script
 from tests.conftest import ROOT, TINY_SCRATCH, run_train
+from tests.test_joint import FAST_JOINT
 from tests.test_resume import TINY_MLM, TINY_SPEECH
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -31,8 +32,10 @@ RUNS = {
     "speech": [*(a for a in TINY_SPEECH if "speed_perturb" not in a), "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                "optimizer.lr=1e-7", *QUIET],
     "mlm": [*TINY_MLM, "trainer.max_epochs=1", *QUIET],
+    # two datasets, one head each: evaluation, prediction and export are the target's (digits)
+    "joint": [*(a for a in FAST_JOINT if "datasets_seen" not in a), "data.joint_epochs=1", "trainer.max_epochs=2"],
 }
-SPLIT = {"text": "test", "vision": "test", "speech": "test", "mlm": "val"}  # the corpus keeps no test split
+SPLIT = {"text": "test", "vision": "test", "speech": "test", "mlm": "val", "joint": "test"}  # the corpus keeps no test split
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def test_eval_reproduces_the_in_run_metrics(runs: dict[str, Path], modality: str
     rows = rows_of(tmp_path)
     assert [r["index"] for r in rows] == list(range(len(rows))) and result["examples"] == len(rows)
     labels = json.loads((run / "labels.json").read_text())["label_names"] if (run / "labels.json").exists() else None
-    if modality in ("text", "vision"):  # the per-example file recomputes every metric
+    if modality in ("text", "vision", "joint"):  # the per-example file recomputes every metric
         assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(metrics["test/acc"], abs=1e-6)
         outputs = np.load(tmp_path / "outputs.npz")
         ids = {name: i for i, name in enumerate(labels)}
