@@ -5,7 +5,8 @@
     python eval.py RUN data=csv data.data_files.train=a.csv ...              # another data config
     python eval.py RUN --split val --checkpoint last --weights raw --out DIR
 
-Writes ``metrics.json`` (the names ``train.py`` reports: ``test/acc``, ``test/wer``, ...), ``predictions.jsonl`` /
+Writes ``metrics.json`` (the names ``train.py`` reports: ``test/acc``, ``test/wer``, ...), ``eval_info.json`` (which
+run, checkpoint, weights, split and overrides; the report's totals), ``predictions.jsonl`` /
 ``.csv`` (one row per example) and the task's report: ``confusion_matrix.{csv,png}`` + ``per_class.{csv,md}`` for
 classifiers, ``wer_report.{md,csv}`` for speech, into ``<run>/eval/<split>-<time>/`` unless ``--out`` says where.
 """
@@ -84,8 +85,10 @@ def evaluate(args: Any) -> dict[str, Any]:
     elif run.kind == "ctc":
         report = speech_report(rows, out)
     result = {"metrics": metrics, "report": report, "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
-              "weights": run.weights, "split": args.split, "examples": len(rows), "overrides": list(args.overrides)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+              "weights": run.weights, "split": args.split, "examples": len(rows), "overrides": list(args.overrides),
+              "skipped": sum("error" in r for r in rows)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out / "eval_info.json").write_text(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
     print_metrics(metrics, out)
     return result
 

@@ -41,10 +41,16 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError("--device: exports are traced and checked on the CPU; leave out --device")
     run = load_run(args.run, (), args.checkpoint, args.weights, args.trust_checkpoint)
     out = Path(args.out).expanduser() if args.out else run.run_dir / "export"
-    report = export_run(run, formats, out)
-    for fmt, info in report["formats"].items():
+    report = export_run(run, formats, out, skip_failures=args.format == "all")
+    done = {fmt: info for fmt, info in report["formats"].items() if fmt in formats and "skipped" not in info}
+    for fmt, info in done.items():
         print(f"{fmt}: {info['folder']}  (max abs difference {max(info['max_abs_difference']):.1e}; {info['loads_with']})")
+    for fmt in formats:
+        if fmt not in done:
+            print(f"{fmt}: skipped: {report['formats'][fmt]['skipped']}")
     print(f"report: {out / 'export_report.json'}")
+    if not done:
+        raise ConfigError(f"no format could be exported: {report['formats'][formats[0]]['skipped']}")
 
 
 if __name__ == "__main__":

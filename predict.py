@@ -49,12 +49,12 @@ def predict(args: Any) -> list[dict[str, Any]]:
 
     from datamodules import raw_inputs
     from datamodules.sources import TextEncoding
-    from modules.commands import trainer_options
+    from modules.commands import torch_device
     from modules.errors import DataError
     from modules.inference import load_run
 
     run = load_run(args.run, (), args.checkpoint, args.weights, args.trust_checkpoint)
-    model, data = run.model, run.cfg.data
+    model, data = run.model, run.data_node
     modality = getattr(model.backbone, "modality", "")
     processor = model.backbone.processor
     if modality == "text":
@@ -70,9 +70,7 @@ def predict(args: Any) -> list[dict[str, Any]]:
         prepare, collate = raw_inputs.audio_preparation(processor)
     if not items:
         raise DataError(f"no inputs to predict in {', '.join(args.inputs)} (empty files?)")
-    options = trainer_options(args.device)
-    device = torch.device("cuda", (options["devices"] or [0])[0] if isinstance(options["devices"], list) else 0) \
-        if options["accelerator"] == "gpu" else torch.device("cpu")
+    device = torch_device(args.device)
     model.to(device)
     model.predict_top_k = args.top_k
     loader = DataLoader(raw_inputs.RawDataset(items, prepare, args.on_bad_input), batch_size=args.batch_size,

@@ -158,7 +158,8 @@ def audio_preparation(feature_extractor: Any) -> tuple[Any, Any]:
         return {"wave": wave, "labels": [], "text": ""}
 
     collate = AudioCollator(feature_extractor)
-    return prepare, lambda items: {k: v for k, v in collate(items).items() if k not in ("labels", "texts", "skipped_audio")}
+    dropped = ("labels", "texts", "skipped_audio", "indices")
+    return prepare, lambda items: {k: v for k, v in collate(items).items() if k not in dropped}
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

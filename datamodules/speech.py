@@ -90,7 +90,7 @@ class SpeechDataset(Dataset):
             factor = random.choice(self.speed_factors)
             if factor != 1.0:  # faster speech = fewer samples at the same rate
                 wave = resample(wave, round(self.rate * factor), self.rate)
-        return {"wave": wave, "labels": clip.labels, "text": clip.text}
+        return {"wave": wave, "labels": clip.labels, "text": clip.text, "index": i}
 
 
 class AudioCollator:
@@ -118,6 +118,7 @@ class AudioCollator:
             "labels": labels,
             "texts": [it["text"] for it in items],
             "skipped_audio": skipped,
+            "indices": [it["index"] for it in items if "index" in it],  # which clips these are (skipped ones are not)
         }
 
 

@@ -50,6 +50,16 @@ def trainer_options(device: str) -> dict[str, Any]:
     raise ConfigError(f"--device {device!r} is unknown; choose auto, cpu, cuda or cuda:N")
 
 
+def torch_device(device: str) -> Any:
+    """The ``torch.device`` for ``--device``."""
+    import torch
+
+    options = trainer_options(device)
+    if options["accelerator"] == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", options["devices"][0] if isinstance(options["devices"], list) else 0)
+
+
 def inference_trainer(device: str, out: Path, callbacks: Sequence[Any] = (), precision: Any = "32-true",
                       progress: bool = True) -> Any:
     """A Trainer for test / validate / predict: no loggers, no checkpoints, one device."""

@@ -17,24 +17,27 @@ def collect_predictions(trainer: Any, model: Any, datamodule: Any, split: str) -
     import torch
 
     loader = datamodule.prediction_loader(split)
-    order = [key[1] if isinstance(key, tuple) else int(key) for batch in loader.batch_sampler for key in batch]
+    planned = [[key[1] if isinstance(key, tuple) else int(key) for key in batch] for batch in loader.batch_sampler]
     device = trainer.strategy.root_device
     model.to(device).eval()
-    outputs = []
+    examples = datamodule.describe(split)
+    rows: dict[int, dict[str, Any]] = {}
     with torch.inference_mode(), trainer.precision_plugin.forward_context():
         for index, batch in enumerate(loader):
+            ids = batch.get("indices", planned[index])  # speech: the clips left after unreadable ones were skipped
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            outputs += model.predict_step(batch, index)
-    if len(outputs) != len(order):
-        raise RuntimeError(f"{len(outputs)} predictions for {len(order)} examples")  # a loader that drops examples
-    examples = datamodule.describe(split)
-    rows = [{**examples[i], **out} for i, out in zip(order, outputs, strict=True)]
-    return sorted(rows, key=lambda r: r["index"])
+            for i, out in zip(ids, model.predict_step(batch, index), strict=True):
+                rows[i] = {**examples[i], **out}
+    for i in (i for batch in planned for i in batch if i not in rows):  # data.on_bad_input=skip left them out
+        rows[i] = {**examples[i], "error": "unreadable: skipped (data.on_bad_input=skip)"}
+    return [rows[i] for i in sorted(rows)]
 
 
 def add_correctness(rows: list[dict[str, Any]]) -> None:
     """Classification rows: ``correct``; speech rows: per-utterance word and character error counts."""
     for row in rows:
+        if "error" in row:
+            continue
         if "predicted" in row and "label" in row:
             row["correct"] = row["predicted"] == row["label"]
         if "transcript" in row and "reference" in row:
@@ -79,8 +82,11 @@ def write_predictions(rows: Sequence[dict[str, Any]], out: Path) -> None:
 
 
 def flatten(value: Any) -> Any:
-    if isinstance(value, list) and value and isinstance(value[0], list):
+    """A CSV cell: top-k pairs as ``label:p;label:p``, other lists and mappings as JSON."""
+    if isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 2 for v in value):
         return ";".join(f"{a}:{b:.4f}" if isinstance(b, float) else f"{a}:{b}" for a, b in value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, float):
         return round(value, 6)
     return value
@@ -90,6 +96,7 @@ def class_report(rows: Sequence[dict[str, Any]], label_names: Sequence[str], out
     """Precision, recall, F1 and support per class (``per_class.csv``, ``per_class.md``); returns the accuracy."""
     from sklearn.metrics import precision_recall_fscore_support
 
+    rows = [r for r in rows if "error" not in r]
     truth, predicted = [r["label"] for r in rows], [r["predicted"] for r in rows]
     p, r, f, n = precision_recall_fscore_support(truth, predicted, labels=list(label_names), zero_division=0)
     table = [{"label": name, "precision": float(a), "recall": float(b), "f1": float(c), "support": int(d)}
@@ -108,12 +115,14 @@ def class_report(rows: Sequence[dict[str, Any]], label_names: Sequence[str], out
 
 def speech_report(rows: Sequence[dict[str, Any]], out: Path, worst: int = 20) -> dict[str, float]:
     """Corpus WER and CER with their error types (``wer_report.md``) and every utterance (``wer_report.csv``)."""
+    skipped = sum("error" in r for r in rows)
+    rows = [r for r in rows if "error" not in r]
     words = sum(r["words"] for r in rows)
     s, d, i = (sum(r[k] for r in rows) for k in ("substitutions", "deletions", "insertions"))
     chars, char_errors = sum(r["chars"] for r in rows), sum(r["char_errors"] for r in rows)
     totals = {"wer": (s + d + i) / max(1, words), "cer": char_errors / max(1, chars), "words": words,
               "substitutions": s, "deletions": d, "insertions": i, "utterances": len(rows),
-              "exact": sum(r["reference"] == r["transcript"] for r in rows)}
+              "exact": sum(r["reference"] == r["transcript"] for r in rows), "skipped": skipped}
     fields = ["index", "audio", "reference", "transcript", "wer", "cer", "words", "substitutions", "deletions", "insertions"]
     with open(out / "wer_report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

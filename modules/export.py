@@ -93,6 +93,10 @@ class Exporter:
         self.names = INPUTS[self.modality]
         self.batches = [{k: batch[k] for k in self.names if k in batch} for batch in batches]
         self.wrapper = TaskForExport(self.task, self.names).eval()
+        data = run.data_node
+        self.max_length = int(data.get("max_length") or data.get("block_size") or 512)
+        if self.modality == "text":  # the exported tokenizer truncates where the run did (pipelines use this)
+            self.task.backbone.processor.model_max_length = self.max_length
         with torch.inference_mode():
             self.expected = [[t.detach() for t in outputs_of(self.wrapper(*self.args(b)))] for b in self.batches]
 
@@ -210,10 +214,11 @@ class Exporter:
 
         backbone = self.task.backbone
         labels = list(self.task.label_names)
-        kwargs = dict(self.run.cfg.backbone.get("model_kwargs") or {})
+        from omegaconf import OmegaConf
+
+        kwargs = OmegaConf.to_container(self.run.cfg.backbone.get("model_kwargs") or OmegaConf.create({}), resolve=True)
         model = timm.create_model(backbone.model_name, pretrained=False, num_classes=len(labels), **kwargs).eval()
-        classifier = model.pretrained_cfg.get("classifier") or "head"
-        classifier = classifier if isinstance(classifier, str) else classifier[0]
+        classifier = model.pretrained_cfg.get("classifier") or "head"  # unsupported() refused tuples (two heads)
         linear = classifier_linear(self.task)
         state = {**backbone.model.state_dict(), f"{classifier}.weight": linear.weight, f"{classifier}.bias": linear.bias}
         model.load_state_dict(state, strict=True)
@@ -318,7 +323,7 @@ class Exporter:
         if self.modality == "image":
             info["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.task.backbone.processor.items()}
         if self.modality == "text":
-            info["max_length"] = int(self.run.cfg.data.get("max_length") or self.run.cfg.data.get("block_size") or 512)
+            info["max_length"] = self.max_length
         return info
 
     def save_preprocessing(self, out: Path) -> None:
@@ -330,7 +335,13 @@ class Exporter:
 
 def unsupported(run: Any, fmt: str) -> str | None:
     """Why ``fmt`` cannot hold this run's model (checked before any work), or None."""
-    if fmt != "hf" or getattr(run.model.backbone, "modality", "") == "image":
+    if fmt != "hf":
+        return None
+    if getattr(run.model.backbone, "modality", "") == "image":
+        classifier = run.model.backbone.model.pretrained_cfg.get("classifier") or "head"
+        if not isinstance(classifier, str):  # e.g. distilled DeiT: two heads, averaged; tunelab trains one
+            return (f"--format hf: {run.model.backbone.model_name} has {len(classifier)} classifier heads in timm "
+                    f"({', '.join(classifier)}) and tunelab trains one; use --format onnx or torchscript")
         return None
     model_type = getattr(getattr(run.model.backbone, "model", None), "config", None)
     model_type = getattr(model_type, "model_type", "?")
@@ -369,27 +380,38 @@ def sample_batches(run: Any, size: int = 4) -> list[dict[str, Any]]:
     return batches
 
 
-def export_run(run: Any, formats: Sequence[str], out: Path) -> dict[str, Any]:
-    """Export ``run`` in each of ``formats`` into ``out/<format>/``; writes and returns ``out/export_report.json``."""
+def export_run(run: Any, formats: Sequence[str], out: Path, skip_failures: bool = False) -> dict[str, Any]:
+    """Export ``run`` in each of ``formats`` into ``out/<format>/``; writes and returns ``out/export_report.json``
+    (rewritten after each format). ``skip_failures`` (``--format all``): a format the model cannot take, or whose
+    check fails, is left out with its reason in the report instead of stopping the others."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ConfigError(f"--format {unknown[0]!r} is unknown; choose from {', '.join(FORMATS)} (or all)")
-    for fmt in formats:
-        problem = unsupported(run, fmt)
-        if problem:
-            raise ConfigError(problem)
-    exporter = Exporter(run, sample_batches(run))
+    problems = {fmt: unsupported(run, fmt) for fmt in formats}
+    if not skip_failures and any(problems.values()):
+        raise ConfigError(next(p for p in problems.values() if p))
     report: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "weights": run.weights,
                               "task": run.kind, "tolerance": TOLERANCE, "formats": {}}
-    for fmt in formats:
-        folder = out / fmt
-        report["formats"][fmt] = {"folder": str(folder), **getattr(exporter, fmt)(folder)}
-        log.info(f"exported {fmt}: {folder}")
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "export_report.json"
     if path.is_file():  # an earlier export of other formats into the same folder stays listed
         earlier = json.loads(path.read_text())
         if earlier.get("checkpoint") == report["checkpoint"] and earlier.get("weights") == report["weights"]:
-            report["formats"] = {**earlier.get("formats", {}), **report["formats"]}
-    path.write_text(json.dumps(report, indent=2))
+            report["formats"] = dict(earlier.get("formats", {}))
+    exporter = Exporter(run, sample_batches(run))
+    out.mkdir(parents=True, exist_ok=True)
+    for fmt in formats:
+        folder = out / fmt
+        shutil.rmtree(folder, ignore_errors=True)  # never a mix of an old and a new export
+        try:
+            if problems[fmt]:
+                raise ConfigError(problems[fmt])
+            report["formats"][fmt] = {"folder": str(folder), **getattr(exporter, fmt)(folder)}
+            log.info(f"exported {fmt}: {folder}")
+        except ConfigError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not skip_failures:
+                raise
+            report["formats"][fmt] = {"skipped": str(err)}
+            log.warning(f"skipped {fmt}: {err}")
+        path.write_text(json.dumps(report, indent=2))
     return report

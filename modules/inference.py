@@ -50,7 +50,7 @@ def locate_run(path: str | Path) -> tuple[Path, Path | None]:
     return run_dir, checkpoint
 
 
-def pick_checkpoint(run_dir: Path, which: str = "best") -> Path:
+def pick_checkpoint(run_dir: Path, which: str = "best", trust: bool = False) -> Path:
     """The run's best checkpoint (the one its monitored metric picked), or ``last``."""
     folder = run_dir / "checkpoints"
     last = folder / "last.ckpt"
@@ -67,7 +67,7 @@ def pick_checkpoint(run_dir: Path, which: str = "best") -> Path:
     if len(candidates) == 1:
         return candidates[0]
     if len(candidates) > 1 and last.is_file():  # save_top_k > 1: the best one, as the last checkpoint's state says
-        state = read_checkpoint(last)
+        state = read_checkpoint(last, trust)
         for key, value in (state.get("callbacks") or {}).items():
             best = Path(str(value.get("best_model_path") or "")) if key.startswith("ModelCheckpoint") else None
             if best and best.name and (folder / best.name).is_file() and value.get("monitor"):
@@ -151,6 +151,14 @@ class TrainedRun:
     def kind(self) -> str:
         return str(getattr(type(self.model), "data_kind", ""))
 
+    @property
+    def data_node(self) -> DictConfig:
+        """The data config of what the model reads: a joint run's target dataset's."""
+        data = self.cfg.data
+        if data.get("datasets") and data.get("target") in data.datasets:
+            return data.datasets[data.target]
+        return data
+
     def datamodule(self) -> Any:
         """The run's data (with the overrides given), labelled with the model's label set."""
         from train import build
@@ -195,13 +203,20 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
         swap_data(cfg, data_option[-1].split("=", 1)[1], [o for o in keys if o.lstrip("+~").startswith("data.")])
         keys = [o for o in keys if not o.lstrip("+~").startswith("data.")]
     apply_overrides(cfg, keys, config_groups(), "eval", "only data=<option> can change here; give key=value changes")
-    ckpt_path = named or pick_checkpoint(run_dir, checkpoint)
+    ckpt_path = named or pick_checkpoint(run_dir, checkpoint, trust)
     ckpt = read_checkpoint(ckpt_path, trust)
 
     from train import check_task_and_data
 
     with open_dict(cfg):
-        check_task_and_data(cfg)  # the task and the (new) data match
+        try:
+            check_task_and_data(cfg)  # the task and the (new) data match
+        except ConfigError as err:  # no Hydra context here: name the run's task and the data option given
+            task = str(cfg.task._target_).rsplit(".", 1)[-1]
+            data = data_option[-1] if data_option else "the run's data"
+            raise ConfigError(str(err).replace("task=?", f"the run's task ({task})").replace("data=?", data)
+                              .replace("pick matching groups (e.g. the presets in configs/experiment/)",
+                                       "evaluate on data of the kind the run trained on")) from None
     backbone = build(OmegaConf.create(architecture_node(OmegaConf.to_container(cfg.backbone, resolve=True), run_dir)))
     data_args = data_arguments(ckpt, run_dir, hydra.utils.get_class(cfg.task._target_))
     try:
@@ -258,7 +273,7 @@ def select_weights(ckpt: dict[str, Any], ckpt_path: Path, run_dir: Path, weights
                               "are the trained ones; leave out --weights")
         return dict(ckpt["ema_raw_state_dict"]), f"{ckpt_path.stem} (raw weights, not the EMA)"
     if weights == "wise_ft":
-        saved = run_dir / "wise_ft" / "best_alpha.pt"
+        saved = run_dir / str(OmegaConf.select(cfg, "callbacks.wise_ft.dirname", default="wise_ft")) / "best_alpha.pt"
         if not saved.is_file():
             raise ConfigError(f"--weights wise_ft: {saved} does not exist; train with callbacks=wise_ft "
                               "callbacks.wise_ft.save_best=true, or pick an α with --weights wise_ft:0.5")

@@ -6,6 +6,7 @@ load it with, gives eval.py's outputs). EMA and WiSE-FT weights are what gets ev
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import subprocess
@@ -120,7 +121,8 @@ def bbc_csvs(folder: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_eval_on_another_text_file_gives_the_metrics_its_predictions_recompute(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_eval_on_another_text_file_gives_the_metrics_its_predictions_recompute(runs: dict[str, Path], tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     train_csv, test_csv = bbc_csvs(tmp_path)
     out = tmp_path / "eval"
     result = evaluate(runs["text"], out, "--save-outputs", "data=csv", f"data.data_files.train={train_csv}",
@@ -136,8 +138,12 @@ def test_eval_on_another_text_file_gives_the_metrics_its_predictions_recompute(r
                     for r in rows])
     assert loss == pytest.approx(metrics["test/loss"], abs=1e-5)
 
-    # predict.py on the same file's text column: the same labels and probabilities
+    # predict.py on the same file's text column: the same labels and probabilities; the first texts from stdin too
     predicted = predict_script.predict(predict_script.parse([str(runs["text"]), str(test_csv), "--no-progress"]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(" ".join(e["text"].split()) + "\n\n" for e in expected[:3])))
+    piped = predict_script.predict(predict_script.parse([str(runs["text"]), "-", "--no-progress"]))
+    assert [p["input"] for p in piped] == ["stdin:1", "stdin:3", "stdin:5"]  # empty lines are no inputs
+    assert [p["predicted"] for p in piped] == [p["predicted"] for p in predicted[:3]]
     assert [p["input"] for p in predicted] == [f"{test_csv} row {i}" for i in range(2, 2 + len(expected))]
     for p, r in zip(predicted, rows, strict=True):
         assert p["score"] == pytest.approx(r["score"], abs=1e-5)
@@ -158,10 +164,17 @@ def test_eval_on_another_manifest_and_predict_on_its_audio_files(runs: dict[str,
     expected = [json.loads(line) for line in manifest.read_text().splitlines()]
     assert sorted(r["reference"] for r in rows) == sorted(" ".join(e["text"].lower().split()) for e in expected)
     assert result["report"]["wer"] == pytest.approx(result["metrics"]["test/wer"], abs=1e-6)
-    # predict.py on the clips themselves (files, one per batch): the same transcripts
+    # predict.py on the clips themselves (files, one per batch): the same transcripts; and on a manifest of them
     predicted = predict_script.predict(predict_script.parse([str(run), *[r["audio"] for r in rows], "--batch-size", "1",
                                                              "--no-progress"]))
     assert [p["transcript"] for p in predicted] == [r["transcript"] for r in rows]
+    listed = tmp_path / "clips.jsonl"
+    listed.write_text("".join(json.dumps({"path": str(Path(r["audio"]).relative_to(manifest.parent)), "text": "?"}) + "\n"
+                              for r in rows))
+    (tmp_path / "audio").symlink_to(manifest.parent / "audio")  # manifest paths are relative to the manifest
+    from_manifest = predict_script.predict(predict_script.parse([str(run), str(listed), "--column", "path", "--batch-size", "1",
+                                                                 "--no-progress"]))
+    assert [p["transcript"] for p in from_manifest] == [r["transcript"] for r in rows]
 
 
 @pytest.mark.slow
@@ -267,9 +280,11 @@ def test_ema_and_wise_ft_weights_are_what_gets_evaluated_and_exported(tmp_path: 
                        ckpt["ema_raw_state_dict"]["backbone.model.embeddings.word_embeddings.weight"])
 
     wise_run = tmp_path / "wise"
-    run_train(wise_run, [*tiny, "callbacks=wise_ft", "callbacks.wise_ft.alphas=[0,0.5,1]", "callbacks.wise_ft.save_best=true"],
+    # no α = 1 on the grid: the best one is the seeded start (0) or a true interpolation, never the checkpoint itself
+    run_train(wise_run, [*tiny, "callbacks=wise_ft", "callbacks.wise_ft.alphas=[0,0.5]", "callbacks.wise_ft.save_best=true"],
               cache_dir)
     best = torch.load(wise_run / "wise_ft" / "best_alpha.pt", map_location="cpu", weights_only=True)
+    assert best["alpha"] in (0.0, 0.5)
     chosen = load_run(wise_run, weights="wise_ft")
     assert f"α={best['alpha']:.2f}" in chosen.weights
     # the same α computed afresh from the run's own start (the seeded scratch init) and its best checkpoint
