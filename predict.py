@@ -30,6 +30,8 @@ def parse(argv: Sequence[str]) -> Any:
     parser.add_argument("--out", default=None, help="predictions file, .jsonl or .csv (default: JSON lines on stdout)")
     parser.add_argument("--top-k", type=int, default=5, help="(label, probability) pairs per input (classifiers, masked LMs)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"],
+                        help="32 (float32), bf16 or 16 (autocast; 16 needs a CUDA device)")
     parser.add_argument("--on-bad-input", default="error", choices=["error", "skip"],
                         help="an unreadable input: stop with one line, or skip it (a row with an error field) and count it")
     parser.add_argument("--no-progress", action="store_true")
@@ -50,7 +52,7 @@ def predict(args: Any) -> list[dict[str, Any]]:
     from datamodules import raw_inputs
     from datamodules.sources import TextEncoding
     from modules.commands import torch_device
-    from modules.errors import DataError
+    from modules.errors import ConfigError, DataError
     from modules.inference import load_run
 
     run = load_run(args.run, (), args.checkpoint, args.weights, args.trust_checkpoint)
@@ -79,8 +81,12 @@ def predict(args: Any) -> list[dict[str, Any]]:
     texts = {item.name: item.content for item in items} if modality == "text" else {}
     rows: list[dict[str, Any]] = []
     failed = 0
-    with torch.inference_mode(), tqdm(total=len(items), desc="predict", unit=modality or "input", file=sys.stderr,
-                                       disable=args.no_progress) as progress:
+    if args.precision == "16" and device.type != "cuda":
+        raise ConfigError("--precision 16 needs a CUDA device (float16 autocast); on CPU use --precision bf16 or 32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16,
+                              enabled=args.precision != "32")
+    with torch.inference_mode(), autocast, tqdm(total=len(items), desc="predict", unit=modality or "input",
+                                                 file=sys.stderr, disable=args.no_progress) as progress:
         for index, batch in enumerate(loader):
             names, errors = batch.pop("names"), batch.pop("failed")
             outputs = model.predict_step(raw_inputs.to_device(batch, device), index) if names else []

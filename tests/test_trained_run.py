@@ -296,3 +296,27 @@ def test_ema_and_wise_ft_weights_are_what_gets_evaluated_and_exported(tmp_path: 
     exported = load_file(tmp_path / "wise_export" / "hf" / "model.safetensors")
     assert torch.equal(exported["encoder.embeddings.word_embeddings.weight"],
                        best["state_dict"]["backbone.model.embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("pooling", ["cls", "pooler"])
+def test_hf_text_export_keeps_the_runs_pooling(pooling: str, tmp_path: Path, cache_dir: Path) -> None:
+    """The exported classifier pools as the run did (first token, or the encoder's pooler); export's own check
+    compares it with the task on real batches, and the folder reloads with transformers alone."""
+    from transformers import AutoModelForSequenceClassification
+
+    from modules.inference import load_run
+    from tests.test_bad_input import fake_run
+
+    run = tmp_path / "run"
+    fake_run(run, [*(a for a in TINY_SCRATCH if "probe" not in a), f"backbone.pooling={pooling}"], cache_dir,
+             num_classes=5, label_names=["business", "entertainment", "politics", "sports", "tech"])
+    export_script.main([str(run), "--format", "hf", "--out", str(tmp_path / "export")])
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    assert max(report["formats"]["hf"]["max_abs_difference"]) <= 1e-4
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export" / "hf", trust_remote_code=True).eval()
+    assert model.config.pooling == pooling and (model.encoder.pooler is not None) == (pooling == "pooler")
+    task = load_run(run).model
+    batch = task.backbone.processor(["a short text", "and a somewhat longer second text here"], padding=True,
+                                    return_tensors="pt")
+    with torch.inference_mode():
+        assert torch.allclose(model(**batch).logits, task(dict(batch)), atol=1e-5)
