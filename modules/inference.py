@@ -90,6 +90,7 @@ def read_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
         if not trust:
             raise ConfigError(f"{path} pickles objects other than tensors and plain values ({str(err).splitlines()[0][:100]}); "
                               "loading it runs code: only if you trust its source, add --trust-checkpoint") from None
+        # the user vouched for this file with --trust-checkpoint: a full unpickle, as they asked
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - a truncated zip, a text file, a folder: "not a checkpoint"
         raise ConfigError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
