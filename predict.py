@@ -108,7 +108,7 @@ def predict(args: Any) -> list[dict[str, Any]]:
 
 
 def write(rows: list[dict[str, Any]], out: str | None) -> None:
-    from modules.evaluation import flatten
+    from modules.evaluation import write_rows
 
     if not out or out == "-":
         for row in rows:
@@ -116,16 +116,7 @@ def write(rows: list[dict[str, Any]], out: str | None) -> None:
         return
     path = Path(out).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    else:
-        import csv
-
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            writer.writerows([[flatten(row.get(c)) for c in columns] for row in rows])
+    write_rows(rows, path)
     print(f"tunelab: {len(rows)} predictions in {path}", file=sys.stderr)
 
 

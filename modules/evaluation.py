@@ -70,15 +70,20 @@ def edit_operations(ref: Sequence[Any], hyp: Sequence[Any]) -> tuple[int, int, i
 
 def write_predictions(rows: Sequence[dict[str, Any]], out: Path) -> None:
     """``predictions.jsonl`` (every field) and ``predictions.csv`` (top-k as ``label:p;label:p``)."""
-    with open(out / "predictions.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows(rows, out / "predictions.jsonl")
+    write_rows(rows, out / "predictions.csv")
+
+
+def write_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Rows as JSON lines (``.jsonl``) or CSV (any other name: one column per field, in order of appearance)."""
+    if path.suffix.lower() == ".jsonl":
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        return
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / "predictions.csv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
-        for row in rows:
-            writer.writerow([flatten(row.get(c)) for c in columns])
+        writer.writerows([flatten(row.get(c)) for c in columns] for row in rows)
 
 
 def flatten(value: Any) -> Any:
