@@ -320,3 +320,35 @@ def test_hf_text_export_keeps_the_runs_pooling(pooling: str, tmp_path: Path, cac
                                     return_tensors="pt")
     with torch.inference_mode():
         assert torch.allclose(model(**batch).logits, task(dict(batch)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_clip_that_fails_to_decode_under_skip_becomes_an_error_row(runs: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.on_bad_input=skip: a clip that passed the setup check but cannot be decoded in the loader is left out of
+    the batch; eval keeps every other clip matched to its own prediction and lists the skipped one."""
+    import datamodules.speech as speech
+
+    run = runs["speech"]
+    clean = tmp_path / "clean"
+    evaluate(run, clean)
+    rows = rows_of(clean)
+    bad = min(rows, key=lambda r: r["seconds"])["audio"]  # the shortest: the others' batch keeps its padded length
+    decode = speech.read_audio
+
+    def failing(source: object, rate: int) -> np.ndarray:
+        if source == bad:
+            raise RuntimeError("Error opening: truncated data chunk")
+        return decode(source, rate)
+
+    monkeypatch.setattr(speech, "read_audio", failing)
+    out = tmp_path / "skip"
+    result = evaluate(run, out, "data.on_bad_input=skip")
+    skipped = rows_of(out)
+    assert [r["audio"] for r in skipped] == [r["audio"] for r in rows]
+    assert [r.get("error") is not None for r in skipped] == [r["audio"] == bad for r in rows]
+    for before, after in zip(rows, skipped, strict=True):
+        if after["audio"] != bad:
+            assert after["transcript"] == before["transcript"]
+    assert result["skipped"] == 1 and result["report"]["skipped"] == 1
+    assert result["report"]["utterances"] == len(rows) - 1
