@@ -10,8 +10,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from modules.backbones.base import load_checkpoint_state
 from modules.errors import ConfigError
+from modules.inference import read_checkpoint
 from modules.interpolation import DEFAULT_ALPHAS, backbone_state, best_row, snapshot, sweep, write_sweep
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class WiseFT(pl.Callback):
             return {}
         final = snapshot(pl_module)
         best_path = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        tuned = load_checkpoint_state(best_path) if best_path else final
+        tuned = dict(read_checkpoint(Path(best_path))["state_dict"]) if best_path else final
         pl_module.load_state_dict(tuned)  # the fine-tuned head (and backbone) of the best checkpoint
         loggers = trainer.loggers
         trainer.loggers = []  # the sweep's validations are not points of the training curves

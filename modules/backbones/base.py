@@ -200,32 +200,25 @@ def build_backbone(kind: str, **kwargs: Any) -> Backbone:
     return BACKBONES[kind](**kwargs)
 
 
-def load_checkpoint_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a Lightning checkpoint, loaded with ``weights_only`` where the file allows it."""
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - older checkpoints pickle more than tensors and plain types
-        # only for checkpoints of tunelab runs (callers check the run folder): our own format
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    return ckpt["state_dict"]
-
-
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Save the backbone of a tunelab run's checkpoint as a Hugging Face model folder (any exportable kind).
 
-    The backbone is rebuilt from the run's ``config.yaml`` (next to ``checkpoints/``), given the
-    checkpoint's ``backbone.*`` weights, and written by ``Backbone.save_pretrained`` - the one export
-    path that ``export_backbone`` and WiSE-FT use too.
+    The backbone's architecture is rebuilt from the run's ``config.yaml`` and ``backbone/`` folder (no download;
+    ``modules.inference.architecture_node``), given the checkpoint's ``backbone.*`` weights (read with
+    ``weights_only``), and written by ``Backbone.save_pretrained`` - the one export path that ``export_backbone``
+    and WiSE-FT use too. ``export.py`` exports the whole task.
     """
     from omegaconf import OmegaConf
+
+    from modules.inference import architecture_node, read_checkpoint
 
     ckpt = Path(checkpoint).expanduser()
     config_path = ckpt.parent.parent / "config.yaml"
     if not ckpt.is_file() or not config_path.is_file():
         raise ConfigError(f"{ckpt} is not a checkpoint inside a tunelab run folder (needs {config_path})")
-    node = OmegaConf.to_container(OmegaConf.load(config_path).backbone, resolve=True)
+    node = architecture_node(OmegaConf.to_container(OmegaConf.load(config_path).backbone, resolve=True), ckpt.parent.parent)
     node.pop("_target_", None)
     backbone = build_backbone(**node)
-    state = load_checkpoint_state(ckpt)
+    state = read_checkpoint(ckpt)["state_dict"]
     backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     return backbone.save_pretrained(out_dir)
