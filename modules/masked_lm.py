@@ -73,8 +73,11 @@ class MaskedLM(TaskModule):
     def embeddings(self) -> torch.Tensor:
         return self.backbone.model.get_input_embeddings().weight
 
-    def masked_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits at the masked positions (n_masked, vocab), their target ids (n_masked,))."""
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits at the masked positions (n_masked, vocab), their target ids (n_masked,)).
+
+        Training goes through here (``self(batch)``), not through the submodules: under FSDP2 the task is the
+        root of the sharding, and only its ``forward`` gathers the root's parameters (the tied embeddings)."""
         hidden = self.backbone(batch).features
         where = batch["labels"] != -100
         return self.head(hidden[where], self.embeddings), batch["labels"][where]
@@ -115,7 +118,7 @@ class MaskedLM(TaskModule):
         return out
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits, targets = self.masked_logits(batch)
+        logits, targets = self(batch)
         if targets.numel() == 0:  # a batch with nothing masked (tiny blocks): no signal, no NaN
             loss = logits.sum() * 0.0
         else:

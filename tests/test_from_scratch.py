@@ -115,7 +115,7 @@ def test_masked_logits_equal_dense_logits_at_masked_positions(tmp_path: Path) ->
     data = CorpusDataModule(str(corpus), processor=backbone.processor, block_size=32, val_fraction=0.2, batch_size=8)
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():
-        masked, targets = task.masked_logits(batch)
+        masked, targets = task(batch)
         dense = task.dense_logits(batch)
     where = batch["labels"] != -100
     assert masked.shape == (int(where.sum()), len(backbone.processor))
