@@ -68,13 +68,13 @@ def build_each(nodes: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (``best/<monitor>`` included)."""
     import lightning.pytorch as pl
-    import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.preemption import Preemption
     from callbacks.secrets import redact
     from modules.errors import Preempted
     from modules.runs import continue_loggers, remember_wandb_runs, resume_config
+    from modules.scaling import ScalePlan
 
     started = time.time()
     if cfg.get("resume"):  # the run's own config, continued in its folder from its newest checkpoint
@@ -97,6 +97,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     spec = datamodule.data_spec()
     scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
     model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler, **spec.task_kwargs())
+    model.scale_plan = ScalePlan(compile=cfg.get("compile"), activation_checkpointing=bool(cfg.get("activation_checkpointing")))
     check_monitor(cfg, model)
     ckpt = check_checkpoint(cfg.get("ckpt_path"), model)
     if cfg.get("resume") and ckpt is not None:
@@ -105,6 +106,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # the freezing schedule goes first, so reports see its changes at the same step
     callbacks = ([build(cfg.finetune)] if cfg.get("finetune") else []) + build_each(cfg.get("callbacks"))
+    check_strategy(cfg, callbacks)
     loggers = build_each(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -147,13 +149,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         tested = True
     if exports:
-        if best and not tested:  # testing already loaded the best weights
-            # our own checkpoint, written by this run: a full unpickle is safe
-            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-        if trainer.is_global_zero:
-            for target in exports:
-                folder = model.backbone.save_pretrained(target)
-                log.info(f"saved the {'best' if best else 'final'} backbone to {folder}; use it with backbone.name_or_path={folder}")
+        export_backbones(model, trainer, exports, best, tested, run_dir)
     metrics["time/total_s"] = time.time() - started
 
     if trainer.is_global_zero:
@@ -163,6 +159,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if type(logger).__name__ == "WandbLogger":  # flush and close, so sweeps start a fresh run
             logger.experiment.finish()
     return metrics
+
+
+def export_backbones(model: Any, trainer: Any, exports: list[Path], best: str | None, tested: bool, run_dir: Path) -> None:
+    """``export_backbone``: the best backbone (the final one without a best checkpoint) in the Hugging Face format.
+
+    A sharded model (FSDP2) is gathered from every process's shards first, then rank 0 writes it."""
+    import torch
+
+    from modules.backbones.base import export_checkpoint, export_state
+    from modules.scaling import full_state_dict, is_sharded
+
+    which = "best" if best else "final"
+    folders = []
+    if is_sharded(model):
+        if best and not tested:  # the best weights are in the checkpoint folder, not in the model: gather them there
+            folders = [export_checkpoint(best, t) for t in exports] if trainer.is_global_zero else []
+        else:  # testing loaded the best weights (or there is none): gather the model's shards, every rank takes part
+            state = full_state_dict(model)
+            folders = [export_state(run_dir, state, t) for t in exports] if trainer.is_global_zero else []
+        trainer.strategy.barrier()
+    else:
+        if best and not tested:  # testing already loaded the best weights
+            # our own checkpoint, written by this run: a full unpickle is safe
+            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        if trainer.is_global_zero:
+            folders = [model.backbone.save_pretrained(target) for target in exports]
+    for folder in folders:
+        log.info(f"saved the {which} backbone to {folder}; use it with backbone.name_or_path={folder}")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -192,6 +216,11 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("on_nonfinite") not in (None, "error", "skip", "stop"):
         raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; choose one of error, skip, stop")
     number("seed", 0, integer=True)
+    if cfg.get("compile") not in (None, "regional", "full"):
+        raise ConfigError(f"compile={cfg.compile!r} is unknown; choose null (eager), regional (each block) or full")
+    if not isinstance(cfg.get("activation_checkpointing", False), bool):
+        raise ConfigError(f"activation_checkpointing={cfg.activation_checkpointing!r} must be true or false")
+    number("trainer.num_nodes", 1, integer=True)
     devices = OmegaConf.select(cfg, "trainer.devices", default=None)
     ok = (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
           or (OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices)))
@@ -265,6 +294,49 @@ def check_backbone(cfg: DictConfig, backbone: Any, task_cls: type, exports: list
                           "cannot be saved in the Hugging Face format; set export_backbone=null and use the run's checkpoints")
 
 
+def strategy_kind(cfg: DictConfig) -> str:
+    """``fsdp2``, ``fsdp``, ``ddp`` or ``single``: what ``trainer.strategy`` asks for (before it is built)."""
+    strategy = (cfg.get("trainer") or {}).get("strategy", "auto")
+    name = str(strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else strategy).rsplit(".", 1)[-1].lower()
+    if name.startswith(("fsdp2", "modelparallel")):
+        return "fsdp2"
+    if name.startswith("fsdp"):
+        return "fsdp"
+    return "ddp" if name.startswith("ddp") else "single"
+
+
+def check_strategy(cfg: DictConfig, callbacks: Sequence[Any]) -> None:
+    """The strategy fits the machine and the run's callbacks, checked before any process is started."""
+    import os
+
+    import torch
+
+    from modules.errors import ConfigError
+
+    trainer = cfg.get("trainer") or {}
+    kind = strategy_kind(cfg)
+    accelerator = str(trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if kind == "fsdp" and not (on_gpu and torch.cuda.is_available()):
+        raise ConfigError("trainer=fsdp (FSDP1) needs CUDA GPUs and this machine has none; on CPU processes use "
+                          "trainer=fsdp2 trainer.accelerator=cpu (FSDP2 over gloo)")
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and devices > 1:
+        have = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+        what = "GPUs" if on_gpu else "CPU cores (one process per device)"
+        if devices > have:
+            raise ConfigError(f"trainer.devices={devices} but this machine has {have} {what}; set trainer.devices<={have}"
+                              " (trainer.num_nodes spreads a run over several machines)")
+    if kind == "fsdp2":
+        refused = [type(cb).__name__ for cb in callbacks if type(cb).__name__ in ("WeightEMA", "WiseFT")]
+        if refused:
+            raise ConfigError(f"{refused[0]} keeps a full copy of the weights beside the sharded model, which FSDP2 does "
+                              "not support here; drop it (callbacks=default) or train with trainer=ddp")
+        if cfg.get("compile") == "full":
+            raise ConfigError("compile=full with trainer=fsdp2 is not supported (dynamo cannot trace FSDP2's hooks "
+                              "without compiled autograd); use compile=regional, which compiles each sharded block")
+
+
 def check_monitor(cfg: DictConfig, model: Any) -> None:
     """``monitor`` names a metric the task logs (checked now, not after the first epoch)."""
     from modules.errors import ConfigError
@@ -282,22 +354,31 @@ def check_checkpoint(ckpt_path: str | None, model: Any) -> dict[str, Any] | None
     import torch
 
     from modules.errors import ConfigError
+    from modules.inference import (
+        SHARDED_META,
+        is_checkpoint,
+        is_sharded_checkpoint,
+        sharded_checkpoint_shapes,
+        state_mismatch,
+    )
 
     if not ckpt_path:
         return None
+
     path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
+    if not is_checkpoint(path):
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; give <run>/checkpoints/last.ckpt of the run to resume")
     try:  # a Lightning checkpoint pickles more than tensors; this one is about to be resumed from anyway.
-        # mmap: only the names and shapes are read now, not the weights (Lightning reads them once, later)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if is_sharded_checkpoint(path):  # names and shapes from the shards' metadata; the rest from meta.pt
+            ckpt = torch.load(path / SHARDED_META, map_location="cpu", weights_only=False)
+            ckpt["state_dict"] = {k: torch.empty(size, device="meta") for k, size in sharded_checkpoint_shapes(path).items()}
+        else:  # mmap: only the names and shapes are read now, not the weights (Lightning reads them once, later)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         state = ckpt["state_dict"]
     except Exception as err:  # noqa: BLE001 - truncated zip, unpickling, missing key: all mean "not a checkpoint"
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a readable Lightning checkpoint ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); a run killed while saving "
                           "leaves one: resume from an earlier checkpoint") from None
-    from modules.inference import state_mismatch
-
     problem = state_mismatch(model.state_dict(), state)
     if problem:
         raise ConfigError(f"ckpt_path={ckpt_path!r} holds another model ({problem}); resume with the config of the run "

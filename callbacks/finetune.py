@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -91,13 +92,13 @@ class FinetuneSchedule(pl.Callback):
         self.raw_milestones = [dict(m) for m in (milestones or [])]
         self.train_bn, self.unfreeze_lr, self.unfreeze_warmup = train_bn, unfreeze_lr, unfreeze_warmup
         self.respect_frozen = respect_frozen
-        self._pinned: set[int] = set()  # ids of parameters frozen before the schedule took over
+        self._pinned: set[str] = set()  # names of parameters frozen before the schedule took over
         self.initial: frozenset[str] = frozenset()
         self.milestones: list[Milestone] = []
         self.unfrozen_at: dict[str, int] = {}  # group -> global step it started training (mid-run only)
         self._groups: list[LayerGroup] = []
         self._bn: dict[str, list[_BatchNorm]] = {}
-        self._ddp_managed: set[int] = set()
+        self._ddp_managed: set[str] = set()  # names of the parameters DDP averages (those trainable when it wrapped)
         self._frozen: list[str] = []
         self._scheduled_lrs: list[float] | None = None
         self._factored_lrs: list[float] = []
@@ -155,15 +156,17 @@ class FinetuneSchedule(pl.Callback):
         self._bn = {g.name: bn_modules(pl_module, g) for g in self._groups}
         if self.respect_frozen:
             pinned = [n for g in self._groups for n, p in g.params.items() if not p.requires_grad]
-            self._pinned = {id(p) for g in self._groups for p in g.params.values() if not p.requires_grad}
+            self._pinned = {n for g in self._groups for n, p in g.params.items() if not p.requires_grad}
             if pinned:
                 log.info(f"finetune: {len(pinned)} parameter tensors were frozen by the model (first: {pinned[0]}) and stay "
                          "frozen; set finetune.respect_frozen=false to let the schedule train them")
-        # runs before the strategy wraps the model (DDP registers what trains now)
+        # runs before the strategy wraps the model (DDP registers what trains now; FSDP2 keeps requires_grad)
         self._apply(trainer, pl_module, self.initial, record=False)
-        self._ddp_managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        self._ddp_managed = {n for g in self._groups for n, p in g.params.items() if p.requires_grad}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # sharding (FSDP2's fully_shard) replaces the parameter objects after setup: hold the ones that train now
+        self._groups = pl_module.layer_groups()
         if self.unit == "epoch":
             end = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         else:
@@ -229,7 +232,7 @@ class FinetuneSchedule(pl.Callback):
             train = group.name in wanted
             for name, p in group.params.items():
                 keep_bn = self.train_bn and isinstance(owner_of(pl_module, name), _BatchNorm)
-                p.requires_grad_((train or keep_bn) and id(p) not in self._pinned)
+                p.requires_grad_((train or keep_bn) and name not in self._pinned)
             if train and record and group.name not in self.initial and group.name not in self.unfrozen_at:
                 self.unfrozen_at[group.name] = trainer.global_step
         self._frozen = [g.name for g in self._groups if g.name not in wanted]
@@ -245,10 +248,15 @@ class FinetuneSchedule(pl.Callback):
                 m.train(not frozen)
 
     def _sync_late_unfrozen_grads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Average, across processes, the gradients DDP does not know about (groups unfrozen after wrapping)."""
+        """Average, across processes, the gradients DDP does not know about (groups unfrozen after wrapping).
+
+        FSDP reduces the gradient of every parameter that requires one at backward time: nothing to do there."""
         if trainer.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
             return
-        grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None and id(p) not in self._ddp_managed]
+        if not isinstance(trainer.strategy, DDPStrategy):
+            return
+        grads = [p.grad for g in self._groups for n, p in g.params.items()
+                 if p.requires_grad and p.grad is not None and n not in self._ddp_managed]
         if not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from modules.errors import ConfigError, TrainingError
+from modules.scaling import is_sharded, local
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class NonFiniteGuard(pl.Callback):
     schedule moves on), counts it in ``train/nonfinite_skipped`` and the final metrics; ``stop`` drops
     the step and ends training, and the run's metrics say at which step (``nonfinite/stopped_at_step``),
     so no checkpoint is reported as if nothing happened. Under DDP the gradients are already averaged
-    across processes, so every rank decides alike.
+    across processes; under FSDP each process checks its shard and the verdicts are combined: every rank decides alike.
 
     Args:
         policy: ``error``, ``skip`` or ``stop``.
@@ -47,9 +48,12 @@ class NonFiniteGuard(pl.Callback):
         self._loss = float(loss.detach())
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in pl_module.parameters() if p.grad is not None]
         loss_ok = self._loss is None or math.isfinite(self._loss)
-        grads_ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # one device sync
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        if is_sharded(pl_module):  # FSDP2: each process holds a shard of the gradients
+            finite = trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        grads_ok = bool(finite)  # one device sync
         if loss_ok and grads_ok:
             return
         step = trainer.global_step

@@ -264,9 +264,8 @@ class DataModuleBase(pl.LightningDataModule):
                 tagged = getattr(dataset, "tagged", True)
                 kwargs["sampler"] = (EpochTaggedSampler if tagged else EpochShuffleSampler)(len(dataset), self.seed)
         if training:  # resumable at any step: see state_dict below
-            resume_at, self._resume_at = self._resume_at, None
             return EpochAwareLoader(dataset, progress=lambda: batches_trained(getattr(self, "trainer", None)),
-                                    resume_at=resume_at, **kwargs)
+                                    resume_at=self.take_resume_position, **kwargs)
         return DataLoader(dataset, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
@@ -288,9 +287,16 @@ class DataModuleBase(pl.LightningDataModule):
         return training_position(getattr(self, "trainer", None))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restored before the loaders are built: the training loader skips the batches already trained."""
+        """The training loader skips the batches already trained when it starts its next epoch."""
         if state.get("batches_done"):
             self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+
+    def take_resume_position(self) -> tuple[int, int] | None:
+        """The restored (epoch, batches trained), once: asked by the training loader when its epoch starts, so it
+        holds whether the checkpoint was restored before the loader was built (DDP) or after (FSDP2's strategy
+        restores after setup), and through Lightning's re-instantiation of the loader with a distributed sampler."""
+        position, self._resume_at = self._resume_at, None
+        return position
 
     # -- the report written with the run ----------------------------------------------------------
     def report(self) -> dict[str, Any]:

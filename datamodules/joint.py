@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from datamodules.base import DataSpec
+from datamodules.base import DataModuleBase, DataSpec
 from datamodules.sampling import batches_trained, training_position
 from modules.errors import ConfigError, DataError
 
@@ -141,7 +141,7 @@ class JointLoader:
     """
 
     def __init__(self, sampler: JointSampler, loaders: Mapping[str, DataLoader], progress: Any = None,
-                 resume_at: tuple[int, int] | None = None) -> None:
+                 resume_at: tuple[int, int] | Any = None) -> None:
         self.sampler, self.loaders = sampler, dict(loaders)
         self.progress = progress  # batches of the epoch trained, Lightning's count
         self._yielded, self._resume_at = 0, resume_at
@@ -154,9 +154,11 @@ class JointLoader:
         epoch = self.sampler.epoch
         choices = self.sampler.choices(epoch)
         skip = 0
-        if self._resume_at is not None and self._resume_at[0] == epoch:
-            skip = self._resume_at[1]
-        self._resume_at = None
+        position = self._resume_at() if callable(self._resume_at) else self._resume_at
+        if position is not None and position[0] == epoch:
+            skip = position[1]
+        if not callable(self._resume_at):
+            self._resume_at = None
         iterators: dict[str, Iterator] = {}
         for step in range(skip, len(choices)):
             name = choices[step]
@@ -367,9 +369,8 @@ class JointDataModule(pl.LightningDataModule):
             loaders[name] = DataLoader(spec.dataset, batch_sampler=self._batch_sampler(name, rank, world_size),
                                        collate_fn=spec.collate_fn, num_workers=spec.num_workers)
         sampler = JointSampler(self.probabilities, self.target, self.joint_epochs, self._steps_per_epoch(world_size), self.seed)
-        resume_at, self._resume_at = self._resume_at, None
         return JointLoader(sampler, loaders, progress=lambda: batches_trained(getattr(self, "trainer", None)),
-                           resume_at=resume_at)
+                           resume_at=self.take_resume_position)
 
     def state_dict(self) -> dict[str, int]:
         """Saved in every checkpoint: the epoch and how many of its steps were trained (resume at any step)."""
@@ -378,6 +379,8 @@ class JointDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("batches_done"):
             self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+
+    take_resume_position = DataModuleBase.take_resume_position  # the same hand-over as every datamodule's
 
     def val_dataloader(self) -> TaggedLoaders:
         loaders = [(self.target, self.children[self.target].val_dataloader())]

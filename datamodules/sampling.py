@@ -130,14 +130,15 @@ class EpochAwareLoader(DataLoader):
     Args:
         progress: returns the number of batches of the current epoch already trained (the datamodule
             passes Lightning's count, ``batches_trained``).
-        resume_at: (epoch, batches trained in it) to resume from, or None.
+        resume_at: (epoch, batches trained in it) to resume from, or a callable asked for it (once per epoch start;
+            it answers None once the position is taken), or None.
     """
 
     def __init__(self, *args: Any, progress: Callable[[], int | None] | None = None,
-                 resume_at: tuple[int, int] | None = None, **kwargs: Any) -> None:
+                 resume_at: tuple[int, int] | Callable[[], tuple[int, int] | None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.progress = progress
-        self._resume_at: tuple[int, int] | None = tuple(resume_at) if resume_at else None
+        self._resume_at = resume_at if callable(resume_at) else tuple(resume_at) if resume_at else None
         self._skip = 0
         self._current: _DeferredIterator | None = None
 
@@ -147,9 +148,11 @@ class EpochAwareLoader(DataLoader):
 
     def _start(self) -> Any:
         self._skip = 0
-        if self._resume_at is not None:
-            epoch, done = self._resume_at
+        position = self._resume_at() if callable(self._resume_at) else self._resume_at
+        if not callable(self._resume_at):
             self._resume_at = None
+        if position is not None:
+            epoch, done = position
             if epoch == self.epoch:
                 self._skip = done
                 if self._current is not None:

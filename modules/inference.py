@@ -40,7 +40,7 @@ def locate_run(path: str | Path) -> tuple[Path, Path | None]:
     given = Path(str(path)).expanduser()
     if not given.exists():
         raise ConfigError(f"{path} does not exist; give a run folder (outputs/<run_name>/<date_time>) or a checkpoint in one")
-    checkpoint = given if given.is_file() else None
+    checkpoint = given if is_checkpoint(given) else None
     run_dir = given
     if checkpoint is not None:
         run_dir = given.parent.parent if given.parent.name == "checkpoints" else given.parent
@@ -56,42 +56,89 @@ def pick_checkpoint(run_dir: Path, which: str = "best", trust: bool = False) -> 
     last = folder / "last.ckpt"
     if which not in ("best", "last"):
         path = Path(which).expanduser()
-        if not path.is_file():
+        if not is_checkpoint(path):
             raise ConfigError(f"--checkpoint {which!r} is neither best, last nor a checkpoint file")
         return path
     if which == "last":
-        if not last.is_file():
+        if not is_checkpoint(last):
             raise ConfigError(f"{run_dir} has no checkpoints/last.ckpt; use --checkpoint best or a checkpoint file")
         return last
     candidates = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt" and not p.name.startswith("hpc_ckpt"))
     if len(candidates) == 1:
         return candidates[0]
-    if len(candidates) > 1 and last.is_file():  # save_top_k > 1: the best one, as the last checkpoint's state says
+    if len(candidates) > 1 and is_checkpoint(last):  # save_top_k > 1: the best one, as the last checkpoint's state says
         state = read_checkpoint(last, trust)
         for key, value in (state.get("callbacks") or {}).items():
             best = Path(str(value.get("best_model_path") or "")) if key.startswith("ModelCheckpoint") else None
-            if best and best.name and (folder / best.name).is_file() and value.get("monitor"):
+            if best and best.name and is_checkpoint(folder / best.name) and value.get("monitor"):
                 return folder / best.name
     if candidates:
         raise ConfigError(f"{folder} holds {len(candidates)} checkpoints and no last.ckpt that says which is best; name one "
                           f"with --checkpoint (e.g. {candidates[0]})")
-    if last.is_file():
+    if is_checkpoint(last):
         log.warning(f"{run_dir} has no best checkpoint (no monitored metric, or fast_dev_run): using last.ckpt")
         return last
     raise ConfigError(f"{run_dir} has no checkpoint (checkpoints/*.ckpt); the run saved none (fast_dev_run?): train again")
 
 
+# the file beside the shards of a sharded (FSDP / FSDP2) checkpoint folder: everything but weights and optimizer states
+SHARDED_META = "meta.pt"
+# where Lightning puts the model's tensors in a sharded checkpoint: FSDP2 (ModelParallelStrategy) / FSDP1
+SHARDED_MODEL_KEYS = ("state_dict", "model")
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint *folder* written by sharded training (each process its shards, plus ``meta.pt``)."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
+
+
+def sharded_checkpoint_shapes(path: Path) -> dict[str, torch.Size]:
+    """Name -> shape of the model tensors of a sharded checkpoint, from its metadata alone (nothing is loaded)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    shapes = {}
+    for key, item in metadata.state_dict_metadata.items():
+        where = (metadata.planner_data or {}).get(key) or key.split(".", 1)
+        if where[0] in SHARDED_MODEL_KEYS and hasattr(item, "size"):
+            shapes[".".join(map(str, where[1:]))] = item.size
+    return shapes
+
+
+def load_sharded_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    """A sharded checkpoint folder consolidated into one Lightning checkpoint dict on CPU: the model's full tensors
+    (gathered from every process's shards) under ``state_dict`` and ``meta.pt``'s entries; optimizer states are left
+    out. Needs no process group: one process reads every shard."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), no_dist=True,
+                     planner=_EmptyStateDictLoadPlanner(keys=set(SHARDED_MODEL_KEYS)))
+    model = next((state[k] for k in SHARDED_MODEL_KEYS if k in state), {})
+    meta = torch.load(Path(path) / SHARDED_META, map_location="cpu", weights_only=weights_only)
+    return {**meta, "state_dict": model}
+
+
 def read_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
-    """A Lightning checkpoint, read with ``weights_only`` (tensors and plain values, no code); a checkpoint that
-    pickles objects loads only when ``trust`` says its source is trusted."""
+    """A Lightning checkpoint (a file, or a sharded checkpoint folder), read with ``weights_only`` (tensors and
+    plain values, no code); a checkpoint that pickles objects loads only when ``trust`` says its source is trusted."""
+    load = (lambda safe: load_sharded_checkpoint(path, weights_only=safe)) if is_sharded_checkpoint(path) else (
+        lambda safe: torch.load(path, map_location="cpu", weights_only=safe, mmap=True))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load(True)
     except pickle.UnpicklingError as err:
         if not trust:
             raise ConfigError(f"{path} pickles objects other than tensors and plain values ({str(err).splitlines()[0][:100]}); "
                               "loading it runs code: only if you trust its source, add --trust-checkpoint") from None
         # the user vouched for this file with --trust-checkpoint: a full unpickle, as they asked
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load(False)
     except Exception as err:  # noqa: BLE001 - a truncated zip, a text file, a folder: "not a checkpoint"
         raise ConfigError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
                           f"{(str(err).splitlines() or ['no detail'])[0][:120]}); a run killed while saving leaves one: "

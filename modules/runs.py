@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.secrets import REDACTED
 from modules.errors import ConfigError
+from modules.inference import is_checkpoint
 
 log = logging.getLogger("tunelab")
 
@@ -53,7 +54,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def run_folder_of(resume: str) -> Path:
     """``resume`` names a run folder, or a checkpoint inside one (``<run>/checkpoints/x.ckpt``)."""
     path = Path(str(resume)).expanduser()
-    if path.is_file() and path.parent.name == "checkpoints":
+    if is_checkpoint(path) and path.parent.name == "checkpoints":
         path = path.parent.parent
     if not (path / "config.yaml").is_file():
         what = "does not exist" if not path.exists() else "holds no config.yaml (not a tunelab run folder)"
@@ -64,7 +65,7 @@ def run_folder_of(resume: str) -> Path:
 def newest_checkpoint(run_dir: Path, resume: str) -> Path:
     """The checkpoint to continue from: the named one, else the newest of last.ckpt / SLURM's hpc_ckpt_*.ckpt."""
     named = Path(str(resume)).expanduser()
-    if named.is_file():
+    if is_checkpoint(named):
         return named
     found = [p for pattern in RESUMABLE for p in (run_dir / "checkpoints").glob(pattern)]
     found += list(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning writes these to trainer.default_root_dir

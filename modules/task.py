@@ -12,6 +12,7 @@ from torch import nn
 from modules.backbones.base import Backbone, LayerGroup
 from modules.errors import ConfigError
 from modules.optim import param_groups
+from modules.scaling import ScalePlan, apply_plan
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -55,6 +56,23 @@ class TaskModule(pl.LightningModule):
         self.lr_decay = lr_decay
         self.head_lr_scale = head_lr_scale
         self.head: nn.Module = nn.Identity()
+        # set by train.py from the config (compile=, activation_checkpointing=); not a hyperparameter: checkpoints,
+        # eval and export see the same model either way
+        self.scale_plan = ScalePlan()
+        self._scaled = False
+
+    def configure_model(self) -> None:
+        """Activation checkpointing, compilation and (under ``trainer=fsdp2``) FSDP2 sharding of the backbone's
+        repeated blocks, all derived from the layer groups (``modules.scaling``). Lightning calls this once per
+        fit / test in the same process, before the strategy wraps the model: the first call does the work."""
+        if self._scaled:
+            return
+        self._scaled = True
+        precision = str(self.trainer.precision) if self._trainer is not None else None
+        mesh = self.device_mesh  # ModelParallelStrategy's (data_parallel, tensor_parallel) mesh; None otherwise
+        if mesh is not None and mesh.ndim > 1:
+            mesh = mesh["data_parallel"]
+        apply_plan(self, self.scale_plan, mesh=mesh, precision=precision)
 
     def layer_groups(self) -> list[LayerGroup]:
         """The backbone's ordered groups plus the head, last (names relative to this module)."""

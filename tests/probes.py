@@ -18,7 +18,11 @@ class TrainingProbe(pl.Callback):
 
     @staticmethod
     def flat(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        return {g.name: torch.cat([p.detach().flatten().clone() for p in g.params.values()]) for g in pl_module.layer_groups()}
+        """Each group's parameters, whole (FSDP2 shards gathered: every rank calls this at the same hooks)."""
+        def whole(p: torch.Tensor) -> torch.Tensor:
+            return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten().clone()
+
+        return {g.name: torch.cat([whole(p) for p in g.params.values()]) for g in pl_module.layer_groups()}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = self.flat(pl_module)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modules.inference import read_checkpoint
 from tests.conftest import ROOT, TINY_SCRATCH, run_train
 from tests.test_joint import FAST_JOINT
 
@@ -36,6 +37,9 @@ CASES = {
     "mlm": (TINY_MLM, 5),  # masking drawn per batch
     "joint": ([a for a in FAST_JOINT if "datasets_seen" not in a], 11),  # 8 steps per epoch: resumes at 9, joint epoch 1
     "text_ddp": ([*TINY_TEXT, "data.batch_size=8", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], 5),
+    # sharded checkpoint folders; gradual unfreezing: block_2 joins at the step the checkpoint is saved (3)
+    "text_fsdp2": ([*TINY_TEXT, "data.batch_size=8", "trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
+                    "finetune=gradual", "finetune.unit=step", "finetune.every=3"], 5),
 }
 COMMON = ["trainer.max_epochs=2", "trainer.deterministic=true", "callbacks.early_stopping=null", "test_after_fit=false",
           "callbacks.last_checkpoint.every_n_train_steps=3", "trainer.enable_progress_bar=false",
@@ -52,13 +56,18 @@ def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedPr
                           env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
+def load(ckpt: Path) -> dict:
+    """A checkpoint file or sharded folder these tests' own runs wrote (a full unpickle; shards gathered)."""
+    return read_checkpoint(ckpt, trust=True)
+
+
 def step_of(ckpt: Path) -> int:
-    """The optimizer step a checkpoint was saved at (a checkpoint these tests' own runs wrote: a full unpickle)."""
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    """The optimizer step a checkpoint was saved at."""
+    return load(ckpt)["global_step"]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)  # the test run's own
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
     return {"global_step": torch.tensor(ckpt["global_step"]), **ckpt["state_dict"]}
 
 
@@ -76,7 +85,7 @@ def train_here(run_dir: Path, cache: Path, *overrides: str) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_kill_mid_epoch_then_resume_ends_bit_identical(case: str, tmp_path: Path, cache_dir: Path) -> None:
     overrides, kill_at = CASES[case]
-    ddp = "trainer=ddp" in overrides
+    ddp = "trainer=ddp" in overrides or "trainer=fsdp2" in overrides  # several processes: every run in subprocesses
     cache = cache_dir  # one session cache: the tiny speech corpus and tokenizers are made once
     if ddp:
         whole = train(tmp_path / "whole", cache, *overrides)

@@ -200,25 +200,38 @@ def build_backbone(kind: str, **kwargs: Any) -> Backbone:
     return BACKBONES[kind](**kwargs)
 
 
+def rebuild_backbone(run_dir: str | Path) -> Backbone:
+    """A run's backbone architecture with fresh weights, rebuilt from its ``config.yaml`` and ``backbone/`` folder
+    (no download; ``modules.inference.architecture_node``)."""
+    from omegaconf import OmegaConf
+
+    from modules.inference import architecture_node
+
+    run_dir = Path(run_dir)
+    node = architecture_node(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").backbone, resolve=True), run_dir)
+    node.pop("_target_", None)
+    return build_backbone(**node)
+
+
+def export_state(run_dir: str | Path, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Save the ``backbone.*`` weights of a task's full state dict as a Hugging Face model folder: the run's
+    architecture rebuilt, given these weights, written by ``Backbone.save_pretrained``."""
+    backbone = rebuild_backbone(run_dir)
+    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
+    return backbone.save_pretrained(out_dir)
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Save the backbone of a tunelab run's checkpoint as a Hugging Face model folder (any exportable kind).
 
-    The backbone's architecture is rebuilt from the run's ``config.yaml`` and ``backbone/`` folder (no download;
-    ``modules.inference.architecture_node``), given the checkpoint's ``backbone.*`` weights (read with
-    ``weights_only``), and written by ``Backbone.save_pretrained`` - the one export path that ``export_backbone``
-    and WiSE-FT use too. ``export.py`` exports the whole task.
+    The checkpoint (a file, or a sharded checkpoint folder whose shards are gathered) is read with ``weights_only``;
+    ``export_state`` does the rest - the one export path that ``export_backbone`` and WiSE-FT use too.
+    ``export.py`` exports the whole task.
     """
-    from omegaconf import OmegaConf
-
-    from modules.inference import architecture_node, read_checkpoint
+    from modules.inference import is_checkpoint, read_checkpoint
 
     ckpt = Path(checkpoint).expanduser()
     config_path = ckpt.parent.parent / "config.yaml"
-    if not ckpt.is_file() or not config_path.is_file():
+    if not is_checkpoint(ckpt) or not config_path.is_file():
         raise ConfigError(f"{ckpt} is not a checkpoint inside a tunelab run folder (needs {config_path})")
-    node = architecture_node(OmegaConf.to_container(OmegaConf.load(config_path).backbone, resolve=True), ckpt.parent.parent)
-    node.pop("_target_", None)
-    backbone = build_backbone(**node)
-    state = read_checkpoint(ckpt)["state_dict"]
-    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
-    return backbone.save_pretrained(out_dir)
+    return export_state(ckpt.parent.parent, read_checkpoint(ckpt)["state_dict"], out_dir)
