@@ -70,3 +70,50 @@ def test_wise_ft_sweeps_under_ddp(tmp_path: Path, cache_dir: Path) -> None:
     assert metrics["best/wise_ft_val_acc"] == max(float(r["val/acc"]) for r in rows) and "test/acc" in metrics
     logged = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert sum(1 for r in logged if r.get("val/acc")) == 2  # the sweep's validations are not in the training curves
+
+
+def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cache_dir: Path) -> None:
+    """2-process FSDP2 (gloo) with gradual unfreezing by steps: the gathered weights equal a 1-process run with the same
+    global batch, groups never unfrozen stay bit-identical, groups unfrozen mid-run move; the exported backbone (gathered
+    from the shards, rank 0 writes) loads with AutoModel and holds the best checkpoint's weights."""
+    from transformers import AutoModel
+
+    from modules.inference import is_sharded_checkpoint, read_checkpoint
+
+    # the global batch is the whole (32-example) training set, so both runs train on the same examples at every step
+    # (Lightning's distributed sampler deals each epoch's examples to the processes in its own shuffled order); no
+    # dropout: the two runs draw their random numbers on different processes
+    common = [*TINY_SCRATCH, "data.max_train_samples=32", "+trainer.check_val_every_n_epoch=4",
+              "finetune=gradual", "finetune.unit=step", "finetune.every=2", "trainer.max_steps=8",
+              "trainer.max_epochs=100", "task.dropout=0", "+backbone.config_overrides.hidden_dropout_prob=0",
+              "+backbone.config_overrides.attention_probs_dropout_prob=0", "callbacks.early_stopping=null"]
+    run_dir = tmp_path / "fsdp2"
+    args = [*common, "data.batch_size=16", "trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
+            "export_backbone=hf", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_train(tmp_path / "one", [*common, "data.batch_size=32", "test_after_fit=false"], cache_dir)
+    finally:
+        torch.set_num_threads(threads)
+    rank0, rank1, one = probe(run_dir, 0), probe(run_dir, 1), probe(tmp_path / "one")
+    schedule = [s["trainable"] for s in one["steps"]]
+    assert [s["trainable"] for s in rank0["steps"]] == [s["trainable"] for s in rank1["steps"]] == schedule
+    assert schedule[0] == ["head"] and schedule[-1] == ["block_0", "block_1", "block_2", "head"]
+    for group in GROUPS:
+        assert torch.equal(rank0["end"][group], rank1["end"][group]), f"{group} differs across ranks"
+        torch.testing.assert_close(rank0["end"][group], one["end"][group], rtol=1e-5, atol=1e-6, msg=f"{group}: FSDP2 vs 1 process")
+    assert torch.equal(rank0["start"]["embeddings"], rank0["end"]["embeddings"])  # never reached by the schedule
+    for group in ("block_0", "block_1", "block_2", "head"):  # unfrozen mid-run (or from the start), then trained
+        assert changed(rank0, group), group
+    best = next((run_dir / "checkpoints").glob("best-*.ckpt"))
+    assert is_sharded_checkpoint(best)  # a folder of per-process shards
+    weights = read_checkpoint(best)["state_dict"]
+    exported = AutoModel.from_pretrained(run_dir / "hf").state_dict()
+    backbone = {k[len("backbone.model."):]: v for k, v in weights.items() if k.startswith("backbone.model.")}
+    assert backbone and set(backbone) <= set(exported)  # AutoModel adds a fresh pooler (the run pooled by mean)
+    for name, tensor in backbone.items():
+        assert torch.equal(exported[name], tensor), name
