@@ -1,5 +1,6 @@
 """Fine-tuning behaviour shared by every task (freezing schedules, reports, reproducibility)."""
 
+from callbacks.compile_report import CompileReport
 from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
 from callbacks.nonfinite import NonFiniteGuard
@@ -9,5 +10,5 @@ from callbacks.reproducibility import BatchSeed
 from callbacks.task_reports import ConfusionMatrixReport, PredictionSamples
 from callbacks.wise_ft import WiseFT
 
-__all__ = ["STRATEGIES", "BatchSeed", "ConfusionMatrixReport", "FinetuneSchedule", "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption",
+__all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "FinetuneSchedule", "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption",
            "PredictionSamples", "WiseFT"]

@@ -62,6 +62,8 @@ class TextDataModule(DataModuleBase):
         text_column / label_column: which columns hold the text and the label.
         processor: the backbone's tokenizer (``train.py`` passes it).
         max_length: tokens per text after truncation.
+        pad_to_multiple_of: pad each batch to a multiple of this many tokens (None: to its longest text); with
+            ``compile=`` it bounds the number of distinct shapes, and 8 suits GPU tensor cores.
         cache_dir: where tokenized splits are cached between runs (None: no cache).
         **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``, batch sizes, seed).
 
@@ -84,6 +86,7 @@ class TextDataModule(DataModuleBase):
         label_column: str = "label",
         processor: PreTrainedTokenizerBase | None = None,
         max_length: int = 128,
+        pad_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
         **common: Any,
     ) -> None:
@@ -93,13 +96,15 @@ class TextDataModule(DataModuleBase):
                               f"this backbone gives {type(processor).__name__}")
         if not isinstance(max_length, int) or max_length < 2:
             raise ConfigError(f"data.max_length={max_length!r} must be a whole number >= 2 (tokens per text)")
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ConfigError(f"data.pad_to_multiple_of={pad_to_multiple_of!r} must be a whole number >= 1 (or null)")
         self.source, self.data_files, self.hub_config = source, dict(data_files or {}) or None, hub_config
         self.split_names = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
         self.text_column, self.label_column = text_column, label_column
         self.tokenizer = processor
         self.max_length = max_length
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.collate = DataCollatorWithPadding(self.tokenizer)
+        self.collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     # -- what the rest of the run needs to know -------------------------------------------------
     def save_to(self, run_dir: str | Path) -> None:

@@ -1,9 +1,9 @@
 """Scale-out built on the layer groups: a model's repeated blocks are its FSDP sharding units, its
 activation-checkpointing regions and its regional-compile units.
 
-A layer group whose parameters are exactly those of one submodule, of a class that occurs in more than one
-group (BERT's ``encoder.layer.i``, wav2vec2's ``encoder.layers.i``, timm's ``blocks.i`` / ``layer1..4``), is a
-block. Everything else (embeddings, stems, final norms, heads) belongs to the root. Nothing here is per model.
+Each layer group's module that sits in a module list (or is one), of a class that more than one group holds, is a
+block (BERT's ``encoder.layer.i``, wav2vec2's ``encoder.layers.i``, timm's ``blocks.i`` / ``layer1..4``).
+Everything else (embeddings, stems, final norms, heads) belongs to the root. Nothing here is per model.
 """
 
 from __future__ import annotations
@@ -58,28 +58,45 @@ class ScalePlan:
         return self.compile is not None or self.activation_checkpointing
 
 
-def group_module(root: nn.Module, group: LayerGroup) -> tuple[str, nn.Module] | None:
-    """The submodule of ``root`` whose parameters are exactly ``group``'s, with its name; None if there is none."""
-    paths = [name.split(".")[:-1] for name in group.params]
-    if not paths:
-        return None
-    common: list[str] = []
-    for level in zip(*paths, strict=False):
-        if len(set(level)) > 1:
-            break
-        common.append(level[0])
-    name = ".".join(common)
-    module = root.get_submodule(name) if name else root
-    if {id(p) for p in module.parameters()} != {id(p) for p in group.params.values()}:
-        return None
-    return name, module
+def group_modules(root: nn.Module, group: LayerGroup) -> list[tuple[str, nn.Module]]:
+    """The largest submodules of ``root`` made only of ``group``'s parameters (with their names), outermost first:
+    ``[("encoder.layer.3", BertLayer)]`` for a BERT block, ``[("blocks.11", Block), ("norm", LayerNorm)]`` for the
+    last group of a timm ViT."""
+    wanted = {id(p) for p in group.params.values()}
+    inside: dict[str, bool] = {}
+    found: dict[str, nn.Module] = {}
+    for name in group.params:
+        parts = name.split(".")[:-1]
+        for depth in range(1, len(parts) + 1):
+            path = ".".join(parts[:depth])
+            if path not in inside:
+                params = {id(p) for p in root.get_submodule(path).parameters()}
+                inside[path] = bool(params) and params <= wanted
+            if inside[path]:
+                found.setdefault(path, root.get_submodule(path))
+                break
+    return list(found.items())
 
 
 def repeated_blocks(task: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The task's blocks, input side first: layer groups that are one submodule each, of a class that repeats."""
-    found = [named for group in task.layer_groups() if (named := group_module(task, group)) is not None]
-    counts = Counter(type(module) for _, module in found)
-    return [(name, module) for name, module in found if counts[type(module)] > 1]
+    """The task's blocks, input side first: per layer group, the one module in it that sits in (or is) a module list
+    or sequence, of a class that more than one group holds - BERT's ``encoder.layer.i``, wav2vec2's
+    ``encoder.layers.i``, timm's ``blocks.i`` or ResNet's ``layer1..4``; never the first group (embeddings, stem),
+    final norms or heads."""
+
+    def listed(name: str, module: nn.Module) -> bool:
+        parent = task.get_submodule(name.rsplit(".", 1)[0]) if "." in name else task
+        return isinstance(parent, (nn.ModuleList, nn.Sequential)) or isinstance(module, (nn.ModuleList, nn.Sequential))
+
+    # the first group is the input side (embeddings, stem, feature encoder) by the layer-group protocol
+    per_group = [[(n, m) for n, m in group_modules(task, g) if listed(n, m)] for g in task.layer_groups()[1:]]
+    groups_per_class = Counter(cls for found in per_group for cls in {type(m) for _, m in found})
+    blocks = []
+    for found in per_group:
+        repeated = [(n, m) for n, m in found if groups_per_class[type(m)] > 1]
+        if len(repeated) == 1:
+            blocks.append(repeated[0])
+    return blocks
 
 
 # -- activation checkpointing ---------------------------------------------------------------------------------
@@ -126,12 +143,16 @@ def checkpoint_activations(module: nn.Module) -> None:
 
 # -- compilation ----------------------------------------------------------------------------------------------
 def compile_stats() -> dict[str, float]:
-    """Compilations, recompilations (a guard failed: new shape, requires_grad, ...) and graph breaks so far."""
-    from torch._dynamo.utils import counters, guard_failures
+    """Compilations so far, recompilations among them (a function compiled again because a guard failed: a new
+    shape, a parameter that started or stopped training) and graph breaks."""
+    from torch._dynamo.convert_frame import _get_total_cache_entry_count, input_codes
+    from torch._dynamo.utils import counters
 
+    codes = [ref() for ref in list(input_codes.seen)]  # weak references to the code objects dynamo saw
+    entries = [_get_total_cache_entry_count(code) for code in codes if code is not None]
     return {
         "compile/frames": float(counters["frames"].get("ok", 0)),
-        "compile/recompiles": float(sum(len(reasons) for reasons in guard_failures.values())),
+        "compile/recompiles": float(sum(n - 1 for n in entries if n > 1)),
         "compile/graph_breaks": float(sum(counters["graph_break"].values())),
     }
 

@@ -1,0 +1,134 @@
+"""Scale-out on the layer groups, on CPU: the blocks they give, activation checkpointing (the same gradients for text,
+vision and audio), torch.compile (the same training as eager, recompiles that stop growing), and a 2-process FSDP2 run
+with both turned on."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modules.classifier import Classifier
+from modules.scaling import ScalePlan, apply_plan, repeated_blocks
+from tests.conftest import ROOT, TINY_SCRATCH, compose_config, run_train
+from tests.test_finetuning import probe
+
+TINY_TEXT = [a for a in TINY_SCRATCH if "probe" not in a]
+# backbone overrides, the blocks the layer groups must give, and a batch for each modality
+MODALITIES = {
+    "text": (["backbone=bert_scratch", "backbone.config_overrides.hidden_size=32", "backbone.config_overrides.num_hidden_layers=3",
+              "backbone.config_overrides.num_attention_heads=2", "backbone.config_overrides.intermediate_size=64"],
+             [f"backbone.model.encoder.layer.{i}" for i in range(3)]),
+    # BatchNorm in every block: its running statistics must not be updated twice
+    "vision_cnn": (["backbone=small_resnet_scratch"], [f"backbone.model.layer{i}" for i in range(1, 5)]),
+    "vision_vit": (["backbone=timm", "backbone.model_name=vit_tiny_patch16_224", "backbone.pretrained=false", "+backbone.model_kwargs.img_size=32",
+                    "+backbone.model_kwargs.depth=2"], ["backbone.model.blocks.0", "backbone.model.blocks.1"]),
+    "audio": (["backbone=wav2vec2_tiny", "+backbone.config_overrides.num_hidden_layers=2"],
+              ["backbone.model.encoder.layers.0", "backbone.model.encoder.layers.1"]),
+}
+
+
+def make_task(tmp_path: Path, modality: str) -> Classifier:
+    from train import build
+
+    cfg = compose_config(tmp_path, MODALITIES[modality][0])
+    return Classifier(build(cfg.backbone), num_classes=3, optimizer=partial(torch.optim.AdamW, lr=1e-3))
+
+
+def make_batch(modality: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    if modality == "text":
+        ids = torch.randint(5, 1000, (4, 12), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0  # padding
+        return {"input_ids": ids, "attention_mask": mask}
+    if modality.startswith("vision"):
+        return {"pixel_values": torch.randn(4, 3, 32, 32, generator=generator)}
+    return {"input_values": torch.randn(2, 8000, generator=generator), "attention_mask": torch.ones(2, 8000, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("modality", list(MODALITIES))
+def test_blocks_are_the_repeated_layer_groups(modality: str, tmp_path: Path) -> None:
+    task = make_task(tmp_path, modality)
+    assert [name for name, _ in repeated_blocks(task)] == MODALITIES[modality][1]
+
+
+@pytest.mark.parametrize("modality", list(MODALITIES))
+def test_activation_checkpointing_gives_the_same_gradients(modality: str, tmp_path: Path) -> None:
+    """Training mode with dropout on: the recomputation replays the same dropout masks; BatchNorm statistics move once;
+    parameter names and state-dict keys do not change."""
+    plain = make_task(tmp_path, modality).train()
+    checkpointed = copy.deepcopy(plain)
+    apply_plan(checkpointed, ScalePlan(activation_checkpointing=True))
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    batch = make_batch(modality)
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        np.random.seed(1)  # wav2vec2 draws its SpecAugment masks with numpy
+        model(batch).pow(2).sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert grads and grads.keys() == {n for n, p in checkpointed.named_parameters() if p.grad is not None}
+    for name, param in checkpointed.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    buffers = dict(plain.named_buffers())
+    for name, buffer in checkpointed.named_buffers():  # running mean / var / batches tracked
+        assert torch.equal(buffer, buffers[name]), name
+
+
+def test_activation_checkpointing_refuses_a_backbone_without_blocks(tmp_path: Path) -> None:
+    from modules.errors import ConfigError
+
+    task = make_task(tmp_path, "text")
+    task.backbone.model.encoder.layer = task.backbone.model.encoder.layer[:1]  # one block: nothing repeats
+    task.backbone._blocks = "encoder.layer"
+    with pytest.raises(ConfigError, match=r"activation_checkpointing=true works on a backbone's repeated blocks, but "
+                                          r"HFTextBackbone has none among its layer groups \(embeddings, block_0, head\)"):
+        apply_plan(task, ScalePlan(activation_checkpointing=True))
+
+
+def test_regional_compile_trains_like_eager_and_stops_recompiling(tmp_path: Path, cache_dir: Path) -> None:
+    """compile=regional with gradual unfreezing (the trainable set changes twice) and dynamic padding: the same weights
+    as eager within float tolerance; recompilations come from those changes, not from every step."""
+    # no dropout: compiled code draws its random numbers its own way
+    common = [*TINY_SCRATCH, "finetune=gradual", "finetune.unit=step", "finetune.every=3", "trainer.max_steps=12",
+              "trainer.max_epochs=100", "test_after_fit=false", "trainer.limit_val_batches=1", "task.dropout=0",
+              "+backbone.config_overrides.hidden_dropout_prob=0", "+backbone.config_overrides.attention_probs_dropout_prob=0"]
+    eager = run_train(tmp_path / "eager", common, cache_dir)
+    compiled = run_train(tmp_path / "regional", [*common, "compile=regional"], cache_dir)
+    assert "compile/recompiles" not in eager
+    a, b = probe(tmp_path / "eager"), probe(tmp_path / "regional")
+    assert [s["trainable"] for s in a["steps"]] == [s["trainable"] for s in b["steps"]]
+    for group, weights in a["end"].items():
+        torch.testing.assert_close(b["end"][group], weights, rtol=1e-4, atol=1e-5, msg=group)
+    history = json.loads((tmp_path / "regional" / "reports" / "compile.json").read_text())
+    assert len(history) == 12 and compiled["compile/frames"] >= 1 and compiled["compile/graph_breaks"] == 0
+    recompiles = [h["compile/recompiles"] for h in history]
+    # block 2 joins at step 3, block 1 at 6, block 0 at 9: each is a new variant of the one compiled block code
+    assert recompiles[-1] == compiled["compile/recompiles"] <= 8
+    assert recompiles[-1] == recompiles[-3], recompiles  # the last steps compiled nothing new
+
+
+def test_fsdp2_with_regional_compile_and_activation_checkpointing(tmp_path: Path, cache_dir: Path) -> None:
+    """The three together on 2 CPU processes: it trains (loss falls on a batch it sees again), ranks agree."""
+    run_dir = tmp_path / "run"
+    args = [*TINY_SCRATCH, "trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "compile=regional",
+            "activation_checkpointing=true", "data.pad_to_multiple_of=16", "trainer.max_steps=6", "test_after_fit=false",
+            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = probe(run_dir, 0), probe(run_dir, 1)
+    for group in rank0["end"]:
+        assert torch.equal(rank0["end"][group], rank1["end"][group]), group
+        assert not torch.equal(rank0["start"][group], rank0["end"][group]), group
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["compile/graph_breaks"] == 0 and metrics["compile/frames"] >= 1
