@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_SCRATCH, run_train
@@ -73,8 +74,8 @@ def test_wise_ft_sweeps_under_ddp(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cache_dir: Path) -> None:
-    """2-process FSDP2 (gloo) with gradual unfreezing by steps: the gathered weights equal a 1-process run with the same
-    global batch, groups never unfrozen stay bit-identical, groups unfrozen mid-run move; the exported backbone (gathered
+    """2-process FSDP2 (gloo) with gradual unfreezing by steps, layer-wise LR decay and per-group warm-up under a decaying
+    schedule: the gathered weights equal a 1-process run with the same global batch (and so do the LRs), groups never unfrozen stay bit-identical, groups unfrozen mid-run move; the exported backbone (gathered
     from the shards, rank 0 writes) loads with AutoModel and holds the best checkpoint's weights."""
     from transformers import AutoModel
 
@@ -85,6 +86,7 @@ def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cach
     # dropout: the two runs draw their random numbers on different processes
     common = [*TINY_SCRATCH, "data.max_train_samples=32", "+trainer.check_val_every_n_epoch=4",
               "finetune=gradual", "finetune.unit=step", "finetune.every=2", "trainer.max_steps=8",
+              "task.lr_decay=0.7", "finetune.unfreeze_warmup=2",  # layer-wise LR decay, per-group warm-up, decaying LR
               "trainer.max_epochs=100", "task.dropout=0", "+backbone.config_overrides.hidden_dropout_prob=0",
               "+backbone.config_overrides.attention_probs_dropout_prob=0", "callbacks.early_stopping=null"]
     run_dir = tmp_path / "fsdp2"
@@ -101,6 +103,9 @@ def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cach
         torch.set_num_threads(threads)
     rank0, rank1, one = probe(run_dir, 0), probe(run_dir, 1), probe(tmp_path / "one")
     schedule = [s["trainable"] for s in one["steps"]]
+    assert [s["lr"] for s in rank0["steps"]] == [s["lr"] for s in one["steps"]]
+    step4 = one["steps"][4]["lr"]  # block_1 joined at step 4: one group below the top, first of 2 warm-up steps
+    assert step4["block_1"] == pytest.approx(step4["head"] * 0.7 * 0.5)
     assert [s["trainable"] for s in rank0["steps"]] == [s["trainable"] for s in rank1["steps"]] == schedule
     assert schedule[0] == ["head"] and schedule[-1] == ["block_0", "block_1", "block_2", "head"]
     for group in GROUPS:
