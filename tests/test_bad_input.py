@@ -48,6 +48,15 @@ CASES: dict[str, tuple[list[str], str]] = {
     "task and data disagree": (["task=ctc"], "task=ctc trains on ctc data, but data=bbc_news is classification data"),
     "text data, image backbone": (["backbone=small_resnet_scratch"], "backbone=small_resnet_scratch reads image"),
     "export of a timm backbone": (["experiment=digits_scratch", "export_backbone=enc"], "export_backbone is set, but backbone=small_resnet_scratch"),
+    # scale-out
+    "fsdp without GPUs": (["trainer=fsdp"], "trainer=fsdp (FSDP1) needs CUDA GPUs and this machine has none; on CPU processes use "
+                                            "trainer=fsdp2 trainer.accelerator=cpu"),
+    "more devices than cores": (["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=512"],
+                                "trainer.devices=512 but this machine has"),
+    "unknown compile mode": (["compile=max"], "compile='max' is unknown; choose null (eager), regional (each block) or full"),
+    "checkpointing not a bool": (["activation_checkpointing=sometimes"], "activation_checkpointing='sometimes' must be true or false"),
+    "fsdp2 with EMA": (["trainer=fsdp2", "trainer.accelerator=cpu", "callbacks=ema"], "WeightEMA keeps a full copy of the weights"),
+    "fsdp2 with full compile": (["trainer=fsdp2", "trainer.accelerator=cpu", "compile=full"], "compile=full with trainer=fsdp2 is not supported"),
     # checkpoints and run folders
     "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "ckpt_path='{tmp}/nope.ckpt' does not exist"),
     "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "ckpt_path='{tmp}/corrupt.ckpt' is not a readable Lightning checkpoint"),

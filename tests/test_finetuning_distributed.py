@@ -122,3 +122,30 @@ def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cach
     assert backbone and set(backbone) <= set(exported)  # AutoModel adds a fresh pooler (the run pooled by mean)
     for name, tensor in backbone.items():
         assert torch.equal(exported[name], tensor), name
+
+
+def test_two_nodes_through_torchrun_end_with_identical_ranks(tmp_path: Path, cache_dir: Path) -> None:
+    """``torchrun --nnodes=2 --nproc-per-node=1`` on localhost, one launcher per "node" (as on two machines sharing a
+    file system): Lightning takes the world from torchrun's environment, and both ranks end with the same weights."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "run"
+    args = [*TINY_SCRATCH, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
+            "finetune=gradual", "finetune.unit=step", "finetune.every=2", "trainer.max_steps=6", "trainer.max_epochs=100",
+            "test_after_fit=false",
+            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}", "train.py", *args],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    rank0, rank1 = probe(run_dir, 0), probe(run_dir, 1)
+    assert len(rank0["steps"]) == len(rank1["steps"]) == 6
+    for group in GROUPS:
+        assert torch.equal(rank0["end"][group], rank1["end"][group]), f"{group} differs across the nodes"
+    assert changed(rank0, "head") and changed(rank0, "block_2")

@@ -87,3 +87,31 @@ def test_the_config_tree_ships_in_the_wheel(tmp_path: Path) -> None:
     wanted = {str(p.relative_to(CONFIG_DIR.parent)) for p in CONFIG_DIR.rglob("*.yaml")}
     assert wanted and wanted <= names, sorted(wanted - names)[:5]
     assert "train.py" in names
+
+
+@pytest.mark.parametrize("trainer", sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")))
+def test_trainer_preset_composes_and_its_strategy_imports(trainer: str, tmp_path: Path) -> None:
+    """GPU presets (fsdp, gpu, gpu_fp16) cannot run here: they compose and name a strategy class that exists."""
+    import hydra
+
+    cfg = compose_config(tmp_path, [f"trainer={trainer}"])
+    strategy = cfg.trainer.get("strategy", "auto")
+    if not isinstance(strategy, str):
+        assert hydra.utils.get_class(strategy._target_)
+        if "auto_wrap_policy" in strategy:  # FSDP1 wraps the same blocks FSDP2 shards
+            assert hydra.utils.instantiate(strategy.auto_wrap_policy).__class__.__name__ == "BlockWrapPolicy"
+
+
+def test_slurm_launcher_is_sized_from_the_trainer() -> None:
+    """hydra/launcher=slurm (hydra-submitit-launcher): one SLURM job per multirun job, nodes and tasks from the trainer."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "trainer=fsdp2", "trainer.devices=4",
+                                                      "trainer.num_nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert launcher.signal_delay_s > 0  # SIGUSR1 before the time limit: the Preemption callback saves at the step
