@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,14 +127,15 @@ def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cach
 
 def test_two_nodes_through_torchrun_end_with_identical_ranks(tmp_path: Path, cache_dir: Path) -> None:
     """``torchrun --nnodes=2 --nproc-per-node=1`` on localhost, one launcher per "node" (as on two machines sharing a
-    file system): Lightning takes the world from torchrun's environment, and both ranks end with the same weights."""
+    file system), DDP with compile=regional: Lightning takes the world from torchrun's environment, and both ranks end
+    with the same weights."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     run_dir = tmp_path / "run"
-    args = [*TINY_SCRATCH, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
+    args = [*TINY_SCRATCH, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2", "compile=regional",
             "finetune=gradual", "finetune.unit=step", "finetune.every=2", "trainer.max_steps=6", "trainer.max_epochs=100",
             "test_after_fit=false",
             f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
@@ -149,3 +151,4 @@ def test_two_nodes_through_torchrun_end_with_identical_ranks(tmp_path: Path, cac
     for group in GROUPS:
         assert torch.equal(rank0["end"][group], rank1["end"][group]), f"{group} differs across the nodes"
     assert changed(rank0, "head") and changed(rank0, "block_2")
+    assert json.loads((run_dir / "metrics.json").read_text())["compile/frames"] >= 1

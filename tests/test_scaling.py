@@ -132,3 +132,29 @@ def test_fsdp2_with_regional_compile_and_activation_checkpointing(tmp_path: Path
         assert not torch.equal(rank0["start"][group], rank0["end"][group]), group
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["compile/graph_breaks"] == 0 and metrics["compile/frames"] >= 1
+
+
+def test_bf16_mixed_on_cpu_learns(tmp_path: Path, cache_dir: Path) -> None:
+    """trainer.precision=bf16-mixed on CPU (autocast): a few memorised batches, the training loss falls, finite."""
+    import csv
+
+    run_train(tmp_path, [*TINY_TEXT, "trainer.precision=bf16-mixed", "debug=overfit",
+                         "optimizer.lr=1e-3", "test_after_fit=false", "trainer.log_every_n_steps=1"], cache_dir)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+def test_fsdp1_on_gpus_with_gradual_unfreezing(tmp_path: Path, cache_dir: Path) -> None:
+    """trainer=fsdp (FSDP1, one unit per block, use_orig_params) with gradual unfreezing; frozen groups stay put."""
+    devices = min(2, torch.cuda.device_count())
+    run_dir = tmp_path / "run"
+    args = [*TINY_SCRATCH, "trainer=fsdp", f"trainer.devices={devices}", "finetune=gradual", "finetune.unit=step",
+            "finetune.every=2", "trainer.max_steps=6", "trainer.max_epochs=100", "test_after_fit=false",
+            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
