@@ -312,6 +312,7 @@ def check_strategy(cfg: DictConfig, callbacks: Sequence[Any]) -> None:
     import torch
 
     from modules.errors import ConfigError
+    from modules.scaling import FULL_COMPILE_UNDER_FSDP2
 
     trainer = cfg.get("trainer") or {}
     kind = strategy_kind(cfg)
@@ -333,8 +334,7 @@ def check_strategy(cfg: DictConfig, callbacks: Sequence[Any]) -> None:
             raise ConfigError(f"{refused[0]} keeps a full copy of the weights beside the sharded model, which FSDP2 does "
                               "not support here; drop it (callbacks=default) or train with trainer=ddp")
         if cfg.get("compile") == "full":
-            raise ConfigError("compile=full with trainer=fsdp2 is not supported (dynamo cannot trace FSDP2's hooks "
-                              "without compiled autograd); use compile=regional, which compiles each sharded block")
+            raise ConfigError(FULL_COMPILE_UNDER_FSDP2)
 
 
 def check_monitor(cfg: DictConfig, model: Any) -> None:

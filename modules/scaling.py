@@ -29,7 +29,9 @@ from modules.errors import ConfigError
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("regional", "full")
-# set on the block modules by ``ScalePlan.apply``: FSDP1's auto-wrap policy wraps exactly these
+FULL_COMPILE_UNDER_FSDP2 = ("compile=full with trainer=fsdp2 is not supported (dynamo cannot trace FSDP2's hooks without "
+                            "compiled autograd); use compile=regional, which compiles each sharded block")
+# set on the block modules by ``apply_plan``: FSDP1's auto-wrap policy wraps exactly these
 BLOCK_MARK = "_tunelab_block"
 
 
@@ -52,10 +54,6 @@ class ScalePlan:
     def __post_init__(self) -> None:
         if self.compile not in (None, *COMPILE_MODES):
             raise ConfigError(f"compile={self.compile!r} is unknown; choose null (eager), regional or full")
-
-    @property
-    def active(self) -> bool:
-        return self.compile is not None or self.activation_checkpointing
 
 
 def group_modules(root: nn.Module, group: LayerGroup) -> list[tuple[str, nn.Module]]:
@@ -228,6 +226,8 @@ def apply_plan(task: nn.Module, plan: ScalePlan, mesh: Any = None, precision: st
             raise ConfigError(f"{wanted} works on a backbone's repeated blocks, but {type(task.backbone).__name__} has "
                               f"none among its layer groups ({groups}); turn it off for this backbone"
                               + ("" if plan.compile != "regional" else " or use compile=full"))
+    if plan.compile == "full" and mesh is not None:
+        raise ConfigError(FULL_COMPILE_UNDER_FSDP2)
     if plan.activation_checkpointing:
         for _, module in blocks:
             checkpoint_activations(module)
@@ -236,13 +236,9 @@ def apply_plan(task: nn.Module, plan: ScalePlan, mesh: Any = None, precision: st
     if plan.compile == "regional":
         for _, module in blocks:
             module.compile(dynamic=plan.compile_dynamic)
-    if mesh is not None:
-        device = next(task.parameters()).device
-        shard(task, blocks, mesh, mixed_precision_policy(precision, device if device.type != "meta" else torch.device("cpu")))
+    if mesh is not None:  # the mesh's device: the parameters may still be on the CPU or on "meta" here
+        shard(task, blocks, mesh, mixed_precision_policy(precision, torch.device(mesh.device_type)))
     if plan.compile == "full":
-        if mesh is not None:
-            raise ConfigError("compile=full with trainer=fsdp2 is not supported (dynamo cannot trace FSDP2's hooks "
-                              "without compiled autograd); use compile=regional, which compiles each sharded block")
         task.compile(dynamic=plan.compile_dynamic)
     done = [what for what, on in (("activation checkpointing", plan.activation_checkpointing),
                                   (f"compile={plan.compile}", plan.compile is not None), ("FSDP2 units", mesh is not None)) if on]
@@ -259,20 +255,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def strategy_name(trainer: Any) -> str:
-    """``fsdp2``, ``fsdp``, ``ddp`` or ``single`` for a Lightning trainer (messages and refusals)."""
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
-
-    strategy = trainer.strategy
-    if isinstance(strategy, ModelParallelStrategy):
-        return "fsdp2"
-    if isinstance(strategy, FSDPStrategy):
-        return "fsdp"
-    if isinstance(strategy, DDPStrategy):
-        return "ddp"
-    return "single"
 
 
 # -- the FSDP2 strategy ---------------------------------------------------------------------------------------
