@@ -329,7 +329,10 @@ def check_strategy(cfg: DictConfig, callbacks: Sequence[Any]) -> None:
             raise ConfigError(f"trainer.devices={devices} but this machine has {have} {what}; set trainer.devices<={have}"
                               " (trainer.num_nodes spreads a run over several machines)")
     if kind == "fsdp2":
-        refused = [type(cb).__name__ for cb in callbacks if type(cb).__name__ in ("WeightEMA", "WiseFT")]
+        from callbacks.ema import WeightEMA
+        from callbacks.wise_ft import WiseFT
+
+        refused = [type(cb).__name__ for cb in callbacks if isinstance(cb, (WeightEMA, WiseFT))]
         if refused:
             raise ConfigError(f"{refused[0]} keeps a full copy of the weights beside the sharded model, which FSDP2 does "
                               "not support here; drop it (callbacks=default) or train with trainer=ddp")

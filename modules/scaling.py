@@ -53,7 +53,7 @@ class ScalePlan:
 
     def __post_init__(self) -> None:
         if self.compile not in (None, *COMPILE_MODES):
-            raise ConfigError(f"compile={self.compile!r} is unknown; choose null (eager), regional or full")
+            raise ConfigError(f"compile={self.compile!r} is unknown; choose null (eager), regional (each block) or full")
 
 
 def group_modules(root: nn.Module, group: LayerGroup) -> list[tuple[str, nn.Module]]:
