@@ -1,0 +1,57 @@
+"""Fused training kernels (Triton) with pure-PyTorch references, and the one switch that turns them on.
+
+One file per op: ``layer_norm`` (bias + dropout + residual add + LayerNorm) and ``cross_entropy``
+(linear + cross-entropy, chunked over rows). ``surgery`` swaps the fused modules into a Hugging Face
+encoder instance. The op files define their Triton kernels at import, and Triton decides then whether
+they run interpreted (``TRITON_INTERPRET=1``): so this package imports them only when the kernels are on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from modules.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KERNEL_MODES = ("auto", "torch", "triton")
+
+
+def triton_installed() -> bool:
+    """Whether ``import triton`` can work (it ships with the CUDA builds of torch on Linux)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_can_run(device: torch.device | None = None) -> bool:
+    """Whether a Triton kernel can run on ``device`` (any device: whether one exists that it can run on)."""
+    if not triton_installed():
+        return False
+    if triton_interpreted():
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return device.type == "cuda"
+
+
+def resolve_kernels(mode: str, backbone: str) -> str:
+    """``auto`` -> ``triton`` on a CUDA machine with Triton, else ``torch``; ``triton`` is checked it can run."""
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"backbone.kernels={mode!r} is unknown; choose one of {', '.join(KERNEL_MODES)}")
+    if mode == "auto":
+        return "triton" if triton_installed() and torch.cuda.is_available() else "torch"
+    if mode == "triton" and not triton_can_run():
+        why = "Triton is not installed" if not triton_installed() else "there is no CUDA GPU"
+        raise ConfigError(
+            f"backbone.kernels=triton for {backbone}, but {why}; use backbone.kernels=auto (or torch), "
+            f"or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (slow, for tests)"
+        )
+    return mode
