@@ -55,3 +55,13 @@ def resolve_kernels(mode: str, backbone: str) -> str:
             f"or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (slow, for tests)"
         )
     return mode
+
+
+def use_kernels(model: torch.nn.Module, mode: str, backbone: str) -> str:
+    """Apply ``backbone.kernels=mode`` to ``model`` in place; returns what runs: ``triton`` or ``torch``."""
+    resolved = resolve_kernels(mode, backbone)
+    if resolved == "torch":
+        return "torch"
+    from modules.kernels.surgery import apply_kernels  # defines the Triton kernels: only when they are on
+
+    return "triton" if apply_kernels(model, backbone, strict=mode == "triton") else "torch"

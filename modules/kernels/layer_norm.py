@@ -254,8 +254,17 @@ def dropout_add_layer_norm_reference(
     return F.layer_norm(F.dropout(x, p, training=p > 0) + residual, (x.shape[-1],), weight, ln_bias, eps)
 
 
+def post_norm(
+    x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, bias: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """``norm(dropout(x + bias, p) + residual)``: fused where Triton runs on ``x``'s device, eager elsewhere."""
+    if not triton_can_run(x.device):  # e.g. a CUDA machine training on CPU: the eager path, same result
+        return dropout_add_layer_norm_reference(x, residual, norm.weight, norm.bias, bias, p, norm.eps)
+    return dropout_add_layer_norm(x, residual, norm.weight, norm.bias, bias, p, norm.eps)
+
+
 class DropoutAddLayerNorm(nn.Module):
-    """``LayerNorm(dropout(x + bias) + residual)`` around an existing ``nn.LayerNorm`` (its parameters, its keys)."""
+    """``LayerNorm(dropout(x + bias) + residual)`` around an existing ``nn.LayerNorm`` (its parameters)."""
 
     def __init__(self, norm: nn.LayerNorm, p: float = 0.0) -> None:
         super().__init__()
@@ -263,7 +272,4 @@ class DropoutAddLayerNorm(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        p = self.p if self.training else 0.0
-        if not triton_can_run(x.device):  # CPU tensors without the interpreter: the eager path
-            return dropout_add_layer_norm_reference(x, residual, self.norm.weight, self.norm.bias, bias, p, self.norm.eps)
-        return dropout_add_layer_norm(x, residual, self.norm.weight, self.norm.bias, bias, p, self.norm.eps)
+        return post_norm(x, residual, self.norm, bias, self.p if self.training else 0.0)
