@@ -28,70 +28,85 @@ from modules.kernels import triton_can_run
 @triton.jit
 def _forward_kernel(
     X, BIAS, RES, W, B, Y, H, MEAN, RSTD, SEED,
-    stride_x, stride_res, stride_y, n_cols, p, eps,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
+    stride_x, stride_res, stride_y, n_rows, n_cols, p, eps,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One row: h = dropout(x + bias) + res; y = (h - mean) * rstd * w + b; saves h, mean, rstd."""
-    row = tl.program_id(0)
+    """A tile of rows: h = dropout(x + bias) + res; y = (h - mean) * rstd * w + b; saves h, mean, rstd."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    inside = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    row_in = rows < n_rows
+    inside = row_in[:, None] & (cols < n_cols)[None, :]
+    at = rows.to(tl.int64)[:, None]
+    x = tl.load(X + at * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(BIAS + cols, mask=inside, other=0.0).to(tl.float32)
+        x += tl.load(BIAS + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
         # the element's flat index is its random stream offset: the backward pass redraws the same mask
-        keep = tl.rand(tl.load(SEED).to(tl.int32), row * n_cols + cols) >= p
+        keep = tl.rand(tl.load(SEED).to(tl.int32), rows[:, None] * n_cols + cols[None, :]) >= p
         x = tl.where(keep, x / (1.0 - p), 0.0)
-    h = x + tl.load(RES + row * stride_res + cols, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=0) / n_cols
-    centred = tl.where(inside, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, centred * rstd * w + b, mask=inside)
-    tl.store(H + row * n_cols + cols, h, mask=inside)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    h = x + tl.load(RES + at * stride_res + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    mean = tl.sum(h, axis=1) / n_cols
+    centred = tl.where(inside, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + at * stride_y + cols[None, :], centred * rstd[:, None] * w[None, :] + b[None, :], mask=inside)
+    tl.store(H + at * n_cols + cols[None, :], h, mask=inside)
+    tl.store(MEAN + rows, mean, mask=row_in)
+    tl.store(RSTD + rows, rstd, mask=row_in)
 
 
 @triton.jit
 def _backward_kernel(
     DY, H, W, MEAN, RSTD, SEED, DX, DRES, DW_PART, DB_PART, DBIAS_PART,
     stride_dy, n_rows, n_cols, rows_per_program, p,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """A run of rows: input gradients per row, and this run's partial sums of dw, db and dbias."""
+    """A run of rows, a tile at a time: input gradients, and this run's partial sums of dw, db and dbias."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    inside = cols < n_cols
-    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    db = tl.zeros((BLOCK,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK,), dtype=tl.float32)
+    col_in = cols < n_cols
+    w = tl.load(W + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    dbias = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    for row in range(first, last):
-        h = tl.load(H + row * n_cols + cols, mask=inside, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(inside, (h - tl.load(MEAN + row)) * rstd, 0.0)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row_in = rows < last
+        inside = row_in[:, None] & col_in[None, :]
+        at = rows.to(tl.int64)[:, None]
+        h = tl.load(H + at * n_cols + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(DY + at * stride_dy + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_in, other=0.0)[:, None]
+        xhat = tl.where(inside, (h - tl.load(MEAN + rows, mask=row_in, other=0.0)[:, None]) * rstd, 0.0)
         wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / n_cols
-        c2 = tl.sum(wdy, axis=0) / n_cols
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / n_cols
+        c2 = tl.sum(wdy, axis=1)[:, None] / n_cols
         dh = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(DRES + row * n_cols + cols, dh, mask=inside)
+        tl.store(DRES + at * n_cols + cols[None, :], dh, mask=inside)
         if HAS_DROPOUT:
-            keep = tl.rand(tl.load(SEED).to(tl.int32), row * n_cols + cols) >= p
+            keep = tl.rand(tl.load(SEED).to(tl.int32), rows[:, None] * n_cols + cols[None, :]) >= p
             dh = tl.where(keep, dh / (1.0 - p), 0.0)
-        tl.store(DX + row * n_cols + cols, dh, mask=inside)
+        tl.store(DX + at * n_cols + cols[None, :], dh, mask=inside)
         dw += dy * xhat
         db += dy
         if HAS_BIAS:
             dbias += dh
-    tl.store(DW_PART + pid * n_cols + cols, dw, mask=inside)
-    tl.store(DB_PART + pid * n_cols + cols, db, mask=inside)
+    tl.store(DW_PART + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_in)
+    tl.store(DB_PART + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_in)
     if HAS_BIAS:
-        tl.store(DBIAS_PART + pid * n_cols + cols, dbias, mask=inside)
+        tl.store(DBIAS_PART + pid * n_cols + cols, tl.sum(dbias, axis=0), mask=col_in)
+
+
+def _tile(n_cols: int, device: torch.device) -> tuple[int, int, int]:
+    """(rows per tile, block width, warps): a few thousand elements per tile on a GPU; big tiles in the
+    interpreter, whose cost is per program and per loop step, not per element."""
+    block = _block(n_cols)
+    budget = 4096 if device.type == "cuda" else 65536
+    rows = max(1, min(128, budget // block))
+    return rows, block, min(max(rows * block // 512, 1), 16)
 
 
 def _block(n_cols: int) -> int:
@@ -130,13 +145,12 @@ def _forward_op(
     h = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block = _block(n_cols)
+    rows, block, warps = _tile(n_cols, x.device)
     if n_rows:
-        _forward_kernel[(n_rows,)](
+        _forward_kernel[(triton.cdiv(n_rows, rows),)](
             x2, bias if bias is not None else x2, res2, weight, ln_bias, y, h, mean, rstd, seed,
-            x2.stride(0), res2.stride(0), y.stride(0), n_cols, p, eps,
-            HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK=block,
-            num_warps=min(max(block // 256, 1), 16),
+            x2.stride(0), res2.stride(0), y.stride(0), n_rows, n_cols, p, eps,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, ROWS=rows, BLOCK=block, num_warps=warps,
         )
     return y.view(x.shape), h, mean, rstd
 
@@ -167,17 +181,16 @@ def _backward_op(
     dx = torch.empty_like(h)
     dres = torch.empty_like(h)
     # a few programs per multiprocessor, each reducing its run of rows into one partial row
-    programs = max(1, min(n_rows, 4 * _multiprocessors(h.device)))
-    rows_per_program = triton.cdiv(max(n_rows, 1), programs)
+    rows, block, warps = _tile(n_cols, h.device)
+    programs = max(1, min(triton.cdiv(n_rows, rows), 4 * _multiprocessors(h.device)))
+    rows_per_program = rows * triton.cdiv(triton.cdiv(max(n_rows, 1), programs), rows)  # whole tiles
     programs = triton.cdiv(max(n_rows, 1), rows_per_program)
     partial = torch.zeros((3 if has_bias else 2, programs, n_cols), dtype=torch.float32, device=h.device)
-    block = _block(n_cols)
     if n_rows:
         _backward_kernel[(programs,)](
             dy2, h, weight, mean, rstd, seed, dx, dres, partial[0], partial[1], partial[-1],
             dy2.stride(0), n_rows, n_cols, rows_per_program, p,
-            HAS_BIAS=has_bias, HAS_DROPOUT=p > 0.0, BLOCK=block,
-            num_warps=min(max(block // 256, 1), 16),
+            HAS_BIAS=has_bias, HAS_DROPOUT=p > 0.0, ROWS=rows, BLOCK=block, num_warps=warps,
         )
     # separate tensors: a custom op's outputs may not be views of one another
     dw, db, *dbias = (s.to(weight.dtype, copy=True) for s in partial.sum(1))
