@@ -25,6 +25,7 @@ from modules.kernels.layer_norm import (  # noqa: E402
     _forward_op,
     dropout_add_layer_norm,
     dropout_add_layer_norm_reference,
+    post_norm,
 )
 from modules.kernels.surgery import FusedPostNormOutput, FusedPostNormSpeechLayer  # noqa: E402
 from modules.masked_lm import FusedLMLoss, MaskedLM  # noqa: E402
@@ -182,12 +183,19 @@ def test_triton_on_a_backbone_without_the_pattern_is_a_one_line_error() -> None:
     assert tiny_wav2vec2("auto", post_norm=False).kernels == "torch"  # auto leaves it as it is
 
 
-def test_triton_where_it_cannot_run_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_where_it_cannot_run_falls_back_to_pytorch_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"kernels=triton for bert-x, but there is no CUDA GPU.*TRITON_INTERPRET=1"):
-        resolve_kernels("triton", "bert-x")
     assert resolve_kernels("auto", "bert-x") == "torch"
+    with caplog.at_level("WARNING", logger="modules.kernels"):
+        assert resolve_kernels("triton", "bert-x") == "triton"
+    assert "kernels=triton for bert-x, but there is no CUDA GPU" in caplog.text and "PyTorch path" in caplog.text
+    # the fused modules compute the same without Triton: eager LayerNorm, chunked cross-entropy in PyTorch
+    x, res, b = torch.randn(5, 16), torch.randn(5, 16), torch.randn(16)
+    torch.testing.assert_close(post_norm(x, res, nn.LayerNorm(16).requires_grad_(False), b, 0.0),
+                               F.layer_norm(x + b + res, (16,)))
     with pytest.raises(ConfigError, match="backbone.kernels='fast' is unknown"):
         resolve_kernels("fast", "bert-x")
 
