@@ -210,12 +210,16 @@ def _setup_context(ctx, inputs, output) -> None:
     x, residual, weight, ln_bias, bias, seed, p, eps = inputs
     _, h, mean, rstd = output
     ctx.save_for_backward(h, weight, mean, rstd, seed)
+    # h, mean and rstd get no gradient: no zero-filled tensors of their size
+    ctx.set_materialize_grads(False)
     ctx.p, ctx.has_bias = p, bias is not None
     ctx.shapes = (x.shape, x.dtype, residual.shape, residual.dtype)
     ctx.dtypes = (ln_bias.dtype, bias.dtype if bias is not None else None)
 
 
 def _backward(ctx, dy, _dh, _dmean, _drstd):
+    if dy is None:  # the output was not used
+        return (None,) * 8
     h, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dres, dw, db, dbias = _backward_op(dy, h, weight, mean, rstd, seed, ctx.p, ctx.has_bias)
     x_shape, x_dtype, res_shape, res_dtype = ctx.shapes
