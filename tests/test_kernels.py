@@ -8,10 +8,12 @@ import sys
 
 import torch
 
-# Triton decides when a kernel is defined whether it runs interpreted: set the switch before the op modules load
-if not torch.cuda.is_available():
-    assert "modules.kernels.layer_norm" not in sys.modules, "the kernels were defined before TRITON_INTERPRET was set"
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton reads TRITON_INTERPRET when it is
+# imported and when it defines a kernel, so tests/conftest.py sets it before anything imports Triton.
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    assert os.environ.get("TRITON_INTERPRET") == "1" or "triton" not in sys.modules, "Triton loaded before TRITON_INTERPRET=1"
+    os.environ["TRITON_INTERPRET"] = "1"  # e.g. a run with -p no:conftest, where nothing imported Triton yet
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -19,7 +21,7 @@ from torch import nn  # noqa: E402
 
 from modules.backbones import build_backbone  # noqa: E402
 from modules.errors import ConfigError  # noqa: E402
-from modules.kernels import resolve_kernels  # noqa: E402
+from modules.kernels import resolve_kernels, triton_can_run  # noqa: E402
 from modules.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 from modules.kernels.layer_norm import (  # noqa: E402
     _forward_op,
@@ -118,6 +120,7 @@ def minilm(kernels: str):
 
 
 def test_minilm_with_triton_kernels_matches_torch_and_keeps_every_key() -> None:
+    assert triton_can_run(torch.device(DEVICE))  # the Triton kernels run, not the modules' PyTorch fallback
     plain, fused = minilm("torch"), minilm("triton")
     assert plain.kernels == "torch" and fused.kernels == "triton"
     assert sum(isinstance(m, FusedPostNormOutput) for m in fused.modules()) == 12  # 6 layers x (attention, MLP)
@@ -160,6 +163,7 @@ def tiny_wav2vec2(kernels: str, post_norm: bool):
 
 
 def test_wav2vec2_base_style_post_norm_layers_are_fused_and_match() -> None:
+    assert triton_can_run(torch.device(DEVICE))
     plain, fused = tiny_wav2vec2("torch", post_norm=True), tiny_wav2vec2("triton", post_norm=True)
     assert sum(isinstance(m, FusedPostNormSpeechLayer) for m in fused.modules()) == 2
     fused.load_state_dict(plain.state_dict())  # same keys, so the weights carry over one to one
