@@ -137,12 +137,11 @@ def test_minilm_with_triton_kernels_matches_torch_and_keeps_every_key() -> None:
     for backbone in (plain, fused):
         torch.manual_seed(0)  # the same head initialisation for both
         task = MaskedLM(backbone.to(DEVICE), optimizer=torch.optim.AdamW).to(DEVICE)
-        out, targets = task({k: v.to(DEVICE) for k, v in batch.items()})
-        if backbone is fused:
-            assert isinstance(out, FusedLMLoss)  # the chunked linear cross-entropy: no logits were built
-            loss = out.loss
-        else:
-            loss = F.cross_entropy(out, targets)
+        device_batch = {k: v.to(DEVICE) for k, v in batch.items()}
+        # the training step's loss (the fused one: the chunked linear cross-entropy, no logits built)
+        assert isinstance(task(device_batch)[0], FusedLMLoss if backbone is fused else torch.Tensor)
+        task.zero_grad()
+        loss = task.step(device_batch, "train")
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in task.named_parameters() if p.grad is not None}))
     (loss_plain, grads_plain), (loss_fused, grads_fused) = results
