@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from modules import kernels  # noqa: E402
 from modules.backbones import build_backbone  # noqa: E402
 from modules.errors import ConfigError  # noqa: E402
 from modules.kernels import resolve_kernels, triton_can_run  # noqa: E402
@@ -201,6 +202,10 @@ def test_triton_where_it_cannot_run_falls_back_to_pytorch_and_says_so(
                                F.layer_norm(x + b + res, (16,)))
     with pytest.raises(ConfigError, match="backbone.kernels='fast' is unknown"):
         resolve_kernels("fast", "bert-x")
+    monkeypatch.setattr(kernels, "triton_installed", lambda: False)  # e.g. a CPU-only torch build
+    with caplog.at_level("WARNING", logger="modules.kernels"):
+        assert resolve_kernels("triton", "bert-x") == "torch"
+    assert "Triton is not installed" in caplog.text
 
 
 # -- torch.compile ----------------------------------------------------------------------------------

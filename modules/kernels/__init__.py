@@ -43,19 +43,24 @@ def triton_can_run(device: torch.device | None = None) -> bool:
 
 
 def resolve_kernels(mode: str, backbone: str) -> str:
-    """``auto`` -> ``triton`` on a CUDA machine with Triton, else ``torch``; ``triton`` where Triton cannot run
-    stays ``triton`` with a logged warning: the fused modules then compute the same in PyTorch."""
+    """``auto`` -> ``triton`` on a CUDA machine with Triton, else ``torch``. ``triton`` where Triton cannot run
+    stays ``triton`` with a logged warning (the fused modules then compute the same in PyTorch), or, without
+    Triton installed at all, becomes ``torch`` with a logged warning."""
     if mode not in KERNEL_MODES:
         raise ConfigError(f"backbone.kernels={mode!r} is unknown; choose one of {', '.join(KERNEL_MODES)}")
     if mode == "auto":
         return "triton" if triton_installed() and torch.cuda.is_available() else "torch"
+    if mode == "triton" and not triton_installed():  # the op modules import Triton: the plain model then
+        log.warning("backbone.kernels=triton for %s, but Triton is not installed (it comes with the CUDA builds of "
+                    "torch): running the model as Hugging Face builds it", backbone)
+        return "torch"
     if mode == "triton" and not triton_can_run():
-        why = "Triton is not installed" if not triton_installed() else "there is no CUDA GPU and TRITON_INTERPRET is not set"
         # stated fallback, not an error: the fused modules keep the same arithmetic in PyTorch (the chunked
         # cross-entropy still never builds all the logits), so a config runs unchanged on a CPU machine
         log.warning(
-            "backbone.kernels=triton for %s, but %s: the fused modules run their PyTorch path "
-            "(TRITON_INTERPRET=1 runs the Triton kernels in the CPU interpreter, slowly)", backbone, why,
+            "backbone.kernels=triton for %s, but there is no CUDA GPU and TRITON_INTERPRET is not set: the fused "
+            "modules run their PyTorch path (TRITON_INTERPRET=1 runs the Triton kernels in the CPU interpreter, "
+            "slowly)", backbone,
         )
     return mode
 
