@@ -87,6 +87,28 @@ def test_dropout_mask_follows_the_seed_and_keeps_one_minus_p() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_activation_checkpointing_redraws_the_same_dropout_mask() -> None:
+    """Recomputing the forward pass (activation checkpointing) draws the same seed: the same mask, the same grads."""
+    layer = FusedPostNormOutput(_BertLikeOutput()).to(DEVICE).train()
+    x, res = torch.randn(50, 32, device=DEVICE, requires_grad=True), torch.randn(50, 32, device=DEVICE)
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(7)
+        y = torch.utils.checkpoint.checkpoint(layer, x, res, use_reentrant=False) if checkpointed else layer(x, res)
+        results.append((y, *grads(y.square().sum(), [x, *layer.parameters()])))
+    assert not torch.equal(results[0][0], layer.eval()(x, res))  # dropout was on
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+class _BertLikeOutput(nn.Module):
+    """The shape of BERT's ``BertSelfOutput``: dense, dropout, LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.dropout, self.LayerNorm = nn.Linear(32, 32), nn.Dropout(0.3), nn.LayerNorm(32)
+
+
 # -- chunked linear + cross-entropy -----------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize(("smoothing", "reduction", "with_bias"), [(0.0, "mean", True), (0.1, "sum", False)])
