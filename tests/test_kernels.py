@@ -4,7 +4,9 @@ torch.compile without graph breaks. Without a GPU the Triton kernels run in Trit
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,7 @@ from modules.kernels.surgery import FusedPostNormOutput, FusedPostNormSpeechLaye
 from modules.masked_lm import FusedLMLoss, MaskedLM  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
@@ -266,6 +269,39 @@ def test_torch_compile_traces_the_ops_without_graph_breaks() -> None:
     torch.testing.assert_close(loss, eager)
     for got, want in zip(compiled_grads, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(got, want)
+
+
+# Compiles each Triton kernel (as launched: every constexpr variant) for a Hopper GPU, as far as a cubin; no GPU needed
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from modules.kernels.cross_entropy import _loss_and_grad_kernel
+from modules.kernels.layer_norm import _backward_kernel, _forward_kernel
+
+F, B = "*fp32", "*bf16"
+forward = dict(X=B, BIAS=B, RES=F, W=F, B=F, Y=F, H=F, MEAN=F, RSTD=F, SEED="*i64", stride_x="i32", stride_res="i32",
+               stride_y="i32", n_rows="i32", n_cols="i32", p="fp32", eps="fp32")
+backward = dict(DY=F, H=F, W=F, MEAN=F, RSTD=F, SEED="*i64", DX=F, DRES=F, DW_PART=F, DB_PART=F, DBIAS_PART=F,
+                stride_dy="i32", n_rows="i32", n_cols="i32", rows_per_program="i32", p="fp32")
+loss = dict(LOGITS=B, TARGET="*i64", LOSS=F, PRED="*i64", stride="i32", n_cols="i32", ignore_index="i32", smoothing="fp32")
+flags = ("HAS_BIAS", "HAS_DROPOUT", "ROWS", "BLOCK")
+jobs = [(_forward_kernel, forward, dict(zip(flags, v))) for v in ((True, True, 8, 512), (False, False, 1, 4096))]
+jobs += [(_backward_kernel, backward, dict(zip(flags, v))) for v in ((True, True, 8, 512), (False, False, 1, 4096))]
+jobs += [(_loss_and_grad_kernel, loss, {"BLOCK": 4096})]
+for fn, signature, constexprs in jobs:
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm["cubin"], fn
+print("compiled", len(jobs))
+"""
+
+
+def test_triton_kernels_compile_for_a_gpu_without_one() -> None:
+    """The interpreter is lenient (e.g. about types that change across loop iterations): the compiler is not."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "compiled 5" in out.stdout, out.stderr[-3000:]
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------
