@@ -182,6 +182,9 @@ def architecture_node(node: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     elif kind in ("hf_text", "hf_audio"):
         log.warning(f"{run_dir} has no backbone/ folder (a run from before it was saved): building the backbone from "
                     "the run's config, which may need its original files or a download")
+    if kind in ("hf_text", "hf_audio"):
+        # the plain modules: same weights and keys as the fused ones, and exporters cannot trace custom ops
+        node["kernels"] = "torch"
     return node
 
 

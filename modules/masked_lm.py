@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,15 @@ from torchmetrics.aggregation import MeanMetric
 
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
+from modules.kernels import triton_can_run
 from modules.task import TaskModule
+
+
+class FusedLMLoss(NamedTuple):
+    """What the fused path returns instead of logits: the mean loss over the masked tokens, and their arg-max."""
+
+    loss: torch.Tensor
+    predictions: torch.Tensor
 
 
 class MaskedLMHead(nn.Module):
@@ -27,9 +35,22 @@ class MaskedLMHead(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The features that the vocabulary projection reads."""
+        return self.norm(F.gelu(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary for ``hidden`` (..., hidden_size)."""
-        return F.linear(self.norm(F.gelu(self.dense(hidden))), embeddings, self.bias)
+        return F.linear(self.transform(hidden), embeddings, self.bias)
+
+    def fused_loss(self, hidden: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor) -> FusedLMLoss:
+        """Cross-entropy of the logits for ``hidden`` vs ``targets`` without building the logits (``modules.kernels``)."""
+        # imported here: it defines a Triton kernel, which only runs with the kernels on
+        from modules.kernels.cross_entropy import linear_cross_entropy
+
+        features = self.transform(hidden)
+        backend = "triton" if triton_can_run(features.device) else "torch"  # torch: the same chunks, in PyTorch
+        return FusedLMLoss(*linear_cross_entropy(features, embeddings, targets, self.bias, backend=backend))
 
 
 class ExpMeanMetric(MeanMetric):
@@ -48,6 +69,10 @@ class MaskedLM(TaskModule):
     ``export_backbone`` set (the ``mlm_bbc`` preset: ``hf_backbone``), ``train.py`` saves the best
     backbone and its tokenizer with ``save_pretrained``: a ``backbone.name_or_path`` for any text fine-tuning.
 
+    With the fused kernels on (``backbone.kernels`` resolved to ``triton``), training steps compute the loss
+    with the chunked linear cross-entropy instead (``modules.kernels.cross_entropy``): the
+    (masked tokens x vocabulary) logits and their gradient never exist in full; evaluation keeps the logits.
+
     Args:
         backbone: a Hugging Face text backbone (``hf_text``) with input embeddings.
     """
@@ -61,6 +86,7 @@ class MaskedLM(TaskModule):
         vocab_size = model.get_input_embeddings().weight.shape[0]
         eps = float(getattr(model.config, "layer_norm_eps", 1e-12))
         self.head = MaskedLMHead(backbone.feature_dim, vocab_size, eps)
+        self.fused_loss = getattr(backbone, "kernels", "torch") == "triton"
         self.train_perplexity, self.val_perplexity, self.test_perplexity = ExpMeanMetric(), ExpMeanMetric(), ExpMeanMetric()
 
     data_kind = "mlm"
@@ -73,14 +99,18 @@ class MaskedLM(TaskModule):
     def embeddings(self) -> torch.Tensor:
         return self.backbone.model.get_input_embeddings().weight
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits at the masked positions (n_masked, vocab), their target ids (n_masked,)).
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | FusedLMLoss, torch.Tensor]:
+        """(logits at the masked positions (n_masked, vocab), their target ids (n_masked,)); with the fused
+        kernels on and gradients wanted, a ``FusedLMLoss`` in place of the logits.
 
         Training goes through here (``self(batch)``), not through the submodules: under FSDP2 the task is the
         root of the sharding, and only its ``forward`` gathers the root's parameters (the tied embeddings)."""
         hidden = self.backbone(batch).features
         where = batch["labels"] != -100
-        return self.head(hidden[where], self.embeddings), batch["labels"][where]
+        targets = batch["labels"][where]
+        if self.fused_loss and torch.is_grad_enabled():
+            return self.head.fused_loss(hidden[where], self.embeddings, targets), targets
+        return self.head(hidden[where], self.embeddings), targets
 
     def dense_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits at every position (batch, length, vocab): the reference the masked path must match."""
@@ -118,11 +148,13 @@ class MaskedLM(TaskModule):
         return out
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits, targets = self(batch)
-        if targets.numel() == 0:  # a batch with nothing masked (tiny blocks): no signal, no NaN
-            loss = logits.sum() * 0.0
+        out, targets = self(batch)
+        if isinstance(out, FusedLMLoss):  # 0 with nothing masked, like the branch below
+            loss, predictions = out
+        elif targets.numel() == 0:  # a batch with nothing masked (tiny blocks): no signal, no NaN
+            loss, predictions = out.sum() * 0.0, targets
         else:
-            loss = F.cross_entropy(logits, targets)
+            loss, predictions = F.cross_entropy(out, targets), out.detach().argmax(-1)
         size = batch["input_ids"].shape[0]
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=size)
@@ -131,6 +163,6 @@ class MaskedLM(TaskModule):
             perplexity = getattr(self, f"{stage}_perplexity")
             perplexity.update(loss.detach(), weight=targets.numel())
             self.log(f"{stage}/perplexity", perplexity, on_step=False, on_epoch=True, batch_size=size)
-            acc = (logits.detach().argmax(-1) == targets).float().mean()
+            acc = (predictions == targets).float().mean()
             self.log(f"{stage}/acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, batch_size=size)
         return loss

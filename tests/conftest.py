@@ -6,7 +6,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is imported (lightning imports it, below) and when it defines a
+# kernel: without a GPU, the kernel tests (tests/test_kernels.py) run Triton's CPU interpreter. It changes
+# nothing else on CPU (only Triton-generated code reads it; inductor generates C++ for CPU tensors).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig

@@ -18,6 +18,7 @@ from modules.backbones.base import (
 )
 from modules.backbones.hf_text import load_pretrained
 from modules.errors import ConfigError
+from modules.kernels import use_kernels
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class HFAudioBackbone(Backbone):
         freeze_feature_encoder: keep the convolutional feature encoder fixed (set false when
             training from scratch; fine-tuning schedules keep it frozen unless finetune.respect_frozen=false).
         sampling_rate: the rate of a feature extractor built for a from-scratch model.
+        kernels: ``torch``, ``triton`` (fused residual + dropout + LayerNorm in post-LN encoder layers such
+            as wav2vec2-base's; pre-LN ones do not match) or ``auto`` (see ``modules.kernels``).
     """
 
     modality = "audio"
@@ -89,6 +92,7 @@ class HFAudioBackbone(Backbone):
         freeze_feature_encoder: bool = True,
         sampling_rate: int = 16000,
         trust_remote_code: bool = False,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         if size is not None and size not in SIZES:
@@ -127,6 +131,7 @@ class HFAudioBackbone(Backbone):
                 log.warning("freezing the randomly initialised feature encoder of a from-scratch model; "
                             "set backbone.freeze_feature_encoder=false to train it")
             self.feature_encoder.requires_grad_(False)
+        self.kernels = use_kernels(self.model, kernels, self.source)
 
     @property
     def feature_encoder(self) -> torch.nn.Module:

