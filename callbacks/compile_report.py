@@ -25,17 +25,23 @@ class CompileReport(pl.Callback):
         self.dirname = dirname
         self.history: list[dict[str, float]] = []
         self._active = False
+        self._start: dict[str, float] = {}
+
+    def counts(self) -> dict[str, float]:
+        """This run's counts: the process's since fitting started (a multirun trains several runs in one process)."""
+        return {name: value - self._start.get(name, 0.0) for name, value in compile_stats().items()}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = getattr(getattr(pl_module, "scale_plan", None), "compile", None) is not None
+        self._start = compile_stats() if self._active else {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._active:
-            self.history.append({"step": float(trainer.global_step), **compile_stats()})
+            self.history.append({"step": float(trainer.global_step), **self.counts()})
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active:
-            for name, value in compile_stats().items():
+            for name, value in self.counts().items():
                 pl_module.log(name, value, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -46,4 +52,4 @@ class CompileReport(pl.Callback):
 
     def final_metrics(self) -> dict[str, float]:
         """For the run's metrics.json: the compile counts at the end of training."""
-        return compile_stats() if self._active else {}
+        return self.counts() if self._active else {}
