@@ -213,7 +213,8 @@ class BlockWrapPolicy:
 def apply_plan(task: nn.Module, plan: ScalePlan, mesh: Any = None, precision: str | None = None) -> list[str]:
     """Checkpoint, compile and shard ``task``'s blocks as ``plan`` and the strategy ask; returns the block names.
 
-    Order as in torchtitan: activation checkpointing inside compilation inside the FSDP unit."""
+    Compilation and activation checkpointing inside the FSDP unit (as in torchtitan); with both, the checkpoint wraps
+    the compiled block."""
     blocks = repeated_blocks(task)
     names = [name for name, _ in blocks]
     for _, module in blocks:
@@ -228,14 +229,18 @@ def apply_plan(task: nn.Module, plan: ScalePlan, mesh: Any = None, precision: st
                               + ("" if plan.compile != "regional" else " or use compile=full"))
     if plan.compile == "full" and mesh is not None:
         raise ConfigError(FULL_COMPILE_UNDER_FSDP2)
-    if plan.activation_checkpointing:
-        for _, module in blocks:
-            checkpoint_activations(module)
     if plan.compile is not None:
         allow_recompiles(8 * max(1, len(blocks)))
-    if plan.compile == "regional":
-        for _, module in blocks:
+    for _, module in blocks:
+        if plan.compile == "regional" and plan.activation_checkpointing:
+            # the checkpoint around the compiled block, not inside it: inductor cannot recompute dropout inside a
+            # compiled checkpoint region of a block whose input needs no gradient (a frozen block below it)
+            module.forward = torch.compile(module.forward, dynamic=plan.compile_dynamic)
+            checkpoint_activations(module)
+        elif plan.compile == "regional":
             module.compile(dynamic=plan.compile_dynamic)
+        elif plan.activation_checkpointing:
+            checkpoint_activations(module)
     if mesh is not None:  # the mesh's device: the parameters may still be on the CPU or on "meta" here
         shard(task, blocks, mesh, mixed_precision_policy(precision, torch.device(mesh.device_type)))
     if plan.compile == "full":

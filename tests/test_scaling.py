@@ -110,6 +110,30 @@ def test_compile_matches_eager_on_vision_and_audio(modality: str, mode: str, tmp
     torch._dynamo.reset()
 
 
+def test_activation_checkpointing_with_regional_compile_under_partial_freezing(tmp_path: Path) -> None:
+    """Both on, dropout on, the lower blocks frozen (their output needs no gradient): inductor cannot recompute dropout
+    inside a compiled checkpoint region there, so the checkpoint wraps the compiled block; the recomputation replays the
+    compiled dropout masks (the same gradients as the compiled block without checkpointing)."""
+    torch._dynamo.reset()
+    compiled = make_task(tmp_path, "text").train()
+    for name, param in compiled.named_parameters():
+        if name.startswith(("backbone.model.embeddings", "backbone.model.encoder.layer.0", "backbone.model.encoder.layer.1")):
+            param.requires_grad_(False)
+    both = copy.deepcopy(compiled)
+    apply_plan(compiled, ScalePlan(compile="regional"))
+    apply_plan(both, ScalePlan(compile="regional", activation_checkpointing=True))
+    batch = make_batch("text")
+    for model in (compiled, both):
+        torch.manual_seed(1)
+        model(batch).pow(2).sum().backward()
+    grads = dict(compiled.named_parameters())
+    trained = [(n, p) for n, p in both.named_parameters() if p.grad is not None]
+    assert {n for n, _ in trained} == {n for n, p in grads.items() if p.grad is not None} and trained
+    for name, param in trained:
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    torch._dynamo.reset()
+
+
 def test_activation_checkpointing_refuses_a_backbone_without_blocks(tmp_path: Path) -> None:
     from modules.errors import ConfigError
 
@@ -144,15 +168,21 @@ def test_regional_compile_trains_like_eager_and_stops_recompiling(tmp_path: Path
 
 
 def test_fsdp2_with_regional_compile_and_activation_checkpointing(tmp_path: Path, cache_dir: Path) -> None:
-    """The three together on 2 CPU processes: it trains (loss falls on a batch it sees again), ranks agree."""
+    """The three together on 2 CPU processes, with an explicit milestone plan (block 2 from step 2, everything from
+    step 4): the trainable set follows the plan on both ranks, every group trains once it joins, ranks agree."""
     run_dir = tmp_path / "run"
     args = [*TINY_SCRATCH, "trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "compile=regional",
-            "activation_checkpointing=true", "data.pad_to_multiple_of=16", "trainer.max_steps=6", "test_after_fit=false",
+            "activation_checkpointing=true", "data.pad_to_multiple_of=16", "trainer.max_steps=6", "trainer.max_epochs=100",
+            "test_after_fit=false",
+            "finetune=milestones", "finetune.unit=step", "finetune.milestones=[{at: 2, groups: [block_2]}, {at: 4, groups: [all]}]",
             f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
     out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     rank0, rank1 = probe(run_dir, 0), probe(run_dir, 1)
+    everything = ["embeddings", "block_0", "block_1", "block_2", "head"]
+    plan = [["head"], ["head"], ["block_2", "head"], ["block_2", "head"], everything, everything]
+    assert [s["trainable"] for s in rank0["steps"]] == [s["trainable"] for s in rank1["steps"]] == plan
     for group in rank0["end"]:
         assert torch.equal(rank0["end"][group], rank1["end"][group]), group
         assert not torch.equal(rank0["start"][group], rank0["end"][group]), group
