@@ -156,7 +156,7 @@ class FinetuneSchedule(pl.Callback):
         self._bn = {g.name: bn_modules(pl_module, g) for g in self._groups}
         if self.respect_frozen:
             pinned = [n for g in self._groups for n, p in g.params.items() if not p.requires_grad]
-            self._pinned = {n for g in self._groups for n, p in g.params.items() if not p.requires_grad}
+            self._pinned = set(pinned)
             if pinned:
                 log.info(f"finetune: {len(pinned)} parameter tensors were frozen by the model (first: {pinned[0]}) and stay "
                          "frozen; set finetune.respect_frozen=false to let the schedule train them")
