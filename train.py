@@ -373,6 +373,7 @@ def check_checkpoint(ckpt_path: str | None, model: Any) -> dict[str, Any] | None
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; give <run>/checkpoints/last.ckpt of the run to resume")
     try:  # a Lightning checkpoint pickles more than tensors; this one is about to be resumed from anyway.
         if is_sharded_checkpoint(path):  # names and shapes from the shards' metadata; the rest from meta.pt
+            # meta.pt is the same pickle Lightning's own resume of this folder unpickles right after this check
             ckpt = torch.load(path / SHARDED_META, map_location="cpu", weights_only=False)
             ckpt["state_dict"] = {k: torch.empty(size, device="meta") for k, size in sharded_checkpoint_shapes(path).items()}
         else:  # mmap: only the names and shapes are read now, not the weights (Lightning reads them once, later)
