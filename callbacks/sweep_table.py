@@ -56,21 +56,26 @@ class SweepTable(Callback):
 
     def write(self, rows: list[dict[str, Any]], sweep_dir: Path) -> None:
         headers = list(self.columns)
-        with open(sweep_dir / f"{self.filename}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=headers)
-            writer.writeheader()
-            writer.writerows(rows)
-        fmt = [[format_cell(r[h]) for h in headers] for r in rows]
-        md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in fmt]
-        (sweep_dir / f"{self.filename}.md").write_text("\n".join(md) + "\n")
-        table = Table(title=f"{self.filename} ({sweep_dir})")
-        for h in headers:
-            table.add_column(h, justify="left" if h == headers[0] else "right", no_wrap=h == headers[0])
-        for r in fmt:
-            table.add_row(*r)
-        Console(width=max(Console().width, 120)).print(table)
+        write_table(rows, headers, sweep_dir, self.filename, f"{self.filename} ({sweep_dir})")
         if self.plot and self.plot in headers:
             plot_bars([str(r[headers[0]]) for r in rows], [r[self.plot] for r in rows], self.plot, sweep_dir / f"{self.filename}.png")
+
+
+def write_table(rows: list[dict[str, Any]], headers: list[str], folder: Path, filename: str, title: str) -> None:
+    """``rows`` as ``<filename>.csv`` and ``.md`` in ``folder``, and as a table on the console."""
+    with open(folder / f"{filename}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=headers, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = [[format_cell(r.get(h)) for h in headers] for r in rows]
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in fmt]
+    (folder / f"{filename}.md").write_text("\n".join(md) + "\n")
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="left" if h == headers[0] else "right", no_wrap=h == headers[0])
+    for r in fmt:
+        table.add_row(*r)
+    Console(width=max(Console().width, 120)).print(table)
 
 
 def job_order(path: Path) -> tuple[int, str]:

@@ -70,6 +70,36 @@ class Sliceable(Protocol):
 S = TypeVar("S", bound=Sliceable)
 
 
+def check_folds(num_folds: Any, fold: Any) -> None:
+    """``data.num_folds`` (null, or a whole number >= 2) and ``data.fold`` (0 .. num_folds - 1)."""
+    whole = (lambda v: isinstance(v, int) and not isinstance(v, bool))
+    if num_folds is not None and not (whole(num_folds) and num_folds >= 2):
+        raise ConfigError(f"data.num_folds={num_folds!r} must be a whole number >= 2 (or null: no cross-validation)")
+    if fold is None:
+        return
+    if num_folds is None:
+        raise ConfigError(f"data.fold={fold!r} needs data.num_folds (the number of folds), e.g. data.num_folds=5")
+    if not (whole(fold) and 0 <= fold < num_folds):
+        raise ConfigError(f"data.fold={fold!r} must be a whole number from 0 to {num_folds - 1} (data.num_folds={num_folds})")
+
+
+def fold_indices(size: int, num_folds: int, seed: int, labels: Sequence[str] | None = None) -> list[list[int]]:
+    """Seeded k-fold partition of ``range(size)``: disjoint folds covering every index, sizes within one of each
+    other; with ``labels``, each class is dealt round the folds in turn (stratified)."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        order = rng.permutation(size).tolist()
+    else:
+        by_class: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            by_class.setdefault(label, []).append(i)
+        order = [i for label in sorted(by_class) for i in rng.permutation(by_class[label]).tolist()]
+    folds: list[list[int]] = [[] for _ in range(num_folds)]
+    for position, index in enumerate(order):  # dealt in turn, continuing across classes: sizes stay within one
+        folds[position % num_folds].append(index)
+    return [sorted(f) for f in folds]
+
+
 def check_policy(name: str, value: str) -> None:
     if value not in BAD_INPUT_POLICIES:
         raise ConfigError(f"data.{name}={value!r} is unknown; choose one of {', '.join(BAD_INPUT_POLICIES)}")
@@ -83,6 +113,9 @@ class DataModuleBase(pl.LightningDataModule):
         val_fraction / test_fraction: shares of train carved out (stratified by label when there are
             labels, seeded) for the splits the source lacks.
         max_train_samples / max_eval_samples: cap split sizes (stratified, seeded), for quick runs.
+        num_folds / fold: k-fold cross-validation. The test split is carved as usual and kept aside; the rest
+            (train + the carved validation share) is cut into ``num_folds`` seeded folds, stratified by label when
+            there are labels; fold ``fold`` validates, the others train. The same seed gives the same folds.
         label_names: a fixed label set (ids in this order), e.g. a trained model's: labels outside it are an
             error instead of new classes (``eval.py`` passes the model's). None: the training split's labels.
         on_bad_input: ``error`` (stop with one line naming the file and row) or ``skip`` (leave bad
@@ -107,8 +140,12 @@ class DataModuleBase(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__()
+        check_folds(num_folds, fold)
+        self.num_folds, self.fold = num_folds, (fold or 0) if num_folds else None
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
                 raise ConfigError(f"data.{name}={frac!r} must be a number in [0, 1)")
@@ -202,7 +239,9 @@ class DataModuleBase(pl.LightningDataModule):
         anything with ``len`` and ``take``."""
         train = splits["train"]
         wanted = [r for r, f in (("val", self.val_fraction), ("test", self.test_fraction)) if r not in splits and f > 0]
-        if wanted:
+        if self.num_folds:
+            splits = self._take_fold(splits, labels_of, wanted)
+        elif wanted:
             fractions = [self.val_fraction if r == "val" else self.test_fraction for r in wanted]
             parts = self._split_indices(train, labels_of, fractions)
             if not parts[-1]:
@@ -216,6 +255,32 @@ class DataModuleBase(pl.LightningDataModule):
             if cap and role in splits and len(splits[role]) > cap:
                 keep, _ = self._split_indices(splits[role], labels_of, [cap / len(splits[role])])
                 splits[role] = splits[role].take(keep)
+        return splits
+
+    def _take_fold(self, splits: dict[str, S], labels_of: Callable[[S], Sequence[Any] | None] | None,
+                   wanted: list[str]) -> dict[str, S]:
+        """k-fold: the test split carved exactly as without folds (so CV and plain runs test on the same examples),
+        then the rest (train + what would have been validation) cut into folds; ``fold`` validates."""
+        train = splits["train"]
+        if "val" in splits:
+            log.warning(f"data.num_folds={self.num_folds}: the source's own validation split ({len(splits['val'])} examples)"
+                        f" is not used; fold {self.fold} of the training split validates")
+            del splits["val"]
+        pool = list(range(len(train)))
+        if wanted:
+            fractions = [self.val_fraction if r == "val" else self.test_fraction for r in wanted]
+            parts = self._split_indices(train, labels_of, fractions)
+            if "test" in wanted:
+                splits["test"] = train.take(parts[wanted.index("test")])
+                pool = sorted(i for k, part in enumerate(parts) if k != wanted.index("test") for i in part)
+        pooled = train.take(pool)
+        labels = labels_of(pooled) if labels_of is not None else None
+        folds = fold_indices(len(pooled), self.num_folds, self.seed, [str(v) for v in labels] if labels is not None else None)
+        if any(not f for f in folds):
+            raise DataError(f"data.num_folds={self.num_folds} is more than the {len(pooled)} training examples; "
+                            "lower data.num_folds")
+        splits["val"] = pooled.take(folds[self.fold])
+        splits["train"] = pooled.take(sorted(i for k, f in enumerate(folds) if k != self.fold for i in f))
         return splits
 
     def _split_indices(self, split: Sliceable, labels_of: Callable[[Any], Sequence[Any] | None] | None,
@@ -305,6 +370,8 @@ class DataModuleBase(pl.LightningDataModule):
                                 "counts": {k: dict(v) for k, v in self.counts.items() if v}}
         if self.parsed_rows:
             info["parsed_rows"] = dict(self.parsed_rows)
+        if self.num_folds:
+            info["cross_validation"] = {"num_folds": self.num_folds, "fold": self.fold, "seed": self.seed}
         if self.text_encoding.changed:  # encoding_errors=replace / ignore did change something
             info["undecodable_text"] = {"encoding": self.text_encoding.encoding, "errors": self.text_encoding.errors,
                                         "files": list(self.text_encoding.changed)}

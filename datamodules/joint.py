@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from datamodules.base import DataModuleBase, DataSpec
+from datamodules.base import DataModuleBase, DataSpec, check_folds
 from datamodules.sampling import batches_trained, training_position
 from modules.errors import ConfigError, DataError
 
@@ -213,6 +213,7 @@ class JointDataModule(pl.LightningDataModule):
         steps_per_epoch: optimizer steps per epoch in both phases (default: the sum of the
             datasets' batches per pass, one pass over everything in expectation at T=1).
         validate_sources: also validate the sources (``val/<name>/...``) after the target.
+        num_folds / fold: k-fold cross-validation of the target dataset (see ``DataModuleBase``).
         processor: the backbone's processor (``train.py`` passes it), handed to every child config.
         seed: the dataset draws and each dataset's order.
     """
@@ -229,8 +230,11 @@ class JointDataModule(pl.LightningDataModule):
         validate_sources: bool = True,
         processor: Any = None,
         seed: int = 42,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__()
+        check_folds(num_folds, fold)
         if not datasets or len(datasets) < 2:
             raise ConfigError(f"data.datasets has {len(datasets or {})} dataset(s) ({', '.join(datasets or {})}); joint "
                               "training needs two or more, e.g. data.datasets: {source: {...}, target: {...}}")
@@ -252,6 +256,12 @@ class JointDataModule(pl.LightningDataModule):
         self.ratios = dict(ratios) if ratios else None
         self.joint_epochs, self.steps_per_epoch, self.validate_sources = joint_epochs, steps_per_epoch, validate_sources
         self.seed = seed
+        if num_folds:  # cross-validation folds the target: the sources always train in full
+            spec = datasets[target]
+            if not isinstance(spec, Mapping):
+                raise ConfigError("data.num_folds with a ready-built target datamodule: give its config instead, or set "
+                                  "num_folds / fold on the target datamodule itself")
+            datasets = {**datasets, target: {**spec, "num_folds": num_folds, "fold": fold}}
         self.children = {name: self._build(name, spec, processor) for name, spec in datasets.items()}
         self.probabilities: dict[str, float] = {}
         self.train_specs: dict[str, DataLoader] = {}
