@@ -75,6 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from modules.errors import Preempted
     from modules.runs import continue_loggers, remember_wandb_runs, resume_config
     from modules.scaling import ScalePlan
+    from modules.tracking import allow_mlflow_file_store, finish_tracking, start_tracking
 
     started = time.time()
     if cfg.get("resume"):  # the run's own config, continued in its folder from its newest checkpoint
@@ -107,9 +108,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the freezing schedule goes first, so reports see its changes at the same step
     callbacks = ([build(cfg.finetune)] if cfg.get("finetune") else []) + build_each(cfg.get("callbacks"))
     check_strategy(cfg, callbacks)
+    allow_mlflow_file_store(cfg.get("logger"))
     loggers = build_each(cfg.get("logger"))
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
+    start_tracking(loggers, resolved, str(cfg.monitor), str(cfg.monitor_mode))
     remember_wandb_runs(loggers, run_dir)
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
@@ -155,6 +156,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print_summary(metrics, run_dir, best)
+        finish_tracking(loggers, run_dir, metrics)
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":  # flush and close, so sweeps start a fresh run
             logger.experiment.finish()
