@@ -61,8 +61,9 @@ class SweepTable(Callback):
             plot_bars([str(r[headers[0]]) for r in rows], [r[self.plot] for r in rows], self.plot, sweep_dir / f"{self.filename}.png")
 
 
-def write_table(rows: list[dict[str, Any]], headers: list[str], folder: Path, filename: str, title: str) -> None:
-    """``rows`` as ``<filename>.csv`` and ``.md`` in ``folder``, and as a table on the console."""
+def write_table(rows: list[dict[str, Any]], headers: list[str], folder: Path, filename: str, title: str,
+                show: bool = True) -> None:
+    """``rows`` as ``<filename>.csv`` and ``.md`` in ``folder``, and (``show``) as a table on the console."""
     with open(folder / f"{filename}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=headers, extrasaction="ignore")
         writer.writeheader()
@@ -70,6 +71,8 @@ def write_table(rows: list[dict[str, Any]], headers: list[str], folder: Path, fi
     fmt = [[format_cell(r.get(h)) for h in headers] for r in rows]
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in fmt]
     (folder / f"{filename}.md").write_text("\n".join(md) + "\n")
+    if not show:
+        return
     table = Table(title=title)
     for h in headers:
         table.add_column(h, justify="left" if h == headers[0] else "right", no_wrap=h == headers[0])
