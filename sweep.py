@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tunelab: stopped: {stop}", file=sys.stderr)
         sys.exit(130)
     done = [r for r in runs if r.state != "pending"]
+    if done and all(r.state == "failed" for r in done):
+        sys.exit(f"tunelab: error: every run of the sweep failed ({len(done)}); the last: {done[-1].error}")
     print(f"sweep folder: {sweep.folder.resolve()} ({len(done)} runs; summary.md, summary.png, best.json)")
 
 

@@ -42,6 +42,8 @@ def run_dir_resolver(resume: Any, default: str) -> str:
 
 if not OmegaConf.has_resolver("tunelab.run_dir"):
     OmegaConf.register_new_resolver("tunelab.run_dir", run_dir_resolver)
+if not OmegaConf.has_resolver("tunelab.folder_name"):  # e.g. a W&B group named after the multirun's folder
+    OmegaConf.register_new_resolver("tunelab.folder_name", lambda path: Path(str(path)).name)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:

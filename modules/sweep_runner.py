@@ -344,7 +344,7 @@ def config_problem(overrides: Sequence[str]) -> str | None:
     try:
         check_command_line(list(overrides))
     except SystemExit as stop:
-        return str(stop.code)
+        return str(stop.code).removeprefix("tunelab: error: ")
     return None
 
 

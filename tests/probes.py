@@ -123,3 +123,18 @@ class KillDuringSave(pl.Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
 
             os.fsync = half_then_die  # the checkpoint writer syncs the temporary file before renaming it
+
+
+class InterruptParentAtStep(pl.Callback):
+    """Sends SIGINT to the parent process (a sweep runner: a user's Ctrl-C) at optimizer step ``step``, in the run
+    whose folder ends with ``run``, so the runner must stop the run cleanly and continue it later."""
+
+    def __init__(self, step: int, run: str) -> None:
+        self.step, self.run = step, run
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step - 1 and str(trainer.default_root_dir).rstrip("/").endswith(self.run):
+            import os
+            import signal
+
+            os.kill(os.getppid(), signal.SIGINT)

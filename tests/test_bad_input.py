@@ -103,6 +103,17 @@ CASES: dict[str, tuple[list[str], str]] = {
     "predict: unreadable image": (["predict.py", "{tmp}/image_run", "{tmp}/images_corrupt"], "garbage.png"),
     "export: unknown format": (["export.py", "{tmp}/run", "--format", "pdf"], "--format 'pdf': choose from hf, onnx, torchscript"),
     "export: a format the model lacks": (["export.py", "{tmp}/mlm_run", "--format", "hf"], "a distilbert masked LM has no mapping"),
+    # cross-validation and sweeps
+    "one fold": (["data.num_folds=1"], "data.num_folds=1 must be a whole number >= 2 (or null: no cross-validation)"),
+    "fold out of range": (["data.num_folds=3", "data.fold=3"], "data.fold=3 must be a whole number from 0 to 2"),
+    "fold without folds": (["data.fold=1"], "data.fold=1 needs data.num_folds"),
+    "sweep: missing spec": (["sweep.py", "{tmp}/no_spec.yaml"], "sweep spec {tmp}/no_spec.yaml does not exist"),
+    "sweep: spec against W&B's schema": (["sweep.py", "{tmp}/sweep_bad_method.yaml"], "fails W&B's sweep schema"),
+    "sweep: command without key=value": (["sweep.py", "{tmp}/sweep_no_args.yaml"], "its command must pass"),
+    "sweep: misspelt parameter": (["sweep.py", "{tmp}/sweep_misspelt.yaml", "--dir", "{tmp}/sweeps/misspelt"],
+                                  "Could not override 'optimizer.lrr'"),
+    "sweep: another sweep's folder": (["sweep.py", "{tmp}/sweep_misspelt.yaml", "--dir", "{tmp}/sweeps/other"],
+                                      "holds a sweep of another spec"),
     # only training can tell
     "loss turns NaN": ([*TINY, "optimizer.lr=1e6", "trainer.max_steps=8", "test_after_fit=false"], "non-finite"),
 }
@@ -127,6 +138,7 @@ def wav(path: Path, seconds: float = 0.6, rate: int = 16000) -> None:
 def make_inputs(tmp: Path) -> None:
     """The bad files (and the good ones around them) the cases point at."""
     (tmp / "corrupt.ckpt").write_bytes(b"PK\x03\x04 half of a zip file")
+    sweep_specs(tmp)
     from tests.conftest import compose_config
     from train import build
 
@@ -176,6 +188,22 @@ def make_inputs(tmp: Path) -> None:
     for manifest, bad in (("corrupt", "garbage.wav"), ("truncated", "half.wav"), ("missing", "gone.wav")):
         lines = [*good, {"audio": bad, "text": "one", "duration": 0.6}]
         (audio / f"{manifest}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def sweep_specs(tmp: Path) -> None:
+    """W&B sweep specs with one mistake each, and a sweep folder started by another spec."""
+    import yaml
+
+    good = {"method": "random", "metric": {"name": "val/acc", "goal": "maximize"},
+            "parameters": {"optimizer.lr": {"values": [0.1, 0.2]}},
+            "command": ["${env}", "${interpreter}", "${program}", *TINY, "${args_no_hyphens}"]}
+    specs = {"sweep_bad_method": {**good, "method": "annealing"},
+             "sweep_no_args": {**good, "command": ["${env}", "${interpreter}", "${program}", "${args}"]},
+             "sweep_misspelt": {**good, "parameters": {"optimizer.lrr": {"values": [0.1]}}}}
+    for name, spec in specs.items():
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    (tmp / "sweeps" / "other").mkdir(parents=True)
+    (tmp / "sweeps" / "other" / "sweep.json").write_text(json.dumps({"spec": good, "runs": []}))
 
 
 def fake_run(folder: Path, overrides: list[str], cache_dir: Path, **data_args: object) -> None:

@@ -61,6 +61,22 @@ def test_comparison_preset_runs(comparison: str, tmp_path: Path, cache_dir: Path
     assert any(k.startswith("test/") for k in metrics), metrics
 
 
+SEARCHES = sorted(f"{group}={p.stem}" for group in ("hparams_search", "cv") for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_search_and_cross_validation_presets_run_one_job(search: str, tmp_path: Path, cache_dir: Path) -> None:
+    """Without --multirun a search / cross-validation preset runs one job of it: its experiment, its monitor, its
+    tracking group (the multirun itself is tested in tests/test_team_workflow.py)."""
+    overrides = [search, "debug=fast_dev_run", "trainer.enable_progress_bar=false"]
+    cfg = compose_config(tmp_path, overrides, cache_dir)
+    assert cfg.tracking.group, "the runs of one search share a W&B group"
+    if search.startswith("cv="):
+        assert cfg.data.num_folds >= 2 and cfg.data.fold == 0
+    metrics = run_train(tmp_path, overrides, cache_dir)
+    assert any(k.startswith("test/") for k in metrics), metrics
+
+
 @pytest.mark.parametrize("debug", DEBUGS)
 def test_debug_preset_composes(debug: str, tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, [f"debug={debug}"])
@@ -86,7 +102,8 @@ def test_the_config_tree_ships_in_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(next(tmp_path.glob("tunelab-*.whl"))).namelist())
     wanted = {str(p.relative_to(CONFIG_DIR.parent)) for p in CONFIG_DIR.rglob("*.yaml")}
     assert wanted and wanted <= names, sorted(wanted - names)[:5]
-    assert "train.py" in names
+    assert "train.py" in names and "sweep.py" in names
+    assert "hydra_plugins/tunelab_optuna/optuna_sweeper.py" in names, "hparams_search= needs the sweeper plugin"
 
 
 @pytest.mark.parametrize("trainer", sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")))

@@ -1,0 +1,300 @@
+"""Team workflow: W&B sweep specs (with W&B's own schema and search engine, offline), the local sweep runner
+(3 runs, interrupted and continued), Optuna presets (a study continued), k-fold cross-validation (folds, the
+aggregate), and what W&B / MLflow runs carry (group, tags, git commit, media, the best checkpoint)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.wandb_records import run_files, summary
+
+SPECS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
+# digits + the small ResNet from scratch, a few seconds a run
+DIGITS = ["experiment=digits_scratch", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+          "callbacks.parameter_report.print_table=false"]
+
+
+def run(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "WANDB_MODE": "offline", **env})
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    return done
+
+
+# -- W&B sweep specs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_sweep_spec_passes_wandbs_schema_and_expands_to_overrides_train_accepts(spec_path: Path) -> None:
+    from sweeps import next_run, schema_violations_from_proposed_config
+
+    from modules.sweep_runner import load_spec, train_command
+    from train import check_command_line
+
+    spec = load_spec(spec_path)
+    assert schema_violations_from_proposed_config(spec) == []
+    assert spec["command"][-1] == "${args_no_hyphens}" and spec["program"] == "train.py"
+    np.random.seed(0)
+    proposal = next_run(spec, [], validate=True)
+    params = {k: v["value"] for k, v in proposal.config.items()}
+    assert set(params) == set(spec["parameters"])
+    command = train_command(spec, params)
+    assert command[:2] == [sys.executable, str(ROOT / "train.py")]
+    overrides = command[2:]
+    assert all("=" in o and not o.startswith("-") for o in overrides)
+    check_command_line(overrides)  # composes the real config: exits with a one-line error on a bad override
+    monitor = [o for o in overrides if o.startswith("monitor=")]
+    assert monitor == [f"monitor={spec['metric']['name']}"], "the sweep's metric must be the run's monitor"
+
+
+def test_bayes_proposals_follow_the_finished_results(tmp_path: Path) -> None:
+    from modules.sweep_runner import LocalSweep, SweepRunRecord
+
+    spec = {"method": "bayes", "metric": {"name": "val/acc", "goal": "maximize"},
+            "parameters": {"optimizer.lr": {"distribution": "uniform", "min": 0.0, "max": 1.0}},
+            "command": ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]}
+    (tmp_path / "bayes.yaml").write_text(yaml.safe_dump(spec))
+    proposals = {}
+    for sign in (1.0, -1.0):  # the metric rises with lr, or falls with it
+        sweep = LocalSweep(tmp_path / "bayes.yaml", tmp_path / f"sweep{sign}")
+        sweep.runs = [SweepRunRecord(name=f"{i:03d}", params={"optimizer.lr": x}, state="finished", metric=sign * x)
+                      for i, x in enumerate([0.1, 0.3, 0.5, 0.7, 0.9])]
+        proposals[sign] = sweep.propose()["optimizer.lr"]
+    assert proposals[1.0] > 0.7 and proposals[-1.0] < 0.3, proposals
+
+
+def test_local_sweep_runs_offline_is_interrupted_and_continues(tmp_path: Path) -> None:
+    """3 runs of a random spec through train.py, W&B offline; the second is interrupted mid-training (Ctrl-C on the
+    runner, at step 3) and continues from its checkpoint when the same command runs again."""
+    spec = {"name": "tiny-random", "program": "train.py", "method": "random",
+            "metric": {"name": "val/acc", "goal": "maximize"},
+            "parameters": {"optimizer.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
+                           "data.batch_size": {"values": [8, 16]}},
+            "command": ["${env}", "${interpreter}", "${program}", *DIGITS, "monitor=val/acc", "logger=[csv,wandb]",
+                        "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+                        "+callbacks.interrupt._target_=tests.probes.InterruptParentAtStep", "+callbacks.interrupt.step=3",
+                        "+callbacks.interrupt.run=runs/001", "${args_no_hyphens}"]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "sweep.py"), str(tmp_path / "spec.yaml"), "--dir", str(folder), "--seed", "3",
+               "--count", "3"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    interrupted = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    output = interrupted.stdout + interrupted.stderr
+    assert interrupted.returncode == 130, output[-3000:]
+    assert "run the same command again to continue" in output.lower(), output[-2000:]
+    state = json.loads((folder / "sweep.json").read_text())
+    assert [r["state"] for r in state["runs"]] == ["finished", "preempted"]
+    second = state["runs"][1]
+    assert (folder / "runs" / "001" / "checkpoints" / "last.ckpt").is_file()
+    assert not (folder / "runs" / "001" / "metrics.json").exists()
+
+    run(command, tmp_path, PYTHONPATH=str(ROOT))
+    state = json.loads((folder / "sweep.json").read_text())
+    assert [r["state"] for r in state["runs"]] == ["finished"] * 3
+    assert [r["resumed"] for r in state["runs"]] == [0, 1, 0]
+    assert state["runs"][1]["params"] == second["params"], "the interrupted run continues with its own parameters"
+    assert "resuming the run" in (folder / "runs" / "001" / "train.log").read_text()
+    steps = [int(r["step"]) for r in csv.DictReader(open(folder / "runs" / "001" / "csv" / "metrics.csv")) if r.get("step")]
+    assert steps == sorted(steps) and max(steps) == 8, "one log from step 0 to 8: continued, not restarted"
+    assert any(0 < s_ <= 3 for s_ in steps), "the rows logged before the interruption are kept"
+    # the proposals are the engine's: 3 distinct settings inside the spec's ranges, handed to train.py as overrides
+    for record in state["runs"]:
+        saved = yaml.safe_load((Path(record["folder"]) / "config.yaml").read_text())
+        assert saved["optimizer"]["lr"] == pytest.approx(record["params"]["optimizer.lr"])
+        assert saved["data"]["batch_size"] == record["params"]["data.batch_size"]
+        assert 1e-3 <= record["params"]["optimizer.lr"] <= 1e-2
+        metrics = json.loads((Path(record["folder"]) / "metrics.json").read_text())
+        assert record["metric"] == pytest.approx(metrics["best/val/acc"])
+        wandb_run = summary(run_files(record["folder"])[0])["run"]
+        assert wandb_run.run_group == "tiny-random" and wandb_run.job_type == "sweep"
+    assert len({r["params"]["optimizer.lr"] for r in state["runs"]}) == 3
+    rows = list(csv.DictReader(open(folder / "summary.csv")))
+    assert [r["run"] for r in rows] == ["000", "001", "002"]
+    best = json.loads((folder / "best.json").read_text())
+    assert best["val/acc"] == max(r["metric"] for r in state["runs"])
+    assert (folder / "summary.png").stat().st_size > 0
+
+
+# -- Optuna -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_optuna_preset_runs_trials_and_continues_the_study(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "study"
+    command = [sys.executable, str(ROOT / "train.py"), "--multirun", "hparams_search=digits_optuna", *DIGITS[1:],
+               "trainer.max_epochs=1", "trainer.limit_train_batches=10", f"hydra.sweep.dir={sweep_dir}", "logger=csv"]
+    run([*command, "hydra.sweeper.n_trials=2"], tmp_path)
+    assert sorted(sweep_dir.glob("trial_*")) == [sweep_dir / "trial_0", sweep_dir / "trial_1"]
+    before = {p: p.stat().st_mtime for p in sweep_dir.glob("trial_*/metrics.json")}
+    run([*command, "hydra.sweeper.n_trials=3"], tmp_path)  # the same study, one more trial
+    assert {p: p.stat().st_mtime for p in before} == before, "finished trials are not run again"
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="digits-optuna",
+                              storage=JournalStorage(JournalFileBackend(str(sweep_dir / "optuna_journal.log"))))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.number for t in complete] == [0, 1, 2]
+    for trial in complete:  # each trial's value is its run's best monitored metric, with the sampled overrides
+        folder = sweep_dir / f"trial_{trial.number}"
+        assert trial.value == pytest.approx(json.loads((folder / "metrics.json").read_text())["best/val/acc"])
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert saved["optimizer"]["lr"] == pytest.approx(trial.params["optimizer.lr"])
+        assert saved["data"]["batch_size"] == trial.params["data.batch_size"]
+        assert 3e-4 <= trial.params["optimizer.lr"] <= 3e-2
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(max(t.value for t in complete)) and results["finished_trials"] == 3
+    assert len(list(csv.DictReader(open(sweep_dir / "trials.csv")))) == 3 and (sweep_dir / "trials.png").is_file()
+
+
+# -- k-fold cross-validation ---------------------------------------------------------------------------------
+def test_fold_indices_are_disjoint_covering_balanced_and_stratified() -> None:
+    from datamodules.base import fold_indices
+
+    labels = ["a"] * 23 + ["b"] * 11 + ["c"] * 6
+    folds = fold_indices(len(labels), 4, seed=5, labels=labels)
+    flat = [i for f in folds for i in f]
+    assert sorted(flat) == list(range(len(labels))) and len(flat) == len(set(flat))
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    for label, total in (("a", 23), ("b", 11), ("c", 6)):
+        counts = [sum(labels[i] == label for i in f) for f in folds]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == total
+    assert fold_indices(len(labels), 4, seed=5, labels=labels) == folds
+    assert fold_indices(len(labels), 4, seed=6, labels=labels) != folds
+
+
+def test_folds_of_digits_partition_the_training_pool_stratified_and_keep_the_test_split(tmp_path: Path) -> None:
+    """The real datamodule (digits): the folds' validation sets are disjoint and together are the training pool
+    (a plain run's train + val); each fold trains on the rest; the test split is a plain run's; stratified."""
+    from collections import Counter
+
+    from tests.conftest import compose_config
+    from train import build
+
+    def setup(*overrides: str) -> object:
+        cfg = compose_config(tmp_path, ["experiment=digits_scratch", *overrides])
+        dm = build(cfg.data, processor=build(cfg.backbone).processor)
+        dm.setup()
+        return dm
+
+    def names(dm: object, role: str) -> list[str]:
+        return list(dm.datasets[role].split.names)
+
+    plain = setup()
+    pool = sorted(names(plain, "train") + names(plain, "val"))
+    pool_labels = Counter(plain.datasets["train"].split.labels) + Counter(plain.datasets["val"].split.labels)
+    vals = []
+    for fold in range(3):
+        dm = setup("data.num_folds=3", f"data.fold={fold}")
+        assert names(dm, "test") == names(plain, "test")
+        assert sorted(names(dm, "train") + names(dm, "val")) == pool
+        assert not set(names(dm, "train")) & set(names(dm, "val"))
+        assert dm.report()["cross_validation"] == {"num_folds": 3, "fold": fold, "seed": 42}
+        labels = Counter(dm.datasets["val"].split.labels)
+        assert all(abs(labels[c] - pool_labels[c] / 3) <= 1 for c in pool_labels), (labels, pool_labels)
+        vals.append(names(dm, "val"))
+    assert sorted(v for fold in vals for v in fold) == pool, "the folds' validation sets partition the pool"
+
+
+def test_folds_of_unlabelled_data_and_of_a_source_with_its_own_test_split() -> None:
+    """The shared carving every datamodule uses, without labels (a corpus, speech sentences): random folds; and a
+    source that brings its own test split keeps it whole."""
+    from datamodules.base import DataModuleBase
+    from datamodules.sources import Split
+
+    def split(n: int, tag: str) -> Split:
+        return Split({"text": [f"{tag}{i}" for i in range(n)]}, tag, list(range(n)))
+
+    for folds in ({"train": split(50, "d")}, {"train": split(50, "d"), "test": split(7, "t")}):
+        parts = []
+        for fold in range(5):
+            base = DataModuleBase(val_fraction=0.1, test_fraction=0.2, seed=3, num_folds=5, fold=fold)
+            carved = base.carve(dict(folds), None)
+            train, val, test = (carved[r].columns["text"] for r in ("train", "val", "test"))
+            assert not set(train) & set(val) and not (set(train) | set(val)) & set(test)
+            assert len(train) + len(val) + len(test) == sum(len(s) for s in folds.values())
+            if "test" in folds:
+                assert test == folds["test"].columns["text"]
+            parts.append(val)
+        flat = [v for p in parts for v in p]
+        assert len(flat) == len(set(flat)) == len(train) + len(val)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.slow
+def test_cross_validation_command_aggregates_folds_and_groups_them_in_wandb(tmp_path: Path) -> None:
+    """``--multirun cv=kfold``: one job per fold, the summary's mean / std are those of the folds' metrics; under W&B
+    (offline) the folds are runs of one group that carry tags, notes, the git commit, the reports as media, the
+    redacted config and (log_model) the best checkpoint as an artifact."""
+    sweep_dir = tmp_path / "cv"
+    run([sys.executable, str(ROOT / "train.py"), "--multirun", "cv=kfold", *DIGITS, "data.num_folds=3",
+         "trainer.max_epochs=1", "trainer.limit_train_batches=8", f"hydra.sweep.dir={sweep_dir}",
+         "logger=[csv,wandb]", "logger.wandb.log_model=true", "tracking.tags=[cv,digits]", "tracking.notes=three folds",
+         "+tracking.api_key=s3cret-value"], tmp_path)
+    folds = {}
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+        fold = yaml.safe_load((job / "config.yaml").read_text())["data"]["fold"]
+        folds[fold] = (job, json.loads((job / "metrics.json").read_text()))
+    assert sorted(folds) == [0, 1, 2]
+    rows = {r["metric"]: r for r in csv.DictReader(open(sweep_dir / "cv_summary.csv"))}
+    for metric in ("test/acc", "best/val/acc", "val/loss"):
+        values = [folds[f][1][metric] for f in range(3)]
+        assert float(rows[metric]["mean"]) == pytest.approx(np.mean(values), abs=1e-9)
+        assert float(rows[metric]["std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+        assert [float(rows[metric][f"fold {f}"]) for f in range(3)] == pytest.approx(values)
+    assert len({folds[f][1]["best/val/acc"] for f in range(3)}) > 1, "each fold validates on other examples"
+    assert (sweep_dir / "cv_summary.png").stat().st_size > 0 and (sweep_dir / "cv_summary.md").is_file()
+
+    from modules.tracking import git_state
+
+    groups = set()
+    for fold, (job, _) in folds.items():
+        sent = summary(run_files(job)[0])
+        groups.add(sent["run"].run_group)
+        assert list(sent["run"].tags) == ["cv", "digits"] and sent["run"].notes == "three folds"
+        assert sent["run"].job_type == "fold"
+        assert sent["config"]["git"]["commit"] == git_state()["commit"] and "dirty" in sent["config"]["git"]
+        assert sent["config"]["data"]["fold"] == fold
+        assert sent["config"]["tracking"]["api_key"] == "<redacted>"
+        for report in ("reports/parameter_report", "reports/lr", "reports/confusion_matrix", "reports/confusion_matrix_table"):
+            assert f"{report}/_type" in sent["history_keys"], (report, sorted(sent["history_keys"]))
+        models = [json.loads(meta) for name, kind, meta in sent["artifacts"] if kind == "model"]
+        assert any(m["original_filename"].startswith("best-") and m["score"] is not None for m in models), models
+    assert groups == {"cv-digits_scratch-cv"}, groups
+
+
+def test_mlflow_logs_to_a_local_file_store(tmp_path: Path) -> None:
+    store = tmp_path / "mlruns"
+    run([sys.executable, str(ROOT / "train.py"), *DIGITS[1:], "experiment=digits_scratch", "trainer.max_epochs=1",
+         "trainer.limit_train_batches=5", f"hydra.run.dir={tmp_path / 'run'}", "logger=[csv,mlflow]",
+         f"logger.mlflow.tracking_uri=file:{store}", "tracking.group=team-a", "tracking.tags=[baseline]",
+         "tracking.notes=first try"], tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file:{store}")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert run_info.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert run_info.data.metrics["best/val/acc"] == pytest.approx(metrics["best/val/acc"])
+    tags = run_info.data.tags
+    assert tags["group"] == "team-a" and tags["baseline"] == "true" and tags["mlflow.note.content"] == "first try"
+    from modules.tracking import git_state
+
+    assert tags["mlflow.source.git.commit"] == git_state()["commit"]
+    assert run_info.data.params["optimizer/lr"] == "0.003"
+    artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)}
+    reports = {a.path for a in client.list_artifacts(run_info.info.run_id, "reports")}
+    assert {"config.yaml", "metrics.json"} <= artifacts
+    assert {"reports/confusion_matrix.png", "reports/parameter_report.png", "reports/lr.png"} <= reports
