@@ -72,7 +72,9 @@ S = TypeVar("S", bound=Sliceable)
 
 def check_folds(num_folds: Any, fold: Any) -> None:
     """``data.num_folds`` (null, or a whole number >= 2) and ``data.fold`` (0 .. num_folds - 1)."""
-    whole = (lambda v: isinstance(v, int) and not isinstance(v, bool))
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     if num_folds is not None and not (whole(num_folds) and num_folds >= 2):
         raise ConfigError(f"data.num_folds={num_folds!r} must be a whole number >= 2 (or null: no cross-validation)")
     if fold is None:
