@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][sweep][%(levelname)s] - %(message)s")
 
     from modules.errors import UserInputError
-    from modules.sweep_runner import LocalSweep, SweepInterrupted
+    from modules.sweep_runner import LocalSweep, SweepInterrupted, import_search_engine
 
     if args.count < 1:
         sys.exit(f"tunelab: error: --count={args.count} must be >= 1")
@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         sys.exit(f"tunelab: error: {bad[0]!r} is not a key=value override for the runs")
     try:
-        import sweeps  # noqa: F401
+        import_search_engine()
     except ImportError:
-        sys.exit("tunelab: error: the offline search engine is W&B's `sweeps` package: pip install --no-deps sweeps "
-                 "(its metadata pins numpy<2, which the rest of the stack has outgrown; it runs on numpy 2)")
+        sys.exit("tunelab: error: the offline search engine is W&B's `sweeps` package, which `pip install -e .` brings; "
+                 "install it with: pip install 'sweeps>=0.2,<0.3'")
     try:
         spec_name = Path(args.spec).stem
         sweep = LocalSweep(args.spec, args.dir or Path("sweeps") / spec_name, args.wandb, args.seed, args.overrides)

@@ -51,9 +51,19 @@ class SweepRunRecord:
     error: str | None = None
 
 
+def import_search_engine() -> Any:
+    """The ``sweeps`` package (its pydantic-1 style model warns under pydantic 2, harmlessly: said once, here)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
+        import sweeps
+    return sweeps
+
+
 def load_spec(path: str | Path) -> dict[str, Any]:
     """The sweep spec, checked against W&B's own schema and for a ``command`` that Hydra understands."""
-    from sweeps import SweepConfig
+    SweepConfig = import_search_engine().SweepConfig  # noqa: N806 - the engine's class
 
     path = Path(path)
     if not path.is_file():
@@ -157,8 +167,9 @@ class LocalSweep:
         out = []
         for run in self.runs:
             summary = {self.metric: run.metric} if run.metric is not None else {}
+            # W&B's own field names (summaryMetrics, sampledHistory): what every version of the engine accepts
             out.append(SweepRun(name=run.name, state=states[run.state], config={k: {"value": v} for k, v in run.params.items()},
-                                history=[{self.metric: v} for v in run.history], summary_metrics=summary))
+                                sampledHistory=[{self.metric: v} for v in run.history], summaryMetrics=summary))
         return out
 
     def propose(self) -> dict[str, Any] | None:
