@@ -71,6 +71,27 @@ def test_bayes_proposals_follow_the_finished_results(tmp_path: Path) -> None:
     assert proposals[1.0] > 0.7 and proposals[-1.0] < 0.3, proposals
 
 
+def test_hyperband_stops_a_run_that_trails_at_the_same_evaluation(tmp_path: Path) -> None:
+    from modules.sweep_runner import LocalSweep, SweepRunRecord
+
+    spec = {"method": "random", "metric": {"name": "val/acc", "goal": "maximize"},
+            "parameters": {"optimizer.lr": {"values": [0.1, 0.2]}},
+            "early_terminate": {"type": "hyperband", "min_iter": 2, "eta": 2},
+            "command": ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]}
+    (tmp_path / "hb.yaml").write_text(yaml.safe_dump(spec))
+    sweep = LocalSweep(tmp_path / "hb.yaml", tmp_path / "sweep")
+    sweep.runs = [SweepRunRecord(name=f"{i:03d}", params={"optimizer.lr": 0.1}, state="finished", metric=acc,
+                                 history=[acc - 0.2, acc - 0.1, acc]) for i, acc in enumerate([0.8, 0.85, 0.9])]
+    poor = SweepRunRecord(name="003", params={"optimizer.lr": 0.2}, state="running", history=[0.2, 0.25])
+    good = SweepRunRecord(name="004", params={"optimizer.lr": 0.2}, state="running", history=[0.6, 0.7, 0.95])
+    sweep.runs += [poor, good]
+    # the first bracket (min_iter=2) compares the value at index 2: the third evaluation
+    assert not sweep.should_stop(poor), "two evaluations: no bracket reached yet"
+    poor.history.append(0.3)
+    assert sweep.should_stop(poor) and not sweep.should_stop(good)
+
+
+@pytest.mark.slow
 def test_local_sweep_runs_offline_is_interrupted_and_continues(tmp_path: Path) -> None:
     """3 runs of a random spec through train.py, W&B offline; the second is interrupted mid-training (Ctrl-C on the
     runner, at step 3) and continues from its checkpoint when the same command runs again."""
