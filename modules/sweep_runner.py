@@ -174,11 +174,16 @@ class LocalSweep:
 
     def propose(self) -> dict[str, Any] | None:
         """The next run's parameters from the search engine (None: a grid is exhausted)."""
+        import warnings
+
         import numpy as np
+        from sklearn.exceptions import ConvergenceWarning
         from sweeps import next_run
 
         np.random.seed(self.seed + len(self.runs))  # random / bayes draw from numpy's global generator
-        proposal = next_run(self.spec, self.as_sweep_runs(), validate=True)
+        with warnings.catch_warnings():  # the GP fit's length-scale warnings say nothing a user can act on
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            proposal = next_run(self.spec, self.as_sweep_runs(), validate=True)
         if proposal is None:
             return None
         return {k: plain(v["value"]) for k, v in proposal.config.items() if isinstance(v, Mapping) and "value" in v}
