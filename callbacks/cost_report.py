@@ -100,7 +100,7 @@ class InferenceSpeed(pl.Callback):
         loader = datamodule.test_dataloader() if datamodule.has_split("test") else datamodule.val_dataloader()
         batches = []
         for i, batch in enumerate(loader):
-            if i > self.batches:
+            if i >= self.batches:
                 break
             batches.append({k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         was_training = model.training
@@ -116,12 +116,13 @@ class InferenceSpeed(pl.Callback):
         model.train(was_training)
         return out
 
-    @staticmethod
-    def samples_per_s(forward: Any, batches: list[dict[str, Any]]) -> float:
+    def samples_per_s(self, forward: Any, batches: list[dict[str, Any]]) -> float:
+        """Samples per second over ``self.batches`` forward calls (cycling through the batches there are)."""
         with torch.inference_mode():
             forward(batches[0])  # untimed: first-call allocations
             seen, started = 0, time.perf_counter()
-            for batch in batches[1:]:
+            for i in range(self.batches):
+                batch = batches[(i + 1) % len(batches)]
                 forward(batch)
                 seen += len(batch["labels"])
             return seen / max(time.perf_counter() - started, 1e-9)

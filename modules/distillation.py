@@ -67,7 +67,8 @@ class Teacher(nn.Module):
         super().__init__()
         self.model, self.kind, self.width, self.identity, self.source = model, kind, width, identity, source
         self.register_buffer("order", torch.tensor(list(order), dtype=torch.long), persistent=False)
-        self.model.eval().requires_grad_(False)
+        self.requires_grad_(False)
+        self.eval()
 
     def train(self, mode: bool = True) -> Teacher:  # always in eval mode (dropout off, BatchNorm statistics fixed)
         return super().train(False)

@@ -17,7 +17,7 @@ import eval as eval_script
 from modules.distillation import TeacherLogitCache, distillation_loss, load_teacher
 from tests.conftest import TINY_SCRATCH, compose_config, run_train
 
-BBC_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
+BBC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
 
 def test_alpha_one_gradient_is_the_analytic_kl_gradient() -> None:
