@@ -78,7 +78,7 @@ def test_adapters_are_saved_alone_in_peft_format(lora_run: Path) -> None:
 def test_eval_predict_and_merged_export_of_a_lora_run(lora_run: Path, tmp_path: Path) -> None:
     from modules.export import export_run
     from modules.inference import load_run
-    from modules.lora import has_lora, merge_lora
+    from modules.lora import has_lora
 
     result = eval_script.evaluate(eval_script.parse([str(lora_run), "--out", str(tmp_path / "eval"), "--no-progress"]))
     in_run = json.loads((lora_run / "metrics.json").read_text())
@@ -102,7 +102,6 @@ def test_eval_predict_and_merged_export_of_a_lora_run(lora_run: Path, tmp_path: 
         merged = run.model(batch)
     assert torch.allclose(adapted, merged, atol=1e-5)
     assert max(report["formats"]["hf"]["max_abs_difference"]) <= 1e-4  # the exported model gives the merged outputs
-    del merge_lora  # merging twice is a no-op; export_run did it
 
 
 def in_run_labels(run: Path) -> list[str]:
