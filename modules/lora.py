@@ -75,7 +75,10 @@ def has_lora(backbone: nn.Module) -> bool:
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if n and isinstance(m, ADAPTABLE) and not is_adapter(n)}
+    """Linears and convolutions LoRA can wrap: grouped (depthwise) convolutions left out, as peft supports them only
+    when the rank divides by the groups."""
+    return {n: m for n, m in model.named_modules()
+            if n and isinstance(m, ADAPTABLE) and not is_adapter(n) and getattr(m, "groups", 1) == 1}
 
 
 def default_targets(backbone: Any) -> list[str]:
@@ -128,7 +131,11 @@ def apply_lora(backbone: Any, spec: LoraSpec) -> Any:
     from peft import inject_adapter_in_model
 
     targets = resolve_targets(backbone, spec)
-    inject_adapter_in_model(peft_config(spec, targets), backbone.model)
+    try:
+        inject_adapter_in_model(peft_config(spec, targets), backbone.model)
+    except ValueError as err:  # a layer peft cannot adapt with these settings
+        raise ConfigError(f"backbone.lora: peft cannot adapt {type(backbone.model).__name__} as asked "
+                          f"({str(err).splitlines()[0][:200]}); change backbone.lora.targets or rank") from None
     for name, param in backbone.named_parameters():
         param.requires_grad_(is_adapter(name))
     backbone.lora = spec
