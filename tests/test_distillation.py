@@ -128,3 +128,23 @@ def test_a_student_that_never_sees_a_label_learns_from_the_teacher(tmp_path: Pat
     # the student run evaluates without its teacher, and gives the in-run figure
     result = eval_script.evaluate(eval_script.parse([str(tmp_path / "student"), "--out", str(tmp_path / "eval"), "--no-progress"]))
     assert result["metrics"]["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(hf_teacher: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """Teacher and student read the same batches: a teacher whose vocabulary differs stops with one line."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    from modules.errors import ConfigError
+
+    other = tmp_path / "other_tokenizer_teacher"
+    shutil.copytree(hf_teacher, other)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (other / name).unlink(missing_ok=True)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "bank", "match"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(other)
+    task, _ = student_and_batch(tmp_path, cache_dir, hf_teacher)
+    with pytest.raises(ConfigError, match="uses another tokenizer"):
+        load_teacher(str(other), task.label_names, task.backbone.processor)
