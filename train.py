@@ -111,6 +111,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = ([build(cfg.finetune)] if cfg.get("finetune") else []) + build_each(cfg.get("callbacks"))
     check_strategy(cfg, callbacks)
     allow_mlflow_file_store(cfg.get("logger"))
+    check_lora(cfg, callbacks)
     loggers = build_each(cfg.get("logger"))
     start_tracking(loggers, resolved, str(cfg.monitor), str(cfg.monitor_mode))
     remember_wandb_runs(loggers, run_dir)
@@ -153,6 +154,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tested = True
     if exports:
         export_backbones(model, trainer, exports, best, tested, run_dir)
+    if getattr(model.backbone, "lora", None) is not None and trainer.is_global_zero:
+        save_lora_adapters(model, best, run_dir)
     metrics["time/total_s"] = time.time() - started
 
     if trainer.is_global_zero:
@@ -191,6 +194,35 @@ def export_backbones(model: Any, trainer: Any, exports: list[Path], best: str | 
             folders = [model.backbone.save_pretrained(target) for target in exports]
     for folder in folders:
         log.info(f"saved the {which} backbone to {folder}; use it with backbone.name_or_path={folder}")
+
+
+def save_lora_adapters(model: Any, best: str | None, run_dir: Path) -> None:
+    """LoRA runs: the best adapters (and head) alone, in peft's format, in ``<run>/adapters/`` (a few MB at most)."""
+    import torch
+
+    from modules.lora import save_adapters
+
+    # our own checkpoint, written by this run: a full unpickle is safe
+    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"] if best else model.state_dict()
+    node = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").backbone, resolve=True)
+    folder = save_adapters(state, node, model.backbone.lora_targets, run_dir / "adapters")
+    log.info(f"saved the {'best' if best else 'final'} LoRA adapters and head to {folder}")
+
+
+def check_lora(cfg: DictConfig, callbacks: Sequence[Any]) -> None:
+    """LoRA (``finetune=lora``, i.e. ``backbone.lora``) with what it cannot combine with, refused before training."""
+    from modules.errors import ConfigError
+
+    if not OmegaConf.select(cfg, "backbone.lora", default=None):
+        return
+    kind = strategy_kind(cfg)
+    if kind in ("fsdp", "fsdp2"):
+        raise ConfigError(f"finetune=lora with trainer={kind} is not supported (sharding units would mix frozen base weights "
+                          "and trainable adapters, untested here); LoRA's optimizer state is small: use trainer=ddp")
+    refused = [type(cb).__name__ for cb in callbacks if type(cb).__name__ == "WiseFT"]
+    if refused:
+        raise ConfigError("callbacks=wise_ft with finetune=lora: interpolating the adapters' A and B factors does not "
+                          "interpolate the weight change B@A; use one or the other")
 
 
 def check_config(cfg: DictConfig) -> None:

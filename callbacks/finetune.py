@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from modules.backbones.base import LayerGroup
 from modules.errors import ConfigError
+from modules.lora import base_weight_names
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,12 @@ class FinetuneSchedule(pl.Callback):
         names = [g.name for g in self._groups]
         self.initial, self.milestones = self.plan(names)
         self._bn = {g.name: bn_modules(pl_module, g) for g in self._groups}
+        # LoRA: the backbone's base weights never train, whatever the schedule unfreezes (only their adapters do)
+        lora_base = base_weight_names(pl_module)
+        self._pinned = set(lora_base)
         if self.respect_frozen:
-            pinned = [n for g in self._groups for n, p in g.params.items() if not p.requires_grad]
-            self._pinned = set(pinned)
+            pinned = [n for g in self._groups for n, p in g.params.items() if not p.requires_grad and n not in lora_base]
+            self._pinned.update(pinned)
             if pinned:
                 log.info(f"finetune: {len(pinned)} parameter tensors were frozen by the model (first: {pinned[0]}) and stay "
                          "frozen; set finetune.respect_frozen=false to let the schedule train them")

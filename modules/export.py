@@ -397,6 +397,11 @@ def export_run(run: Any, formats: Sequence[str], out: Path, skip_failures: bool 
         earlier = json.loads(path.read_text())
         if earlier.get("checkpoint") == report["checkpoint"] and earlier.get("weights") == report["weights"]:
             report["formats"] = dict(earlier.get("formats", {}))
+    from modules.lora import has_lora, merge_lora
+
+    if has_lora(run.model.backbone):  # the adapters folded into the base weights: every format exports a plain model
+        merge_lora(run.model.backbone)
+        report["lora"] = "adapters merged into the base weights"
     exporter = Exporter(run, sample_batches(run))
     out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:

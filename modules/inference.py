@@ -269,9 +269,12 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
                               .replace("pick matching groups (e.g. the presets in configs/experiment/)",
                                        "evaluate on data of the kind the run trained on")) from None
     backbone = build(OmegaConf.create(architecture_node(OmegaConf.to_container(cfg.backbone, resolve=True), run_dir)))
-    data_args = data_arguments(ckpt, run_dir, hydra.utils.get_class(cfg.task._target_))
+    task_cls = hydra.utils.get_class(cfg.task._target_)
+    data_args = data_arguments(ckpt, run_dir, task_cls)
+    # what a task needs only to train is swapped for what rebuilds it (a distilled student: no teacher)
+    rebuild = task_cls.inference_kwargs(ckpt.get("hyper_parameters") or {}) if hasattr(task_cls, "inference_kwargs") else {}
     try:
-        model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=None, **data_args)
+        model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=None, **data_args, **rebuild)
     except UserInputError:
         raise
     except Exception:  # noqa: BLE001 - Hydra wraps the task's TypeError; the cause is the missing data arguments

@@ -32,12 +32,15 @@ class TrainingProbe(pl.Callback):
         self.rng_state_sum = int(torch.get_rng_state().sum())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        trainable = [g.name for g in pl_module.layer_groups() if all(p.requires_grad for p in g.params.values())]
+        groups = pl_module.layer_groups()
+        trainable = [g.name for g in groups if all(p.requires_grad for p in g.params.values())]
+        # groups with any trainable parameter (LoRA: a block's adapters train, its base weights never)
+        some = [g.name for g in groups if any(p.requires_grad for p in g.params.values())]
         lrs = {}
         for group in optimizer.param_groups:
             lrs.setdefault(group["layer_group"], group["lr"])
         self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "trainable": trainable, "lr": lrs,
-                           "batch": self.batch_sum, "rng": self.rng_state_sum})
+                           "some_trainable": some, "batch": self.batch_sum, "rng": self.rng_state_sum})
 
     def on_fit_end(self, trainer, pl_module) -> None:
         state = {"steps": self.steps, "start": self.start, "end": self.flat(pl_module)}
@@ -138,3 +141,15 @@ class InterruptParentAtStep(pl.Callback):
             import signal
 
             os.kill(os.getppid(), signal.SIGINT)
+
+
+class WeightSnapshot(pl.Callback):
+    """Every parameter by name at fit start and end (with whether it required a gradient at the end), saved to
+    ``<run>/weights.pt``: which tensors moved, exactly."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        end = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        torch.save({"start": self.start, "end": end}, Path(trainer.default_root_dir) / "weights.pt")

@@ -114,6 +114,23 @@ CASES: dict[str, tuple[list[str], str]] = {
                                   "Could not override 'optimizer.lrr'"),
     "sweep: another sweep's folder": (["sweep.py", "{tmp}/sweep_misspelt.yaml", "--dir", "{tmp}/sweeps/other"],
                                       "holds a sweep of another spec"),
+    # LoRA and distillation ({tmp}/run: a tiny BBC text classifier; {tmp}/broken_run: the same with a corrupt checkpoint)
+    "LoRA targets matching nothing": ([*TINY, "finetune=lora", "backbone.lora.targets=[qkv]"],
+                                      "backbone.lora.targets: 'qkv' match no linear or convolution of BertModel; its module "
+                                      "names end in: dense, key, query, value"),
+    "LoRA under FSDP2": ([*TINY, "finetune=lora", "trainer=fsdp2", "trainer.accelerator=cpu"], "finetune=lora with trainer=fsdp2"),
+    "distillation without a teacher": ([*TINY, "task=distillation"], "task=distillation needs a teacher: task.teacher="),
+    "teacher with other labels": ([*TINY, *CSV, "data.data_files.train={tmp}/reviews.csv", "task=distillation",
+                                   "task.teacher={tmp}/run"], "task.teacher='{tmp}/run' predicts other labels than the data has"),
+    "teacher that does not load": ([*TINY, "task=distillation", "task.teacher={tmp}/broken_run"],
+                                   "task.teacher='{tmp}/broken_run' does not load: {tmp}/broken_run/checkpoints/best.ckpt is not a "
+                                   "readable checkpoint"),
+    "teacher folder that is no model": ([*TINY, "task=distillation", "task.teacher={tmp}/text_classes"],
+                                        "task.teacher='{tmp}/text_classes' does not load as a tunelab run or a Hugging Face"),
+    "distillation alpha out of range": ([*TINY, "task=distillation", "task.teacher={tmp}/run", "task.alpha=1.5"],
+                                        "task.alpha=1.5 must be in [0, 1]"),
+    "distillation temperature not positive": ([*TINY, "task=distillation", "task.teacher={tmp}/run", "task.temperature=0"],
+                                              "task.temperature=0 must be > 0"),
     # only training can tell
     "loss turns NaN": ([*TINY, "optimizer.lr=1e6", "trainer.max_steps=8", "test_after_fit=false"], "non-finite"),
 }
@@ -235,6 +252,10 @@ def fake_runs(tmp: Path, cache_dir: Path) -> None:
                                "backbone.config_overrides.hidden_size=32", "backbone.config_overrides.num_hidden_layers=2",
                                "backbone.config_overrides.num_attention_heads=2", "backbone.config_overrides.intermediate_size=64",
                                "backbone.train_tokenizer.vocab_size=600", "export_backbone=null"], cache_dir)
+    import shutil
+
+    shutil.copytree(tmp / "run", tmp / "broken_run")
+    (tmp / "broken_run" / "checkpoints" / "best.ckpt").write_bytes(b"PK\x03\x04 half of a zip file")
     state = torch.load(tmp / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     torch.save({**state, "args": argparse.Namespace(lr=1)}, tmp / "pickled.ckpt")  # an object: weights_only refuses it
 

@@ -15,17 +15,22 @@ from tests.conftest import ROOT, TINY_SCRATCH, run_train
 from tests.test_finetuning import GROUPS, changed, probe
 
 
-def test_gradual_unfreezing_under_ddp_keeps_ranks_identical(tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full_weights", "lora"])
+def test_gradual_unfreezing_under_ddp_keeps_ranks_identical(lora: bool, tmp_path: Path, cache_dir: Path) -> None:
+    """With LoRA the schedule switches the blocks' adapters on (their base weights stay pinned), late ones synced alike."""
     run_dir = tmp_path / "run"
     args = [*TINY_SCRATCH, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "finetune=gradual",
             "finetune.unit=step", "finetune.every=2", "trainer.max_steps=8", "trainer.max_epochs=100",
             "test_after_fit=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    if lora:
+        args = [a for a in args if a != "finetune=gradual"] + ["finetune=lora", "finetune.strategy=gradual"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     rank0, rank1 = probe(run_dir, 0), probe(run_dir, 1)
     assert [s["trainable"] for s in rank0["steps"]] == [s["trainable"] for s in rank1["steps"]]
-    assert rank0["steps"][-1]["trainable"] == ["block_0", "block_1", "block_2", "head"]
+    key = "some_trainable" if lora else "trainable"  # LoRA: a block's adapters train, never all of it
+    assert rank0["steps"][-1][key] == ["block_0", "block_1", "block_2", "head"]
     for group in GROUPS:
         assert torch.equal(rank0["start"][group], rank1["start"][group]), f"{group} differs at start"
         assert torch.equal(rank0["end"][group], rank1["end"][group]), f"{group} differs across ranks after training"

@@ -15,7 +15,8 @@ from tests.conftest import CONFIG_DIR, compose_config, run_train
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
 # a comparison is a multirun over one choice; without --multirun it runs its first job, on the experiment it names
-COMPARISONS = {"finetune_strategies": None, "joint_vs_target": "joint_fashion_digits"}
+COMPARISONS = {"finetune_strategies": None, "joint_vs_target": "joint_fashion_digits", "lora_vs_full": None,
+               "distillation": "bbc_distill"}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -57,6 +58,11 @@ def test_comparison_preset_runs(comparison: str, tmp_path: Path, cache_dir: Path
                  *([f"experiment={experiment}"] if experiment else [])]
     cfg = compose_config(tmp_path, overrides, cache_dir)
     assert cfg.run_name.startswith("compare_")
+    missing = [r for r in cfg.requires if not Path(r.path).exists()]
+    if missing:  # its experiment builds on an earlier run (a distillation teacher): the error must say how to make it
+        with pytest.raises(ConfigError, match=re.escape(missing[0].hint)):
+            run_train(tmp_path, overrides, cache_dir)
+        return
     metrics = run_train(tmp_path, overrides, cache_dir)
     assert any(k.startswith("test/") for k in metrics), metrics
 

@@ -36,6 +36,8 @@ CASES = {
     "speech": (TINY_SPEECH, 5),  # length-grouped batches, speed perturbation
     "mlm": (TINY_MLM, 5),  # masking drawn per batch
     "joint": ([a for a in FAST_JOINT if "datasets_seen" not in a], 11),  # 8 steps per epoch: resumes at 9, joint epoch 1
+    # LoRA adapters switched on group by group (block_2's at step 3, block_1's at 6: before and after the kill)
+    "text_lora": ([*TINY_TEXT, "finetune=lora", "finetune.strategy=gradual", "finetune.unit=step", "finetune.every=3"], 11),
     "text_ddp": ([*TINY_TEXT, "data.batch_size=8", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], 5),
     # sharded checkpoint folders; gradual unfreezing: block_2 joins at the step the checkpoint is saved (3)
     "text_fsdp2": ([*TINY_TEXT, "data.batch_size=8", "trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",

@@ -65,6 +65,7 @@ class Backbone(nn.Module):
     feature_dim: int
     processor: Any = None
     modality: str = ""  # what it reads: text, image or audio (matched against the data's)
+    lora: Any = None  # the LoRA spec (modules.lora.LoraSpec) when adapters were injected by build_backbone(lora=...)
 
     @property
     def exportable(self) -> bool:
@@ -97,6 +98,10 @@ class Backbone(nn.Module):
             raise ConfigError(f"{type(self).__name__} cannot be saved in the Hugging Face format; "
                               "leave export_backbone=null and use the run's checkpoints")
         model = self.model
+        if getattr(self, "lora", None) is not None:  # LoRA adapters merged into the base weights: a plain HF model
+            from modules.lora import merged_copy
+
+            model = merged_copy(self).model
         out = Path(directory).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
@@ -193,11 +198,22 @@ def register_backbone(kind: str) -> Callable[[type[Backbone]], type[Backbone]]:
     return add
 
 
-def build_backbone(kind: str, **kwargs: Any) -> Backbone:
-    """Build the adapter registered as ``kind`` (e.g. ``hf_text``) with ``kwargs``."""
+def build_backbone(kind: str, lora: Mapping[str, Any] | None = None, **kwargs: Any) -> Backbone:
+    """Build the adapter registered as ``kind`` (e.g. ``hf_text``) with ``kwargs``; with ``lora`` (rank, alpha,
+    dropout, targets: ``modules.lora``), LoRA adapters are injected into the model it built."""
     if kind not in BACKBONES:
         raise ConfigError(f"backbone.kind={kind!r} is unknown; available: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[kind](**kwargs)
+    if not lora:
+        return BACKBONES[kind](**kwargs)
+    from modules.lora import LoraSpec, apply_lora
+
+    spec = LoraSpec.from_config(lora)
+    if kwargs.get("kernels") == "triton":
+        raise ConfigError("backbone.kernels=triton with LoRA: the fused kernels read the dense weights directly and would "
+                          "skip the adapters; set backbone.kernels=torch (or auto)")
+    if "kernels" in kwargs:  # auto: the plain modules, which LoRA wraps
+        kwargs["kernels"] = "torch"
+    return apply_lora(BACKBONES[kind](**kwargs), spec)
 
 
 def rebuild_backbone(run_dir: str | Path) -> Backbone:
