@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modules.commands import CommandParser, add_run_arguments, run_command
+from run.cli import CommandParser, add_run_arguments, run_command
 
 
 def parse(argv: Sequence[str]) -> Any:
@@ -44,16 +44,16 @@ def parse(argv: Sequence[str]) -> Any:
 def evaluate(args: Any) -> dict[str, Any]:
     """Test (or validate) the run's model on the split; write metrics, predictions and the task's report."""
     from callbacks.task_reports import ConfusionMatrixReport
-    from modules.commands import inference_trainer
     from modules.errors import ConfigError
-    from modules.evaluation import (
+    from run.cli import inference_trainer
+    from run.reports import (
         add_correctness,
         class_report,
         collect_predictions,
         speech_report,
         write_predictions,
     )
-    from modules.inference import load_run
+    from run.trained import load_run
 
     run = load_run(args.run, args.overrides, args.checkpoint, args.weights, args.trust_checkpoint)
     datamodule = run.datamodule()

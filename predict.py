@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modules.commands import CommandParser, add_run_arguments, run_command
+from run.cli import CommandParser, add_run_arguments, run_command
 
 
 def parse(argv: Sequence[str]) -> Any:
@@ -51,9 +51,9 @@ def predict(args: Any) -> list[dict[str, Any]]:
 
     from datamodules import raw_inputs
     from datamodules.sources import TextEncoding
-    from modules.commands import torch_device
     from modules.errors import ConfigError, DataError
-    from modules.inference import load_run
+    from run.cli import torch_device
+    from run.trained import load_run
 
     run = load_run(args.run, (), args.checkpoint, args.weights, args.trust_checkpoint)
     model, data = run.model, run.data_node
@@ -108,7 +108,7 @@ def predict(args: Any) -> list[dict[str, Any]]:
 
 
 def write(rows: list[dict[str, Any]], out: str | None) -> None:
-    from modules.evaluation import write_rows
+    from run.reports import write_rows
 
     if not out or out == "-":
         for row in rows:

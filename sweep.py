@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][sweep][%(levelname)s] - %(message)s")
 
     from modules.errors import UserInputError
-    from modules.sweep_runner import LocalSweep, SweepInterrupted, import_search_engine
+    from search.wandb_sweep import LocalSweep, SweepInterrupted, import_search_engine
 
     if args.count < 1:
         sys.exit(f"tunelab: error: --count={args.count} must be >= 1")

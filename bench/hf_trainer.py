@@ -20,8 +20,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from bench.common import config, data_module
 
@@ -50,16 +48,10 @@ class EpochClock(pl.Callback):
 
 def tunelab_samples_per_s(overrides: list[str], out: Path) -> tuple[float, int]:
     import train
+    from run.config import job_config
 
-    cfg = config([*overrides, "test_after_fit=false", "+callbacks.epoch_clock._target_=bench.hf_trainer.EpochClock"],
-                 hydra=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.hydra.runtime.output_dir = str(out)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    train.train(cfg)
+    train.train(job_config([*overrides, "test_after_fit=false", "+callbacks.epoch_clock._target_=bench.hf_trainer.EpochClock"],
+                           out))
     clock = json.loads((out / "epoch_clock.json").read_text())
     return clock["samples"] / clock["seconds"], clock["samples"]
 
@@ -74,10 +66,10 @@ def hf_samples_per_s(overrides: list[str], out: Path) -> tuple[float, int]:
         TrainingArguments,
     )
 
-    import train
+    from run.build import build
 
     cfg = config(overrides)
-    backbone = train.build(cfg.backbone)
+    backbone = build(cfg.backbone)
     datamodule = data_module(cfg, backbone.processor)
     data = datamodule.datasets["train"]
     dataset = Dataset.from_dict({"input_ids": data.input_ids, "labels": data.labels})

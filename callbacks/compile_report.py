@@ -8,10 +8,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from callbacks.run_end import RunEnd
 from modules.scaling import compile_stats
 
 
-class CompileReport(pl.Callback):
+class CompileReport(RunEnd):
     """With ``compile=regional|full``: logs ``compile/frames``, ``compile/recompiles`` and ``compile/graph_breaks``
     (totals so far) each epoch, puts them in the run's final metrics, and writes the per-step history to
     ``<run>/<dirname>/compile.json``. Recompiles should stop growing after the first steps (a new padded length, a

@@ -16,6 +16,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from callbacks.run_end import RunEnd
+
 MB = 2**20
 
 
@@ -23,7 +25,7 @@ def tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-class StepCost(pl.Callback):
+class StepCost(RunEnd):
     """``cost/step_s`` (mean seconds per training step after ``warmup`` steps) and ``cost/step_memory_mb``.
 
     Args:
@@ -89,7 +91,7 @@ class StepCost(pl.Callback):
         return out
 
 
-class InferenceSpeed(pl.Callback):
+class InferenceSpeed(RunEnd):
     """After fitting: ``speed/samples_per_s`` of the model on ``batches`` test batches (after one untimed), its
     ``params/inference`` (the parameters a prediction uses), and the same for the task's teacher, if any."""
 

@@ -28,8 +28,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modules.backbones.base import LayerGroup
 from modules.errors import ConfigError
+from modules.layer_groups import LayerGroup
 from modules.lora import base_weight_names
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from callbacks.run_end import RunEnd
 from modules.errors import ConfigError, TrainingError
 from modules.scaling import is_sharded, local
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("error", "skip", "stop")
 
 
-class NonFiniteGuard(pl.Callback):
+class NonFiniteGuard(RunEnd):
     """Checks every optimizer step's loss and gradients before the weights change.
 
     ``error`` (default) stops the run with one line naming the step, the value and the usual fixes;

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from modules.backbones.base import LayerGroup
+from modules.layer_groups import LayerGroup
 
 
 @dataclass

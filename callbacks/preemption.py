@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from modules.errors import Preempted
+
 log = logging.getLogger("tunelab")
 
 
@@ -77,3 +79,10 @@ class Preemption(pl.Callback):
         trainer.save_checkpoint(self.path)  # atomic: written to a temporary file, then renamed
         self.saved_at_step = trainer.global_step
         log.warning(f"saved {self.path} at optimizer step {trainer.global_step} ({self.received})")
+
+
+def preempted(trainer: pl.Trainer, run_dir: Any) -> Preempted:
+    """The clean stop to raise when a signal ended ``trainer.fit`` (``SIGTERMException``): which signal, the step,
+    the checkpoint this callback saved, and how to continue."""
+    stop = next((cb for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
+    return Preempted(getattr(stop, "received", None) or "SIGTERM", trainer.global_step, getattr(stop, "path", None), run_dir)

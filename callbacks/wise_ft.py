@@ -10,14 +10,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from callbacks.run_end import RunEnd
 from modules.errors import ConfigError
-from modules.inference import read_checkpoint
 from modules.interpolation import DEFAULT_ALPHAS, backbone_state, best_row, snapshot, sweep, write_sweep
 
 log = logging.getLogger(__name__)
 
 
-class WiseFT(pl.Callback):
+class WiseFT(RunEnd):
     """WiSE-FT: validate θ_pre + α·(θ_ft − θ_pre) over a grid of α, with the fine-tuned head.
 
     θ_pre is the backbone as the run built it (the pretrained weights), captured before any step;
@@ -25,7 +25,7 @@ class WiseFT(pl.Callback):
     ``<run>/<dirname>/``: ``wise_ft.csv``/``.md`` (metric per α), ``wise_ft.png`` and ``best.json``.
     With ``save_best`` the interpolated model at the best α is saved there too (``best_backbone/``
     in Hugging Face format when the backbone has one, and ``best_alpha.pt``, the whole task's weights).
-    ``train.py`` runs the sweep after fitting and before testing (``after_fit``), with the run's own
+    The sweep runs after fitting and before testing (``after_fit``, ``callbacks.run_end``), with the run's own
     trainer: under DDP every process validates its shard, so nothing runs beside a live process group.
 
     Args:
@@ -65,7 +65,8 @@ class WiseFT(pl.Callback):
             return {}
         final = snapshot(pl_module)
         best_path = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        tuned = dict(read_checkpoint(Path(best_path))["state_dict"]) if best_path else final
+        # the run's own best checkpoint, just written: read by the trainer's own checkpoint I/O (weights only)
+        tuned = dict(trainer.strategy.load_checkpoint(best_path)["state_dict"]) if best_path else final
         pl_module.load_state_dict(tuned)  # the fine-tuned head (and backbone) of the best checkpoint
         loggers = trainer.loggers
         trainer.loggers = []  # the sweep's validations are not points of the training curves
@@ -90,10 +91,11 @@ class WiseFT(pl.Callback):
                 f"best/wise_ft_{self.monitor.replace('/', '_')}": self.best[self.monitor]}
 
     def _save(self, pl_module: pl.LightningModule, tuned: dict[str, torch.Tensor], folder: Path) -> None:
+        from modules.backbones import save_backbone
         from modules.interpolation import interpolate_states
 
         assert self.best is not None and self.pretrained is not None
         pl_module.backbone.load_state_dict(interpolate_states(self.pretrained, backbone_state(tuned), self.best["alpha"]))
         torch.save({"alpha": self.best["alpha"], "state_dict": snapshot(pl_module)}, folder / "best_alpha.pt")
         if getattr(pl_module.backbone, "exportable", False):
-            pl_module.backbone.save_pretrained(folder / "best_backbone")
+            save_backbone(pl_module.backbone, folder / "best_backbone")

@@ -1,4 +1,7 @@
-"""LightningDataModules (one per modality) and the data sources they read.
+"""LightningDataModules, one per modality on one base (``base.DataModuleBase``: the data -> task contract, split
+carving, k-fold, caps, loaders that resume at any step, the bad-input policy, the data report), the data sources they
+read (``sources``, ``image_sources``), epoch-seeded samplers (``sampling``) and the spoken-corpus generator. A new data
+source goes here; nothing here imports ``callbacks/``, ``run/`` or ``search/``.
 
 Imported lazily, so ``python -m datamodules.spoken_corpus`` does not load the modalities it does not use.
 """

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from datamodules.base import DataModuleBase, DataSpec, check_folds
-from datamodules.sampling import batches_trained, training_position
+from datamodules.sampling import batches_trained
 from modules.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ class TaggedLoaders:
                 yield {**batch, "dataset": name}
 
 
-class JointDataModule(pl.LightningDataModule):
+class JointDataModule(DataModuleBase):
     """Two or more labelled datasets trained at once (one head each, ``task=joint_classification``), then the target alone.
 
     Each training step draws one batch from one dataset; after ``joint_epochs`` epochs every step
@@ -233,7 +232,7 @@ class JointDataModule(pl.LightningDataModule):
         num_folds: int | None = None,
         fold: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(seed=seed)  # the training position, the data report; folds are the target dataset's
         check_folds(num_folds, fold)
         if not datasets or len(datasets) < 2:
             raise ConfigError(f"data.datasets has {len(datasets or {})} dataset(s) ({', '.join(datasets or {})}); joint "
@@ -255,7 +254,6 @@ class JointDataModule(pl.LightningDataModule):
         self.target, self.sampling, self.temperature = target, sampling, temperature
         self.ratios = dict(ratios) if ratios else None
         self.joint_epochs, self.steps_per_epoch, self.validate_sources = joint_epochs, steps_per_epoch, validate_sources
-        self.seed = seed
         if num_folds:  # cross-validation folds the target: the sources always train in full
             spec = datasets[target]
             if not isinstance(spec, Mapping):
@@ -265,7 +263,6 @@ class JointDataModule(pl.LightningDataModule):
         self.children = {name: self._build(name, spec, processor) for name, spec in datasets.items()}
         self.probabilities: dict[str, float] = {}
         self.train_specs: dict[str, DataLoader] = {}
-        self._resume_at: tuple[int, int] | None = None
 
     @staticmethod
     def _build(name: str, spec: Any, processor: Any) -> Any:
@@ -382,15 +379,6 @@ class JointDataModule(pl.LightningDataModule):
         return JointLoader(sampler, loaders, progress=lambda: batches_trained(getattr(self, "trainer", None)),
                            resume_at=self.take_resume_position)
 
-    def state_dict(self) -> dict[str, int]:
-        """Saved in every checkpoint: the epoch and how many of its steps were trained (resume at any step)."""
-        return training_position(getattr(self, "trainer", None))
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("batches_done"):
-            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
-
-    take_resume_position = DataModuleBase.take_resume_position  # the same hand-over as every datamodule's
 
     def val_dataloader(self) -> TaggedLoaders:
         loaders = [(self.target, self.children[self.target].val_dataloader())]

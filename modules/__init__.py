@@ -1,11 +1,16 @@
-"""LightningModules (one thin module per task), backbone adapters and heads."""
+"""The model, and nothing else: one thin LightningModule per task on a shared base (``task.TaskModule``), the heads,
+the backbone adapters (``backbones/``) and the ordered layer groups they all build on (``layer_groups``), and what is
+derived from those groups: optimizer parameter groups (``optim``), LR schedules, LoRA adapters, scale-out (FSDP2
+units, activation checkpointing, compilation: ``scaling``), weight interpolation (WiSE-FT) and fused kernels.
 
-from modules.classifier import Classifier, TextClassifier
+Nothing here imports the packages above it (``datamodules``, ``callbacks``, ``run``, ``search``) or an entry script.
+"""
+
+from modules.classifier import Classifier
 from modules.ctc import CTCRecognizer
 from modules.distillation import DistillationClassifier
-from modules.image_classifier import ImageClassifier
 from modules.masked_lm import MaskedLM
 from modules.multi_head_classifier import MultiHeadClassifier
 from modules.task import TaskModule
 
-__all__ = ["CTCRecognizer", "Classifier", "DistillationClassifier", "ImageClassifier", "MaskedLM", "MultiHeadClassifier", "TaskModule", "TextClassifier"]
+__all__ = ["CTCRecognizer", "Classifier", "DistillationClassifier", "MaskedLM", "MultiHeadClassifier", "TaskModule"]

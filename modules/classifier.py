@@ -1,4 +1,5 @@
-"""Sequence-level classification on any backbone: text, images or audio."""
+"""Sequence-level classification on any backbone: text, images or audio (``task=text_classification``,
+``task=image_classification``: the same task with other defaults)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
-from modules.heads import ClassificationHead
+from modules.heads import LinearHead
 from modules.task import TaskModule
 
 
@@ -48,11 +49,11 @@ class Classifier(TaskModule):
         super().__init__(backbone, **task_kwargs)
         if num_classes < 2:
             raise ConfigError(f"num_classes={num_classes}: classification needs at least 2 classes")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=list(self.NOT_HYPERPARAMETERS))
         self.num_classes = num_classes
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
         self.label_smoothing = label_smoothing
-        self.head = ClassificationHead(backbone.feature_dim, num_classes, dropout)
+        self.head = LinearHead(backbone.feature_dim, num_classes, dropout)
         metrics = classification_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -105,10 +106,3 @@ class Classifier(TaskModule):
             for row, values in zip(rows, logits.cpu(), strict=True):
                 row["outputs"] = values
         return rows
-
-
-class TextClassifier(Classifier):
-    """Text classification: a Hugging Face text backbone under ``Classifier``.
-
-    Batches come from ``datamodules.TextDataModule``: ``input_ids``, ``attention_mask``, ``labels``.
-    """

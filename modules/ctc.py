@@ -12,20 +12,9 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
+from modules.heads import LinearHead
 from modules.task import TaskModule
 from modules.vocab import CharVocab
-
-
-class CTCHead(nn.Module):
-    """Dropout + linear layer per frame: features -> character logits."""
-
-    def __init__(self, in_features: int, vocab_size: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(in_features, vocab_size)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(features))
 
 
 class CTCRecognizer(TaskModule):
@@ -50,9 +39,9 @@ class CTCRecognizer(TaskModule):
         super().__init__(backbone, **task_kwargs)
         if len(vocab) < 4:
             raise ConfigError(f"vocab has {len(vocab)} tokens; CTC needs <pad>, <unk>, | and at least one character")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=list(self.NOT_HYPERPARAMETERS))
         self.vocab = CharVocab(list(vocab))
-        self.head = CTCHead(backbone.feature_dim, len(self.vocab), dropout)
+        self.head = LinearHead(backbone.feature_dim, len(self.vocab), dropout)
         self.num_samples = num_samples
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_metrics", nn.ModuleDict({"wer": WordErrorRate(), "cer": CharErrorRate()}))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.backbones.base import Backbone, LayerGroup
+from modules.backbones.base import Backbone
 from modules.classifier import Classifier
-from modules.errors import ConfigError, UserInputError
+from modules.errors import ConfigError
+from modules.layer_groups import LayerGroup
 
 log = logging.getLogger(__name__)
 
@@ -126,50 +127,6 @@ def label_order(source: str, teacher_labels: Sequence[str], data_labels: Sequenc
     return [position[str(name)] for name in data_labels]
 
 
-def load_teacher(source: str, data_labels: Sequence[str], processor: Any) -> Teacher:
-    """A tunelab run folder / checkpoint, or a Hugging Face sequence classifier (folder or hub name), as a ``Teacher``."""
-    from modules.inference import is_checkpoint, load_run
-
-    path = Path(str(source)).expanduser()
-    if path.exists() and ((path / "config.yaml").is_file() or is_checkpoint(path) and not path.is_dir()):
-        try:
-            run = load_run(path)
-        except UserInputError as err:
-            raise ConfigError(f"task.teacher={source!r} does not load: {err}") from None
-        labels = getattr(run.model, "label_names", None)
-        if not labels or not hasattr(run.model, "head"):
-            raise ConfigError(f"task.teacher={source!r} is a run of {type(run.model).__name__}, not a classifier")
-        check_same_inputs(source, run.model.backbone.processor, processor)
-        order = label_order(source, labels, data_labels)
-        identity = f"tunelab:{file_identity([run.checkpoint])}"
-        return Teacher(run.model, "tunelab", order, int(run.model.backbone.feature_dim), identity, str(source))
-    return load_hf_teacher(source, data_labels, processor)
-
-
-def load_hf_teacher(source: str, data_labels: Sequence[str], processor: Any) -> Teacher:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from modules.backbones.base import resolve_local_source
-
-    try:
-        where = resolve_local_source(str(source))
-    except ConfigError as err:
-        raise ConfigError(f"task.teacher={source!r} does not load: {err}") from None
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(where)
-        tokenizer = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ConfigError(f"task.teacher={source!r} does not load as a tunelab run or a Hugging Face sequence classifier "
-                          f"({str(err).splitlines()[0][:160]})") from None
-    id2label = dict(getattr(model.config, "id2label", {}) or {})
-    labels = [str(id2label[i]) for i in sorted(id2label)]
-    order = label_order(source, labels, data_labels)
-    check_same_inputs(source, tokenizer, processor)
-    folder = Path(where)
-    identity = f"hf:{file_identity(list(folder.iterdir()))}" if folder.is_dir() else f"hf:{where}"
-    return Teacher(model, "hf", order, int(model.config.hidden_size), identity, str(source))
-
-
 class TeacherLogitCache:
     """Teacher logits on disk, one entry per example keyed by a hash of its inputs (padding left out), in a file
     keyed by the teacher's identity; filled as batches come, written by ``save``. One file per process."""
@@ -229,6 +186,8 @@ class DistillationClassifier(Classifier):
     Args:
         teacher: a tunelab run folder / checkpoint, or a Hugging Face sequence classifier (folder or hub name); None
             only to rebuild a trained student for inference (eval.py, predict.py, export.py).
+        teacher_loader: ``(teacher, the data's label names, the student's processor) -> Teacher``; the config sets
+            ``run.trained.load_teacher`` (the run lifecycle loads trained runs; the model only uses them).
         alpha: weight of the soft (teacher) term, in [0, 1]; 0 trains on the labels alone (the no-KD baseline).
         temperature: softens both distributions (> 0).
         hidden_weight: β of the hidden-state term (0: off): the student's last hidden states, through a learned
@@ -240,12 +199,15 @@ class DistillationClassifier(Classifier):
         for_inference: rebuild a trained student without its teacher (set by ``inference_kwargs``).
     """
 
+    NOT_HYPERPARAMETERS = (*Classifier.NOT_HYPERPARAMETERS, "teacher_loader")
+
     def __init__(
         self,
         backbone: Backbone,
         num_classes: int,
         label_names: Sequence[str] | None = None,
         teacher: str | None = None,
+        teacher_loader: Callable[[str, Sequence[str], Any], Teacher] | None = None,
         alpha: float = 0.5,
         temperature: float = 2.0,
         hidden_weight: float = 0.0,
@@ -270,13 +232,16 @@ class DistillationClassifier(Classifier):
         if not teacher and not for_inference:
             raise ConfigError("task=distillation needs a teacher: task.teacher=<a tunelab run folder or checkpoint, or a Hugging "
                               "Face sequence classifier folder / hub name>")
+        if teacher and teacher_loader is None:
+            raise ConfigError("task.teacher is set but task.teacher_loader is not; configs/task/distillation.yaml sets it "
+                              "(run.trained.load_teacher)")
         if cache_teacher and hidden_weight > 0:
             raise ConfigError("task.cache_teacher=true caches logits only, but task.hidden_weight > 0 needs the teacher's hidden "
                               "states at every step; set one of them off")
         super().__init__(backbone, num_classes, label_names, dropout, label_smoothing, **task_kwargs)
         self.alpha, self.temperature, self.hidden_weight = float(alpha), float(temperature), float(hidden_weight)
         self.evaluate_teacher = evaluate_teacher
-        found = load_teacher(teacher, self.label_names, backbone.processor) if teacher else None
+        found = teacher_loader(teacher, self.label_names, backbone.processor) if teacher else None
         object.__setattr__(self, "_teacher", found)  # not a submodule: never trained, never checkpointed
         if found is not None:
             teacher_width = found.width

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 
-class ClassificationHead(nn.Module):
-    """Dropout + linear layer on the pooled vector."""
+class LinearHead(nn.Module):
+    """Dropout + linear layer: a pooled vector -> class logits, or every token / frame -> its logits (CTC)."""
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.1) -> None:
+    def __init__(self, in_features: int, out_features: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(in_features, num_classes)
+        self.linear = nn.Linear(in_features, out_features)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(pooled))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(features))

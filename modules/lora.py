@@ -84,7 +84,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
 def default_targets(backbone: Any) -> list[str]:
     """Every linear / convolution inside the backbone's repeated blocks (names relative to ``backbone.model``); a
     backbone without repeated blocks: every one outside its first layer group (embeddings, stem)."""
-    from modules.scaling import repeated_blocks
+    from modules.layer_groups import repeated_blocks
 
     adaptable = adaptable_modules(backbone.model)
     blocks = [name for name, _ in repeated_blocks(backbone)]

@@ -82,7 +82,7 @@ class MaskedLM(TaskModule):
         model = getattr(backbone, "model", None)
         if model is None or not hasattr(model, "get_input_embeddings"):
             raise ConfigError(f"task=masked_lm needs a Hugging Face text backbone (backbone.kind=hf_text), not {type(backbone).__name__}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=list(self.NOT_HYPERPARAMETERS))
         vocab_size = model.get_input_embeddings().weight.shape[0]
         eps = float(getattr(model.config, "layer_norm_eps", 1e-12))
         self.head = MaskedLMHead(backbone.feature_dim, vocab_size, eps)

@@ -12,7 +12,7 @@ from torch import nn
 from modules.backbones.base import Backbone
 from modules.classifier import Classifier, classification_metrics
 from modules.errors import ConfigError, DataError
-from modules.heads import ClassificationHead
+from modules.heads import LinearHead
 
 STAGES = ("train", "val", "test")
 
@@ -50,7 +50,7 @@ class MultiHeadClassifier(Classifier):
         super().__init__(backbone, len(heads[target]), heads[target], dropout, label_smoothing, **task_kwargs)
         self.target = target
         self.head_label_names = {name: list(labels) for name, labels in heads.items()}
-        self.head = nn.ModuleDict({name: ClassificationHead(backbone.feature_dim, len(labels), dropout)
+        self.head = nn.ModuleDict({name: LinearHead(backbone.feature_dim, len(labels), dropout)
                                    for name, labels in heads.items()})
         self.source_metrics = nn.ModuleDict()  # "<stage>_<name>" -> metrics logged as <stage>/<name>/...
         for name, labels in heads.items():

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from modules.backbones.base import LayerGroup
+import torch
+
 from modules.errors import ConfigError
+from modules.layer_groups import LayerGroup
 
 
 def param_groups(
@@ -40,3 +42,35 @@ def param_groups(
                      "lr": lr * scale, "lr_scale": scale, "weight_decay": wd}
                 )
     return out
+
+
+def initialise_every_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its optimizer state now, as the first step would (zero moments, step 0).
+
+    A sharded checkpoint is saved and loaded key by key: a parameter frozen when it was saved has no state there, and
+    one frozen when it is loaded has none in the model, so a freezing schedule would make save and load disagree.
+    One step with zero gradients, no learning rate and no weight decay creates the state; its step counters are
+    reset, so a group unfrozen later starts exactly as it would have (Adam's bias correction from step 1)."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    saved = [(group["lr"], group.get("weight_decay")) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        if "weight_decay" in group:
+            group["weight_decay"] = 0.0
+    optimizer.step()
+    for group, (lr, decay) in zip(optimizer.param_groups, saved, strict=True):
+        group["lr"] = lr
+        if decay is not None:
+            group["weight_decay"] = decay
+    for p in params:
+        p.grad = None
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            step.zero_()
+        elif step is not None:
+            state["step"] = 0

@@ -9,22 +9,17 @@ Everything else (embeddings, stems, final norms, heads) belongs to the root. Not
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modules.backbones.base import LayerGroup
 from modules.errors import ConfigError
+from modules.layer_groups import repeated_blocks
 
 log = logging.getLogger(__name__)
 
@@ -54,47 +49,6 @@ class ScalePlan:
     def __post_init__(self) -> None:
         if self.compile not in (None, *COMPILE_MODES):
             raise ConfigError(f"compile={self.compile!r} is unknown; choose null (eager), regional (each block) or full")
-
-
-def group_modules(root: nn.Module, group: LayerGroup) -> list[tuple[str, nn.Module]]:
-    """The largest submodules of ``root`` made only of ``group``'s parameters (with their names), outermost first:
-    ``[("encoder.layer.3", BertLayer)]`` for a BERT block, ``[("blocks.11", Block), ("norm", LayerNorm)]`` for the
-    last group of a timm ViT."""
-    wanted = {id(p) for p in group.params.values()}
-    inside: dict[str, bool] = {}
-    found: dict[str, nn.Module] = {}
-    for name in group.params:
-        parts = name.split(".")[:-1]
-        for depth in range(1, len(parts) + 1):
-            path = ".".join(parts[:depth])
-            if path not in inside:
-                params = {id(p) for p in root.get_submodule(path).parameters()}
-                inside[path] = bool(params) and params <= wanted
-            if inside[path]:
-                found.setdefault(path, root.get_submodule(path))
-                break
-    return list(found.items())
-
-
-def repeated_blocks(task: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The task's blocks, input side first: per layer group, the one module in it that sits in (or is) a module list
-    or sequence, of a class that more than one group holds - BERT's ``encoder.layer.i``, wav2vec2's
-    ``encoder.layers.i``, timm's ``blocks.i`` or ResNet's ``layer1..4``; never the first group (embeddings, stem),
-    final norms or heads."""
-
-    def listed(name: str, module: nn.Module) -> bool:
-        parent = task.get_submodule(name.rsplit(".", 1)[0]) if "." in name else task
-        return isinstance(parent, (nn.ModuleList, nn.Sequential)) or isinstance(module, (nn.ModuleList, nn.Sequential))
-
-    # the first group is the input side (embeddings, stem, feature encoder) by the layer-group protocol
-    per_group = [[(n, m) for n, m in group_modules(task, g) if listed(n, m)] for g in task.layer_groups()[1:]]
-    groups_per_class = Counter(cls for found in per_group for cls in {type(m) for _, m in found})
-    blocks = []
-    for found in per_group:
-        repeated = [(n, m) for n, m in found if groups_per_class[type(m)] > 1]
-        if len(repeated) == 1:
-            blocks.append(repeated[0])
-    return blocks
 
 
 # -- activation checkpointing ---------------------------------------------------------------------------------
@@ -260,87 +214,3 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# -- the FSDP2 strategy ---------------------------------------------------------------------------------------
-class FSDP2Strategy(ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` as pure FSDP2 (every process one data-parallel shard, no tensor
-    parallelism), whose sharded checkpoints are written to a temporary folder beside the target and renamed over
-    it, so a run killed while saving keeps its previous ``last.ckpt`` whole.
-
-    Args:
-        save_distributed_checkpoint: each rank writes its shards into a checkpoint folder (torch.distributed.checkpoint);
-            False: the full weights and optimizer state are gathered and rank 0 writes one file.
-    """
-
-    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("tensor_parallel_size", 1)
-        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
-
-    def _setup_distributed(self) -> None:
-        super()._setup_distributed()
-        if self._data_parallel_size == "auto" and self._tensor_parallel_size == 1:
-            self._data_parallel_size = self.world_size  # FSDP over every process, on one node or many
-
-    def setup_optimizers(self, trainer: Any) -> None:
-        super().setup_optimizers(trainer)
-        for optimizer in self.optimizers:
-            initialise_every_state(optimizer)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if not self._save_distributed_checkpoint:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        target = Path(self.broadcast(str(filepath)))
-        partial, old = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
-        if self.global_rank == 0:
-            remove(partial)
-        self.barrier()
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier()
-        if self.global_rank == 0:
-            remove(old)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(partial, target)
-            remove(old)
-        self.barrier()
-
-
-def initialise_every_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter its optimizer state now, as the first step would (zero moments, step 0).
-
-    A sharded checkpoint is saved and loaded key by key: a parameter frozen when it was saved has no state there, and
-    one frozen when it is loaded has none in the model, so a freezing schedule would make save and load disagree.
-    One step with zero gradients, no learning rate and no weight decay creates the state; its step counters are
-    reset, so a group unfrozen later starts exactly as it would have (Adam's bias correction from step 1)."""
-    if optimizer.state:
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    saved = [(group["lr"], group.get("weight_decay")) for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        if "weight_decay" in group:
-            group["weight_decay"] = 0.0
-    optimizer.step()
-    for group, (lr, decay) in zip(optimizer.param_groups, saved, strict=True):
-        group["lr"] = lr
-        if decay is not None:
-            group["weight_decay"] = decay
-    for p in params:
-        p.grad = None
-    for state in optimizer.state.values():
-        step = state.get("step")
-        if isinstance(step, torch.Tensor):
-            step.zero_()
-        elif step is not None:
-            state["step"] = 0
-
-
-def remove(path: Path) -> None:
-    """Delete a file or a folder, if it exists."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()

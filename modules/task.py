@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from modules.backbones.base import Backbone, LayerGroup
+from modules.backbones.base import Backbone
 from modules.errors import ConfigError
+from modules.layer_groups import LayerGroup
 from modules.optim import param_groups
 from modules.scaling import ScalePlan, apply_plan
 
@@ -36,10 +37,14 @@ class TaskModule(pl.LightningModule):
         scheduler: ``partial(modules.schedules.X, warmup=...)`` or None for a constant LR.
         lr_decay: layer-wise LR decay; group k steps below the top gets ``lr * lr_decay**k``.
         head_lr_scale: the head's LR relative to the top backbone group.
+        scale_plan: activation checkpointing and compilation of the blocks (``modules.scaling.ScalePlan``, or its
+            fields); how the model runs, not what it is: checkpoints, eval and export see the same model either way.
     """
 
     data_kind: ClassVar[str] = ""
     default_monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")
+    # constructor arguments that are no hyperparameters (objects; how the model runs): never in a checkpoint
+    NOT_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("backbone", "optimizer", "scheduler", "scale_plan")
 
     def __init__(
         self,
@@ -48,6 +53,7 @@ class TaskModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         lr_decay: float = 1.0,
         head_lr_scale: float = 1.0,
+        scale_plan: ScalePlan | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -56,9 +62,7 @@ class TaskModule(pl.LightningModule):
         self.lr_decay = lr_decay
         self.head_lr_scale = head_lr_scale
         self.head: nn.Module = nn.Identity()
-        # set by train.py from the config (compile=, activation_checkpointing=); not a hyperparameter: checkpoints,
-        # eval and export see the same model either way
-        self.scale_plan = ScalePlan()
+        self.scale_plan = ScalePlan(**scale_plan) if isinstance(scale_plan, Mapping) else scale_plan or ScalePlan()
         self._scaled = False
 
     def configure_model(self) -> None:

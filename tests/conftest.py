@@ -15,15 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import train as train_script  # registers the config resolvers the configs use
+import train as train_script  # noqa: E402
+from run.config import CONFIG_DIR, job_config  # noqa: E402, F401 - CONFIG_DIR: for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
 
 # never reach for the network in tests: hub names must fail fast and clearly
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,18 +48,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose_config(output_dir: Path, overrides: Sequence[str] = (), cache: Path | None = None) -> DictConfig:
     """The config `python train.py <overrides>` would run, writing into ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.paths.output_dir = str(output_dir)
-        if cache is not None:
-            cfg.paths.cache_dir = str(cache)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # a real run's cfg has no hydra node (HydraConfig holds it)
-    return cfg
+    return job_config(overrides, output_dir, cache)
 
 
 def run_train(output_dir: Path, overrides: Sequence[str] = (), cache: Path | None = None) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 
 
 def main(run_dir: str, export_dir: str, split: str, out: str) -> None:
-    from modules.inference import load_run
+    from run.trained import load_run
 
     run = load_run(run_dir)
     datamodule = run.datamodule()

@@ -61,6 +61,9 @@ CASES: dict[str, tuple[list[str], str]] = {
     "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "ckpt_path='{tmp}/nope.ckpt' does not exist"),
     "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "ckpt_path='{tmp}/corrupt.ckpt' is not a readable Lightning checkpoint"),
     "another task's checkpoint": (["ckpt_path={tmp}/other.ckpt"], "ckpt_path='{tmp}/other.ckpt' holds another model"),
+    # ckpt_path= and resume= are read under eval.py's rule: weights only, unless the user vouches for the file
+    "a checkpoint that runs code": (["ckpt_path={tmp}/pickled.ckpt"], "ckpt_path='{tmp}/pickled.ckpt' pickles objects other "
+                                    "than tensors and plain values"),
     "resume a missing folder": (["resume={tmp}/no_such_run"], "resume='{tmp}/no_such_run' does not exist"),
     "resume and ckpt_path": (["resume={tmp}/run_without_ckpt", "ckpt_path={tmp}/corrupt.ckpt"], "give resume="),
     "resume a run without checkpoints": (["resume={tmp}/run_without_ckpt"], "the run saved no checkpoint to continue from"),
@@ -84,7 +87,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     # eval.py / predict.py / export.py on a run folder ({tmp}/run: a tiny text classifier, {tmp}/image_run, {tmp}/mlm_run)
     "eval: missing run": (["eval.py", "{tmp}/no_such_run"], "{tmp}/no_such_run does not exist; give a run folder"),
     "eval: not a run folder": (["eval.py", "{tmp}/text_classes"], "holds no config.yaml, so it is not a tunelab run folder"),
-    "eval: garbage checkpoint": (["eval.py", "{tmp}/run", "--checkpoint", "{tmp}/corrupt.ckpt"], "corrupt.ckpt is not a readable checkpoint"),
+    "eval: garbage checkpoint": (["eval.py", "{tmp}/run", "--checkpoint", "{tmp}/corrupt.ckpt"], "corrupt.ckpt is not a readable Lightning checkpoint"),
     "eval: another model's checkpoint": (["eval.py", "{tmp}/run", "--checkpoint", "{tmp}/other.ckpt"], "other.ckpt holds another model than"),
     "eval: another task's checkpoint": (["eval.py", "{tmp}/run", "--checkpoint", "{tmp}/image_run/checkpoints/best.ckpt"],
                                         "best.ckpt holds another model than"),
@@ -124,7 +127,7 @@ CASES: dict[str, tuple[list[str], str]] = {
                                    "task.teacher={tmp}/run"], "task.teacher='{tmp}/run' predicts other labels than the data has"),
     "teacher that does not load": ([*TINY, "task=distillation", "task.teacher={tmp}/broken_run"],
                                    "task.teacher='{tmp}/broken_run' does not load: {tmp}/broken_run/checkpoints/best.ckpt is not a "
-                                   "readable checkpoint"),
+                                   "readable Lightning checkpoint"),
     "teacher folder that is no model": ([*TINY, "task=distillation", "task.teacher={tmp}/text_classes"],
                                         "task.teacher='{tmp}/text_classes' does not load as a tunelab run or a Hugging Face"),
     "distillation alpha out of range": ([*TINY, "task=distillation", "task.teacher={tmp}/run", "task.alpha=1.5"],
@@ -156,8 +159,8 @@ def make_inputs(tmp: Path) -> None:
     """The bad files (and the good ones around them) the cases point at."""
     (tmp / "corrupt.ckpt").write_bytes(b"PK\x03\x04 half of a zip file")
     sweep_specs(tmp)
+    from run.build import build
     from tests.conftest import compose_config
-    from train import build
 
     cfg = compose_config(tmp / "other", [])  # same backbone, a 3-class head instead of BBC's 5
     other = build(cfg.task, backbone=build(cfg.backbone), optimizer=build(cfg.optimizer), num_classes=3)
@@ -227,8 +230,8 @@ def fake_run(folder: Path, overrides: list[str], cache_dir: Path, **data_args: o
     """A run folder as train.py leaves one (config.yaml, backbone/, a checkpoint), with untrained weights."""
     from omegaconf import OmegaConf
 
+    from run.build import build
     from tests.conftest import compose_config
-    from train import build
 
     cfg = compose_config(folder, overrides, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)

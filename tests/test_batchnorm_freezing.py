@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from callbacks import FinetuneSchedule
 from modules import Classifier
-from modules.backbones.base import Backbone, BackboneOutput, check_layer_groups, groups_around_blocks
+from modules.backbones.base import Backbone, BackboneOutput
+from modules.layer_groups import check_layer_groups, groups_around_blocks
 
 
 class SmallConvNet(Backbone):

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, TINY_SCRATCH
 
 
+@pytest.mark.slow
 def test_multirun_writes_the_comparison_table(tmp_path: Path, cache_dir: Path) -> None:
     tiny = [o for o in TINY_SCRATCH if not o.startswith("+callbacks.probe")]
     args = ["--multirun", "comparison=finetune_strategies", "finetune=linear_probe,gradual", *tiny,

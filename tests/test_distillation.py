@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import eval as eval_script
-from modules.distillation import TeacherLogitCache, distillation_loss, load_teacher
+from modules.distillation import TeacherLogitCache, distillation_loss
+from run.trained import load_teacher
 from tests.conftest import TINY_SCRATCH, compose_config, run_train
 
 BBC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
@@ -52,15 +53,11 @@ def hf_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def student_and_batch(tmp: Path, cache: Path, teacher: Path, *extra: str) -> tuple[object, dict[str, torch.Tensor]]:
-    from train import build
+    from run.build import build_parts
 
-    cfg = compose_config(tmp, [*TINY_SCRATCH, "task=distillation", f"task.teacher={teacher}", *extra], cache)
-    backbone = build(cfg.backbone)
-    datamodule = build(cfg.data, processor=backbone.processor)
-    spec = datamodule.data_spec()
-    task = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), **spec.task_kwargs())
-    batch = next(iter(datamodule.train_dataloader()))
-    return task.eval(), batch
+    parts = build_parts(compose_config(tmp, [*TINY_SCRATCH, "task=distillation", f"task.teacher={teacher}", *extra], cache))
+    batch = next(iter(parts.datamodule.train_dataloader()))
+    return parts.task.eval(), batch
 
 
 def test_teacher_labels_are_matched_by_name(hf_teacher: Path, tmp_path: Path, cache_dir: Path) -> None:

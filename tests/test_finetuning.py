@@ -115,7 +115,7 @@ def test_unfreeze_warmup_rides_on_a_decaying_schedule(tmp_path: Path, cache_dir:
 def test_parameters_outside_every_layer_group_are_refused(tmp_path: Path, cache_dir: Path) -> None:
     from torch import nn
 
-    from train import build
+    from run.build import build
 
     cfg = compose_config(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=1"], cache_dir)
     backbone = build(cfg.backbone)

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, TINY_SCRATCH, run_train
 from tests.test_finetuning import GROUPS, changed, probe
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full_weights", "lora"])
+@pytest.mark.parametrize("lora", [pytest.param(False, id="full_weights"), pytest.param(True, id="lora", marks=pytest.mark.slow)])
 def test_gradual_unfreezing_under_ddp_keeps_ranks_identical(lora: bool, tmp_path: Path, cache_dir: Path) -> None:
     """With LoRA the schedule switches the blocks' adapters on (their base weights stay pinned), late ones synced alike."""
     run_dir = tmp_path / "run"
@@ -58,6 +58,7 @@ def test_resume_mid_schedule_ends_with_the_same_weights(tmp_path: Path, cache_di
         assert torch.equal(whole["end"][group], resumed["end"][group]), f"{group} differs after resuming"
 
 
+@pytest.mark.slow
 def test_wise_ft_sweeps_under_ddp(tmp_path: Path, cache_dir: Path) -> None:
     """The α sweep runs on every process with the run's trainer: no nested Trainer beside a live process group."""
     import csv
@@ -85,7 +86,7 @@ def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cach
     from the shards, rank 0 writes) loads with AutoModel and holds the best checkpoint's weights."""
     from transformers import AutoModel
 
-    from modules.inference import is_sharded_checkpoint, read_checkpoint
+    from run.checkpoints import is_sharded_checkpoint, read_checkpoint
 
     # the global batch is the whole (32-example) training set, so both runs train on the same examples at every step
     # (Lightning's distributed sampler deals each epoch's examples to the processes in its own shuffled order); no
@@ -130,6 +131,7 @@ def test_gradual_unfreezing_under_fsdp2_matches_one_process(tmp_path: Path, cach
         assert torch.equal(exported[name], tensor), name
 
 
+@pytest.mark.slow
 def test_two_nodes_through_torchrun_end_with_identical_ranks(tmp_path: Path, cache_dir: Path) -> None:
     """``torchrun --nnodes=2 --nproc-per-node=1`` on localhost, one launcher per "node" (as on two machines sharing a
     file system), DDP with compile=regional: Lightning takes the world from torchrun's environment, and both ranks end

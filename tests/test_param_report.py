@@ -12,14 +12,14 @@ from torch.utils.data import DataLoader
 
 from callbacks import ParameterReport
 from callbacks.param_report import parameter_report, summary
-from modules import TextClassifier
+from modules import Classifier
 from modules.backbones import build_backbone
 from tests.test_backbones import TINY_BERT
 
 
-def tiny_classifier() -> TextClassifier:
+def tiny_classifier() -> Classifier:
     backbone = build_backbone("hf_text", **TINY_BERT)
-    return TextClassifier(backbone, num_classes=3, optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    return Classifier(backbone, num_classes=3, optimizer=partial(torch.optim.AdamW, lr=1e-3))
 
 
 def batches(n: int = 6) -> DataLoader:

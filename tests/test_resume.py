@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.inference import read_checkpoint
+from run.checkpoints import read_checkpoint
 from tests.conftest import ROOT, TINY_SCRATCH, run_train
 from tests.test_joint import FAST_JOINT
 
@@ -83,8 +83,8 @@ def train_here(run_dir: Path, cache: Path, *overrides: str) -> None:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
+# the fast tier resumes the text case; the slow tier (pytest -m slow) every modality, DDP and FSDP2
+@pytest.mark.parametrize("case", [c if c == "text" else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_kill_mid_epoch_then_resume_ends_bit_identical(case: str, tmp_path: Path, cache_dir: Path) -> None:
     overrides, kill_at = CASES[case]
     ddp = "trainer=ddp" in overrides or "trainer=fsdp2" in overrides  # several processes: every run in subprocesses
@@ -158,7 +158,7 @@ def test_sigterm_saves_at_the_step_then_resume_is_exact(tmp_path: Path, cache_di
     assert (run / "train.log").read_text().count("received SIGTERM") == 1  # one log, continued
 
 
-@pytest.mark.parametrize("name", ["SIGINT", "SIGUSR1"])
+@pytest.mark.parametrize("name", ["SIGINT", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_ctrl_c_and_slurm_warning_stop_at_the_step_with_a_checkpoint(tmp_path: Path, cache_dir: Path, name: str) -> None:
     run = tmp_path / "run"
     stopped = train(run, cache_dir, *TINY_TEXT, "+callbacks.stop._target_=tests.probes.SignalAtStep", "+callbacks.stop.step=4",
@@ -170,6 +170,7 @@ def test_ctrl_c_and_slurm_warning_stop_at_the_step_with_a_checkpoint(tmp_path: P
     assert step_of(run / "checkpoints" / "last.ckpt") == 4
 
 
+@pytest.mark.slow
 def test_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path: Path, cache_dir: Path) -> None:
     """SIGKILL with half of the step-6 checkpoint written: last.ckpt is still the step-3 one and loads; resume= goes on
     from it (and clears the half-written file)."""
@@ -186,6 +187,7 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path: Path, 
     assert not list((run / "checkpoints").glob(".*.partial-*"))
 
 
+@pytest.mark.slow
 def test_resume_continues_tensorboard_and_the_wandb_run(tmp_path: Path, cache_dir: Path) -> None:
     """Killed at step 5, resumed from step 3 with resume=: TensorBoard holds every step once (the killed run's steps 4-5
     purged), and the resumed run logs to the same W&B run id (offline here)."""
@@ -218,9 +220,9 @@ def test_resume_config_is_the_runs_own_with_key_overrides_and_secrets_given_agai
     or a secret that was redacted (and not given again) is one line."""
     from omegaconf import OmegaConf
 
-    from callbacks.secrets import redact
     from modules.errors import ConfigError
-    from modules.runs import resume_config
+    from run.resume import resume_config
+    from run.secrets import redact
     from tests.conftest import compose_config
 
     run = tmp_path / "run"

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from modules.classifier import Classifier
-from modules.scaling import ScalePlan, apply_plan, compile_stats, repeated_blocks
+from modules.layer_groups import repeated_blocks
+from modules.scaling import ScalePlan, apply_plan, compile_stats
 from tests.conftest import ROOT, TINY_SCRATCH, compose_config, run_train
 from tests.test_finetuning import probe
 
@@ -37,7 +38,7 @@ MODALITIES = {
 
 
 def make_task(tmp_path: Path, modality: str) -> Classifier:
-    from train import build
+    from run.build import build
 
     cfg = compose_config(tmp_path, MODALITIES[modality][0])
     return Classifier(build(cfg.backbone), num_classes=3, optimizer=partial(torch.optim.AdamW, lr=1e-3))
@@ -84,7 +85,8 @@ def test_activation_checkpointing_gives_the_same_gradients(modality: str, tmp_pa
         assert torch.equal(buffer, buffers[name]), name
 
 
-@pytest.mark.parametrize(("modality", "mode"), [("vision_cnn", "regional"), ("audio", "regional"), ("vision_vit", "full")])
+@pytest.mark.parametrize(("modality", "mode"), [pytest.param("vision_cnn", "regional", marks=pytest.mark.slow), ("audio", "regional"),
+                                               pytest.param("vision_vit", "full", marks=pytest.mark.slow)])
 def test_compile_matches_eager_on_vision_and_audio(modality: str, mode: str, tmp_path: Path) -> None:
     """compile on the other modalities (text: the training test below): the same loss and gradients as eager, no
     graph break. Evaluation mode: dropout and SpecAugment off, BatchNorm on its running statistics."""
@@ -116,12 +118,13 @@ def compiled_matches_eager(eager: torch.nn.Module, mode: str, batch: dict) -> di
     return grads
 
 
+@pytest.mark.slow
 def test_regional_compile_of_lora_adapters_matches_eager(tmp_path: Path) -> None:
     """finetune=lora with compile=regional: each block compiles with its LoRA layers inside, no graph break, and gives
     eager's loss and adapter gradients (adapters made non-zero first, so they matter)."""
     import torch._dynamo
 
-    from train import build
+    from run.build import build
 
     torch._dynamo.reset()
     cfg = compose_config(tmp_path, [*MODALITIES["text"][0], "+backbone.lora={rank: 4, alpha: 8, dropout: 0.0}"])
@@ -135,6 +138,7 @@ def test_regional_compile_of_lora_adapters_matches_eager(tmp_path: Path) -> None
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_with_regional_compile_under_partial_freezing(tmp_path: Path) -> None:
     """Both on, dropout on, the lower blocks frozen (their output needs no gradient): inductor cannot recompute dropout
     inside a compiled checkpoint region there, so the checkpoint wraps the compiled block; the recomputation replays the
@@ -192,6 +196,7 @@ def test_regional_compile_trains_like_eager_and_stops_recompiling(tmp_path: Path
     assert recompiles[-1] == recompiles[-3], recompiles  # the last steps compiled nothing new
 
 
+@pytest.mark.slow
 def test_fsdp2_with_regional_compile_and_activation_checkpointing(tmp_path: Path, cache_dir: Path) -> None:
     """The three together on 2 CPU processes, with an explicit milestone plan (block 2 from step 2, everything from
     step 4): the trainable set follows the plan on both ranks, every group trains once it joins, ranks agree."""

@@ -185,7 +185,6 @@ def test_generator_is_seeded_and_holds_out_whole_voices(tmp_path: Path) -> None:
 
 
 @needs_espeak
-@pytest.mark.slow
 def test_ctc_learns_a_tiny_generated_corpus(tmp_path: Path) -> None:
     """Three words by six voices: greedy-decoded WER on unseen utterances falls far below 1."""
     from functools import partial
@@ -266,6 +265,7 @@ def test_finetune_schedules_keep_the_frozen_feature_encoder_frozen(respect_froze
     assert changed(state, "block_1") and changed(state, "head")
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_resume_is_exact_with_workers_and_speed_perturbation(tmp_path: Path) -> None:
     """Stopped after epoch 1 and resumed: same weights as one run, with 2 loader workers and random speed perturbation."""
@@ -315,6 +315,7 @@ def test_length_grouped_batches_shard_under_ddp() -> None:
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 50
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_speech_trains_under_two_process_ddp(tmp_path: Path) -> None:
     """trainer=ddp with length-grouped speech batches: both ranks train on different clips and end identical."""

@@ -39,7 +39,8 @@ def expected_trainable(strategy: str, names: list[str], step: int) -> list[str]:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("family", sorted(BACKBONES))
+# the fast tier runs every strategy on text; the slow tier (pytest -m slow) on every backbone family
+@pytest.mark.parametrize("family", [f if f == "text" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(BACKBONES)])
 def test_strategy_on_backbone(family: str, strategy: str, tmp_path: Path, cache_dir: Path) -> None:
     overrides = [*BACKBONES[family], f"finetune={strategy}", *KNOBS, "trainer.max_steps=4", "trainer.max_epochs=50",
                  "test_after_fit=false", "callbacks.early_stopping=null"]

@@ -36,8 +36,8 @@ def run(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subproces
 def test_every_sweep_spec_passes_wandbs_schema_and_expands_to_overrides_train_accepts(spec_path: Path) -> None:
     from sweeps import next_run, schema_violations_from_proposed_config
 
-    from modules.sweep_runner import load_spec, train_command
-    from train import check_command_line
+    from run.config import check_command_line
+    from search.wandb_sweep import load_spec, train_command
 
     spec = load_spec(spec_path)
     assert schema_violations_from_proposed_config(spec) == []
@@ -56,7 +56,7 @@ def test_every_sweep_spec_passes_wandbs_schema_and_expands_to_overrides_train_ac
 
 
 def test_bayes_proposals_follow_the_finished_results(tmp_path: Path) -> None:
-    from modules.sweep_runner import LocalSweep, SweepRunRecord
+    from search.wandb_sweep import LocalSweep, SweepRunRecord
 
     spec = {"method": "bayes", "metric": {"name": "val/acc", "goal": "maximize"},
             "parameters": {"optimizer.lr": {"distribution": "uniform", "min": 0.0, "max": 1.0}},
@@ -72,7 +72,7 @@ def test_bayes_proposals_follow_the_finished_results(tmp_path: Path) -> None:
 
 
 def test_hyperband_stops_a_run_that_trails_at_the_same_evaluation(tmp_path: Path) -> None:
-    from modules.sweep_runner import LocalSweep, SweepRunRecord
+    from search.wandb_sweep import LocalSweep, SweepRunRecord
 
     spec = {"method": "random", "metric": {"name": "val/acc", "goal": "maximize"},
             "parameters": {"optimizer.lr": {"values": [0.1, 0.2]}},
@@ -147,7 +147,6 @@ def test_local_sweep_runs_offline_is_interrupted_and_continues(tmp_path: Path) -
 
 
 # -- Optuna -------------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_optuna_preset_runs_trials_and_continues_the_study(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "study"
     command = [sys.executable, str(ROOT / "train.py"), "--multirun", "hparams_search=digits_optuna", *DIGITS[1:],
@@ -199,8 +198,8 @@ def test_folds_of_digits_partition_the_training_pool_stratified_and_keep_the_tes
     (a plain run's train + val); each fold trains on the rest; the test split is a plain run's; stratified."""
     from collections import Counter
 
+    from run.build import build
     from tests.conftest import compose_config
-    from train import build
 
     def setup(*overrides: str) -> object:
         cfg = compose_config(tmp_path, ["experiment=digits_scratch", *overrides])
@@ -276,7 +275,7 @@ def test_cross_validation_command_aggregates_folds_and_groups_them_in_wandb(tmp_
     assert len({folds[f][1]["best/val/acc"] for f in range(3)}) > 1, "each fold validates on other examples"
     assert (sweep_dir / "cv_summary.png").stat().st_size > 0 and (sweep_dir / "cv_summary.md").is_file()
 
-    from modules.tracking import git_state
+    from run.tracking import git_state
 
     groups = set()
     for fold, (job, _) in folds.items():
@@ -310,7 +309,7 @@ def test_mlflow_logs_to_a_local_file_store(tmp_path: Path) -> None:
     assert run_info.data.metrics["best/val/acc"] == pytest.approx(metrics["best/val/acc"])
     tags = run_info.data.tags
     assert tags["group"] == "team-a" and tags["baseline"] == "true" and tags["mlflow.note.content"] == "first try"
-    from modules.tracking import git_state
+    from run.tracking import git_state
 
     assert tags["mlflow.source.git.commit"] == git_state()["commit"]
     assert run_info.data.params["optimizer/lr"] == "0.003"

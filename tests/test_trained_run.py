@@ -61,8 +61,8 @@ def rows_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("modality", list(RUNS))
+# the fast tier checks the text run; the slow tier (pytest -m slow) every modality
+@pytest.mark.parametrize("modality", [m if m == "text" else pytest.param(m, marks=pytest.mark.slow) for m in RUNS])
 def test_eval_reproduces_the_in_run_metrics(runs: dict[str, Path], modality: str, tmp_path: Path) -> None:
     run = runs[modality]
     in_run = json.loads((run / "metrics.json").read_text())
@@ -120,7 +120,6 @@ def bbc_csvs(folder: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-@pytest.mark.slow
 def test_eval_on_another_text_file_gives_the_metrics_its_predictions_recompute(runs: dict[str, Path], tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     train_csv, test_csv = bbc_csvs(tmp_path)
@@ -204,7 +203,7 @@ def test_predict_on_image_files_agrees_with_eval(runs: dict[str, Path], tmp_path
 
 @pytest.mark.slow
 def test_predict_fills_masks_with_the_models_own_choice(runs: dict[str, Path], tmp_path: Path) -> None:
-    from modules.inference import load_run
+    from run.trained import load_run
 
     text = tmp_path / "masked.txt"
     text.write_text("the [MASK] said on monday that the economy grew\n\nprices [MASK] again\n")
@@ -223,8 +222,7 @@ def test_predict_fills_masks_with_the_models_own_choice(runs: dict[str, Path], t
         assert [p for _, p in mask["top_k"]] == pytest.approx(top.values.tolist(), abs=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("modality", list(RUNS))
+@pytest.mark.parametrize("modality", [m if m == "text" else pytest.param(m, marks=pytest.mark.slow) for m in RUNS])
 def test_every_export_loads_in_a_fresh_process_and_gives_evals_outputs(runs: dict[str, Path], modality: str,
                                                                        tmp_path: Path) -> None:
     run, split = runs[modality], SPLIT[modality]
@@ -262,7 +260,7 @@ def test_every_export_loads_in_a_fresh_process_and_gives_evals_outputs(runs: dic
 def test_ema_and_wise_ft_weights_are_what_gets_evaluated_and_exported(tmp_path: Path, cache_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    from modules.inference import load_run
+    from run.trained import load_run
 
     tiny = [*(a for a in TINY_SCRATCH if "probe" not in a), "trainer.max_epochs=2", "callbacks.early_stopping=null"]
     ema_run = tmp_path / "ema"
@@ -304,7 +302,7 @@ def test_hf_text_export_keeps_the_runs_pooling(pooling: str, tmp_path: Path, cac
     compares it with the task on real batches, and the folder reloads with transformers alone."""
     from transformers import AutoModelForSequenceClassification
 
-    from modules.inference import load_run
+    from run.trained import load_run
     from tests.test_bad_input import fake_run
 
     run = tmp_path / "run"

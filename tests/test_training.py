@@ -44,6 +44,7 @@ def test_short_real_run_learns_and_fills_the_run_folder(tmp_path: Path, cache_di
     assert (tmp_path / "reports" / "confusion_matrix.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_ckpt_path_resumes_where_the_run_stopped(tmp_path: Path, cache_dir: Path) -> None:
     common = [*FAST_TEXT, "data.max_train_samples=64", "test_after_fit=false", "trainer.max_epochs=1"]
     run_train(tmp_path / "a", common, cache_dir)
@@ -94,24 +95,23 @@ def test_help_lists_groups_and_options(tmp_path: Path) -> None:
 
 def test_sync_batchnorm_is_turned_off_for_cpu_processes(tmp_path: Path) -> None:
     """trainer=ddp syncs BatchNorm, which torch's DDP refuses on CPU: a CPU run turns it off; a GPU run keeps it."""
+    from run.checks import complete_config
     from tests.conftest import compose_config
-    from train import cpu_safe_sync_batchnorm
 
     cpu = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu"])
     assert cpu.trainer.sync_batchnorm
-    cpu_safe_sync_batchnorm(cpu)
-    assert cpu.trainer.sync_batchnorm is False
+    assert complete_config(cpu).trainer.sync_batchnorm is False
+    assert cpu.trainer.sync_batchnorm, "the composed config itself is left as it was"
     gpu = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=gpu"])
-    cpu_safe_sync_batchnorm(gpu)
-    assert gpu.trainer.sync_batchnorm is True
+    assert complete_config(gpu).trainer.sync_batchnorm is True
 
 
 def test_a_from_scratch_run_rebuilds_from_its_own_config(tmp_path: Path, cache_dir: Path) -> None:
     """config.yaml keeps every real setting (``tokenizer`` is no secret): the saved config builds the same model."""
     from omegaconf import OmegaConf
 
+    from run.build import build
     from tests.conftest import TINY_SCRATCH
-    from train import build
 
     overrides = [*TINY_SCRATCH, "trainer.max_steps=1", "test_after_fit=false", "+wandb_api_key=XYZ"]
     run_train(tmp_path, overrides, cache_dir)
@@ -159,17 +159,21 @@ def test_multirun_yaml_keeps_no_secret(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_export_cli_writes_any_runs_backbone_in_hf_format(tmp_path: Path, cache_dir: Path) -> None:
-    """``python -m modules.backbones export``: the one export path (Backbone.save_pretrained) from a checkpoint."""
+    """``python export.py RUN --checkpoint last --format backbone``: the one backbone export (``save_backbone``), from
+    any checkpoint of a run, loaded back with ``AutoModel`` and checked against the run's own backbone."""
     from transformers import AutoModel
 
     from tests.conftest import TINY_SCRATCH
 
     run_train(tmp_path / "run", [*TINY_SCRATCH, "trainer.max_steps=2", "test_after_fit=false"], cache_dir)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = subprocess.run([sys.executable, "-m", "modules.backbones", "export", str(ckpt), str(tmp_path / "hf")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "export.py", str(tmp_path / "run"), "--checkpoint", "last", "--format", "backbone",
+                          "--out", str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    model = AutoModel.from_pretrained(tmp_path / "hf")
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    folder = tmp_path / "export" / "backbone"
+    model = AutoModel.from_pretrained(folder)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert torch.equal(model.embeddings.word_embeddings.weight, state["backbone.model.embeddings.word_embeddings.weight"])
-    assert (tmp_path / "hf" / "tokenizer_config.json").exists()
+    assert (folder / "tokenizer_config.json").exists()
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    assert max(report["formats"]["backbone"]["max_abs_difference"]) < 1e-5

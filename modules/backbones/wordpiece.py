@@ -44,27 +44,25 @@ def build_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool = Tru
 
 
 def train_wordpiece(
-    corpus: str | Sequence[str],
+    texts: Sequence[str],
     vocab_size: int = 8000,
-    text_column: str = "text",
     lowercase: bool = True,
     cache_dir: str | None = None,
-    encoding: str = "utf-8",
-    encoding_errors: str = "strict",
 ) -> PreTrainedTokenizerFast:
-    """Train (or load from ``cache_dir``) a WordPiece tokenizer on a corpus (see ``datamodules.corpus.read_corpus``)."""
-    # lazy: datamodules import modules, not the other way round at import time
-    from datamodules.corpus import read_corpus
-    from datamodules.sources import TextEncoding
+    """Train (or load from ``cache_dir``, keyed by the texts and settings) a WordPiece tokenizer on ``texts``.
 
-    texts = read_corpus(corpus, text_column, encoding=TextEncoding(encoding, encoding_errors))
+    The configs hand the texts over already read (``texts: {_target_: datamodules.corpus.read_corpus, ...}``), as the
+    data reads them: the model side never reads data files itself."""
+    if isinstance(texts, str) or not texts:
+        raise ConfigError("backbone.train_tokenizer.texts must be a non-empty list of texts (e.g. "
+                          "{_target_: datamodules.corpus.read_corpus, source: ...})")
     key = hashlib.sha1(f"{vocab_size}|{lowercase}|{len(texts)}".encode())
     for t in texts:
         key.update(t.encode("utf-8", "replace"))
     folder = Path(cache_dir).expanduser() / "tokenizers" / f"wordpiece-{vocab_size}-{key.hexdigest()[:16]}" if cache_dir else None
     if folder is not None and (folder / "tokenizer.json").exists():
         return BertTokenizerFast.from_pretrained(folder)
-    tokenizer = build_wordpiece(texts, vocab_size, lowercase)
+    tokenizer = build_wordpiece(list(texts), vocab_size, lowercase)
     log.info(f"trained a WordPiece tokenizer on {len(texts)} texts: {len(tokenizer)} tokens")
     if folder is not None:
         tokenizer.save_pretrained(folder)

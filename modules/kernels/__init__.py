@@ -8,38 +8,18 @@ they run interpreted (``TRITON_INTERPRET=1``): so this package imports them only
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 
 import torch
 
 from modules.errors import ConfigError
+from modules.kernels.runtime import triton_can_run, triton_installed, triton_interpreted
+
+__all__ = ["KERNEL_MODES", "resolve_kernels", "triton_can_run", "triton_installed", "triton_interpreted", "use_kernels"]
 
 log = logging.getLogger(__name__)
 
 KERNEL_MODES = ("auto", "torch", "triton")
-
-
-def triton_installed() -> bool:
-    """Whether ``import triton`` can work (it ships with the CUDA builds of torch on Linux)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_can_run(device: torch.device | None = None) -> bool:
-    """Whether a Triton kernel can run on ``device`` (any device: whether one exists that it can run on)."""
-    if not triton_installed():
-        return False
-    if triton_interpreted():
-        return True
-    if device is None:
-        return torch.cuda.is_available()
-    return device.type == "cuda"
 
 
 def resolve_kernels(mode: str, backbone: str) -> str:
@@ -65,11 +45,12 @@ def resolve_kernels(mode: str, backbone: str) -> str:
     return mode
 
 
-def use_kernels(model: torch.nn.Module, mode: str, backbone: str) -> str:
-    """Apply ``backbone.kernels=mode`` to ``model`` in place; returns what runs: ``triton`` or ``torch``."""
+def use_kernels(model: torch.nn.Module, blocks: str, mode: str, backbone: str) -> str:
+    """Apply ``backbone.kernels=mode`` to ``model`` (its stack of blocks: the module list ``blocks``) in place;
+    returns what runs: ``triton`` or ``torch``."""
     resolved = resolve_kernels(mode, backbone)
     if resolved == "torch":
         return "torch"
     from modules.kernels.surgery import apply_kernels  # defines the Triton kernels: only when they are on
 
-    return "triton" if apply_kernels(model, backbone, strict=mode == "triton") else "torch"
+    return "triton" if apply_kernels(model, blocks, backbone, strict=mode == "triton") else "torch"

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from modules.errors import ConfigError
-from modules.kernels import triton_can_run
+from modules.kernels.runtime import triton_can_run
 
 BACKENDS = ("triton", "torch")
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import nn
 
 from modules.errors import ConfigError
-from modules.kernels import triton_can_run
+from modules.kernels.runtime import triton_can_run
 
 # -- Triton kernels ---------------------------------------------------------------------------------
 

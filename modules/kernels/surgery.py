@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from modules.backbones.base import find_block_list
 from modules.errors import ConfigError
 from modules.kernels.layer_norm import post_norm
 
@@ -108,14 +107,14 @@ def _same_function(original: nn.Module, fused: nn.Module) -> bool:
         fused.train(was_training)
 
 
-def apply_kernels(model: nn.Module, backbone: str, strict: bool) -> Counter[str]:
-    """Swap fused modules into ``model`` in place; returns the count per replaced class.
+def apply_kernels(model: nn.Module, blocks_name: str, backbone: str, strict: bool) -> Counter[str]:
+    """Swap fused modules into the blocks of ``model`` (the module list ``blocks_name``) in place; returns the count
+    per replaced class.
 
     Every block of the model's layer stack must hold at least one fusable sub-layer; if one does not,
     ``strict`` (``kernels=triton``) raises a one-line ``ConfigError`` and otherwise (``auto``) nothing
     is swapped and the model stays as it was.
     """
-    blocks_name = find_block_list(model)
     blocks = model.get_submodule(blocks_name)
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     verified: dict[type, bool] = {}

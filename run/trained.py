@@ -8,31 +8,32 @@ model's label set, so label ids cannot drift.
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
-import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from modules.backbones.base import resolve_local_source
+from modules.distillation import Teacher, check_same_inputs, file_identity, label_order
 from modules.errors import ConfigError, DataError, UserInputError
+from run.build import build, build_task
+from run.checkpoints import is_checkpoint, read_checkpoint, state_mismatch
+from run.checks import complete_config
+from run.config import apply_overrides, config_groups, swap_data, upgrade
 
 log = logging.getLogger("tunelab")
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # the task arguments train.py fills in from the data; a checkpoint's hyperparameters hold them
 DATA_ARGUMENTS = ("num_classes", "label_names", "vocab", "heads", "target")
 WEIGHT_CHOICES = "checkpoint (as saved: EMA weights when EMA was on), raw (the un-averaged weights of an EMA run), " \
                  "wise_ft (the WiSE-FT model at its best α), wise_ft:ALPHA (interpolated at ALPHA)"
-
-
-def config_groups() -> list[str]:
-    """The config group names (folders of ``configs/``)."""
-    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
 def locate_run(path: str | Path) -> tuple[Path, Path | None]:
@@ -81,91 +82,9 @@ def pick_checkpoint(run_dir: Path, which: str = "best", trust: bool = False) -> 
     raise ConfigError(f"{run_dir} has no checkpoint (checkpoints/*.ckpt); the run saved none (fast_dev_run?): train again")
 
 
-# the file beside the shards of a sharded (FSDP / FSDP2) checkpoint folder: everything but weights and optimizer states
-SHARDED_META = "meta.pt"
-# where Lightning puts the model's tensors in a sharded checkpoint: FSDP2 (ModelParallelStrategy) / FSDP1
-SHARDED_MODEL_KEYS = ("state_dict", "model")
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    """A checkpoint *folder* written by sharded training (each process its shards, plus ``meta.pt``)."""
-    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
-
-
-def is_checkpoint(path: Path) -> bool:
-    """A checkpoint file, or a sharded checkpoint folder."""
-    return Path(path).is_file() or is_sharded_checkpoint(path)
-
-
-def sharded_checkpoint_shapes(path: Path) -> dict[str, torch.Size]:
-    """Name -> shape of the model tensors of a sharded checkpoint, from its metadata alone (nothing is loaded)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = FileSystemReader(str(path)).read_metadata()
-    shapes = {}
-    for key, item in metadata.state_dict_metadata.items():
-        where = (metadata.planner_data or {}).get(key) or key.split(".", 1)
-        if where[0] in SHARDED_MODEL_KEYS and hasattr(item, "size"):
-            shapes[".".join(map(str, where[1:]))] = item.size
-    return shapes
-
-
-def load_sharded_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
-    """A sharded checkpoint folder consolidated into one Lightning checkpoint dict on CPU: the model's full tensors
-    (gathered from every process's shards) under ``state_dict`` and ``meta.pt``'s entries; optimizer states are left
-    out. Needs no process group: one process reads every shard."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), no_dist=True,
-                     planner=_EmptyStateDictLoadPlanner(keys=set(SHARDED_MODEL_KEYS)))
-    model = next((state[k] for k in SHARDED_MODEL_KEYS if k in state), {})
-    meta = torch.load(Path(path) / SHARDED_META, map_location="cpu", weights_only=weights_only)
-    return {**meta, "state_dict": model}
-
-
-def read_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
-    """A Lightning checkpoint (a file, or a sharded checkpoint folder), read with ``weights_only`` (tensors and
-    plain values, no code); a checkpoint that pickles objects loads only when ``trust`` says its source is trusted."""
-    load = (lambda safe: load_sharded_checkpoint(path, weights_only=safe)) if is_sharded_checkpoint(path) else (
-        lambda safe: torch.load(path, map_location="cpu", weights_only=safe, mmap=True))
-    try:
-        ckpt = load(True)
-    except pickle.UnpicklingError as err:
-        if not trust:
-            raise ConfigError(f"{path} pickles objects other than tensors and plain values ({str(err).splitlines()[0][:100]}); "
-                              "loading it runs code: only if you trust its source, add --trust-checkpoint") from None
-        # the user vouched for this file with --trust-checkpoint: a full unpickle, as they asked
-        ckpt = load(False)
-    except Exception as err:  # noqa: BLE001 - a truncated zip, a text file, a folder: "not a checkpoint"
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
-                          f"{(str(err).splitlines() or ['no detail'])[0][:120]}); a run killed while saving leaves one: "
-                          "use another (--checkpoint last, or a file in the run's checkpoints/)") from None
-    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
-        raise ConfigError(f"{path} is not a Lightning checkpoint (it has no state_dict); give a .ckpt that train.py saved")
-    return dict(ckpt)
-
-
-def state_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
-    """Why ``state`` is not this model's weights (missing names, other shapes, extra names), or None."""
-    missing = [k for k in own if k not in state]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    extra = [k for k in state if k not in own]
-    if not (missing or wrong or extra):
-        return None
-    first = (f"{missing[0]} is missing" if missing else
-             f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's {tuple(own[wrong[0]].shape)}" if wrong else
-             f"{extra[0]} is not the model's")
-    return f"{len(missing)} tensors missing, {len(wrong)} of another shape, {len(extra)} unknown; {first}"
-
-
 def architecture_node(node: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """The backbone's config changed to rebuild its architecture only (the checkpoint has the weights): from the
     run's ``backbone/`` folder for Hugging Face models, without pretrained downloads for timm."""
-    import json
-
     node = dict(node)
     saved = run_dir / "backbone"
     kind = node.get("kind")
@@ -186,6 +105,16 @@ def architecture_node(node: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         # the plain modules: same weights and keys as the fused ones, and exporters cannot trace custom ops
         node["kernels"] = "torch"
     return node
+
+
+def rebuild_backbone(run_dir: str | Path, cfg: DictConfig | None = None) -> Any:
+    """A run's backbone architecture (LoRA adapters included) with fresh weights, from its folder (``cfg``: its
+    config.yaml, with any overrides), without a download."""
+    run_dir = Path(run_dir)
+    if cfg is None:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        upgrade(cfg)
+    return build(OmegaConf.create(architecture_node(OmegaConf.to_container(cfg.backbone, resolve=True), run_dir)))
 
 
 @dataclass
@@ -212,8 +141,6 @@ class TrainedRun:
 
     def datamodule(self) -> Any:
         """The run's data (with the overrides given), labelled with the model's label set."""
-        from train import build
-
         node = OmegaConf.to_container(self.cfg.data, resolve=True)
         extra: dict[str, Any] = {}
         labels = getattr(self.model, "label_names", None)
@@ -243,11 +170,9 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
         weights: ``checkpoint``, ``raw``, ``wise_ft`` or ``wise_ft:ALPHA`` (see ``WEIGHT_CHOICES``).
         trust: allow a full unpickle of a checkpoint that ``weights_only`` refuses.
     """
-    from modules.runs import apply_overrides
-    from train import build
-
     run_dir, named = locate_run(path)
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    upgrade(cfg)
     data_option = [o for o in overrides if o.split("=", 1)[0] == "data"]
     keys = [o for o in overrides if o.split("=", 1)[0] != "data"]
     if data_option:
@@ -256,25 +181,21 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
     apply_overrides(cfg, keys, config_groups(), "eval", "only data=<option> can change here; give key=value changes")
     ckpt_path = named or pick_checkpoint(run_dir, checkpoint, trust)
     ckpt = read_checkpoint(ckpt_path, trust)
-
-    from train import check_task_and_data
-
-    with open_dict(cfg):
-        try:
-            check_task_and_data(cfg)  # the task and the (new) data match
-        except ConfigError as err:  # no Hydra context here: name the run's task and the data option given
-            task = str(cfg.task._target_).rsplit(".", 1)[-1]
-            data = data_option[-1] if data_option else "the run's data"
-            raise ConfigError(str(err).replace("task=?", f"the run's task ({task})").replace("data=?", data)
-                              .replace("pick matching groups (e.g. the presets in configs/experiment/)",
-                                       "evaluate on data of the kind the run trained on")) from None
-    backbone = build(OmegaConf.create(architecture_node(OmegaConf.to_container(cfg.backbone, resolve=True), run_dir)))
+    try:
+        cfg = complete_config(cfg, training=False)  # the task and the (new) data match
+    except ConfigError as err:  # no Hydra context here: name the run's task and the data option given
+        task = str(cfg.task._target_).rsplit(".", 1)[-1]
+        data = data_option[-1] if data_option else "the run's data"
+        raise ConfigError(str(err).replace("task=?", f"the run's task ({task})").replace("data=?", data)
+                          .replace("pick matching groups (e.g. the presets in configs/experiment/)",
+                                   "evaluate on data of the kind the run trained on")) from None
+    backbone = rebuild_backbone(run_dir, cfg)
     task_cls = hydra.utils.get_class(cfg.task._target_)
     data_args = data_arguments(ckpt, run_dir, task_cls)
     # what a task needs only to train is swapped for what rebuilds it (a distilled student: no teacher)
     rebuild = task_cls.inference_kwargs(ckpt.get("hyper_parameters") or {}) if hasattr(task_cls, "inference_kwargs") else {}
     try:
-        model = build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=None, **data_args, **rebuild)
+        model = build_task(cfg, backbone, {**data_args, **rebuild}, schedule=False)
     except UserInputError:
         raise
     except Exception:  # noqa: BLE001 - Hydra wraps the task's TypeError; the cause is the missing data arguments
@@ -296,9 +217,6 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), checkpoint: str = 
 def data_arguments(ckpt: dict[str, Any], run_dir: Path, task_cls: type) -> dict[str, Any]:
     """The task arguments that came from the data: the checkpoint's hyperparameters, else the run folder's
     ``labels.json`` / ``vocab.json`` (only those the task's constructor takes)."""
-    import inspect
-    import json
-
     hparams = ckpt.get("hyper_parameters") or {}
     accepted = set(inspect.signature(task_cls.__init__).parameters)
     found = {k: hparams[k] for k in DATA_ARGUMENTS if k in hparams and k in accepted}
@@ -343,7 +261,6 @@ def select_weights(ckpt: dict[str, Any], ckpt_path: Path, run_dir: Path, weights
         import lightning.pytorch as pl
 
         from modules.interpolation import backbone_state, interpolate_states, snapshot
-        from train import build
 
         pl.seed_everything(int(cfg.seed), verbose=False)  # as train.py does: a from-scratch init repeats too
         pretrained = snapshot(build(cfg.backbone))  # the backbone as the run started: its pretrained weights
@@ -354,22 +271,42 @@ def select_weights(ckpt: dict[str, Any], ckpt_path: Path, run_dir: Path, weights
     raise ConfigError(f"--weights {weights!r} is unknown; choose {WEIGHT_CHOICES}")
 
 
-def swap_data(cfg: DictConfig, option: str, data_overrides: Sequence[str]) -> None:
-    """Replace the run's ``data`` node by the config option ``data=<option>`` (with ``data.*`` overrides)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+def load_teacher(source: str, data_labels: Sequence[str], processor: Any) -> Teacher:
+    """A tunelab run folder / checkpoint, or a Hugging Face sequence classifier (folder or hub name), as a ``Teacher``."""
+    path = Path(str(source)).expanduser()
+    if path.exists() and ((path / "config.yaml").is_file() or is_checkpoint(path) and not path.is_dir()):
+        try:
+            run = load_run(path)
+        except UserInputError as err:
+            raise ConfigError(f"task.teacher={source!r} does not load: {err}") from None
+        labels = getattr(run.model, "label_names", None)
+        if not labels or not hasattr(run.model, "head"):
+            raise ConfigError(f"task.teacher={source!r} is a run of {type(run.model).__name__}, not a classifier")
+        check_same_inputs(source, run.model.backbone.processor, processor)
+        order = label_order(source, labels, data_labels)
+        identity = f"tunelab:{file_identity([run.checkpoint])}"
+        return Teacher(run.model, "tunelab", order, int(run.model.backbone.feature_dim), identity, str(source))
+    return load_hf_teacher(source, data_labels, processor)
 
-    GlobalHydra.instance().clear()
+
+def load_hf_teacher(source: str, data_labels: Sequence[str], processor: Any) -> Teacher:
+    """A Hugging Face sequence classifier (folder or hub name) as a ``Teacher``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            composed = compose(config_name="train", overrides=[f"data={option}", *data_overrides])
-    except HydraException as err:
-        raise ConfigError(f"data={option}: {' '.join(str(err).split())[:200]}") from None
-    finally:
-        GlobalHydra.instance().clear()
-    with open_dict(composed):
-        composed.paths = cfg.paths
-        composed.seed = cfg.seed
-    with open_dict(cfg):
-        cfg.data = OmegaConf.create(OmegaConf.to_container(composed.data, resolve=True))
+        where = resolve_local_source(str(source))
+    except ConfigError as err:
+        raise ConfigError(f"task.teacher={source!r} does not load: {err}") from None
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"task.teacher={source!r} does not load as a tunelab run or a Hugging Face sequence classifier "
+                          f"({str(err).splitlines()[0][:160]})") from None
+    id2label = dict(getattr(model.config, "id2label", {}) or {})
+    labels = [str(id2label[i]) for i in sorted(id2label)]
+    order = label_order(source, labels, data_labels)
+    check_same_inputs(source, tokenizer, processor)
+    folder = Path(where)
+    identity = f"hf:{file_identity(list(folder.iterdir()))}" if folder.is_dir() else f"hf:{where}"
+    return Teacher(model, "hf", order, int(model.config.hidden_size), identity, str(source))

@@ -34,38 +34,23 @@ def collect_predictions(trainer: Any, model: Any, datamodule: Any, split: str) -
 
 
 def add_correctness(rows: list[dict[str, Any]]) -> None:
-    """Classification rows: ``correct``; speech rows: per-utterance word and character error counts."""
+    """Classification rows: ``correct``; speech rows: per-utterance word and character error counts (jiwer's
+    alignment, the same edit distance as the task's torchmetrics WER / CER)."""
+    import jiwer
+
     for row in rows:
         if "error" in row:
             continue
         if "predicted" in row and "label" in row:
             row["correct"] = row["predicted"] == row["label"]
         if "transcript" in row and "reference" in row:
-            ref, hyp = row["reference"].split(), row["transcript"].split()
-            s, d, i = edit_operations(ref, hyp)
-            row.update(words=len(ref), substitutions=s, deletions=d, insertions=i,
-                       wer=(s + d + i) / max(1, len(ref)))
-            chars = edit_operations(list(row["reference"]), list(row["transcript"]))
-            row.update(chars=len(row["reference"]), char_errors=sum(chars), cer=sum(chars) / max(1, len(row["reference"])))
-
-
-def edit_operations(ref: Sequence[Any], hyp: Sequence[Any]) -> tuple[int, int, int]:
-    """(substitutions, deletions, insertions) of a minimum edit-distance alignment of ``hyp`` to ``ref``."""
-    # cost[j] = (total, subs, dels, ins) aligning ref[:i] with hyp[:j]; ties prefer substitutions
-    previous = [(j, 0, 0, j) for j in range(len(hyp) + 1)]
-    for i in range(1, len(ref) + 1):
-        current = [(i, 0, i, 0)]
-        for j in range(1, len(hyp) + 1):
-            t, s, d, n = previous[j - 1]
-            diagonal = (t, s, d, n) if ref[i - 1] == hyp[j - 1] else (t + 1, s + 1, d, n)
-            t, s, d, n = previous[j]
-            deletion = (t + 1, s, d + 1, n)
-            t, s, d, n = current[j - 1]
-            insertion = (t + 1, s, d, n + 1)
-            current.append(min(diagonal, deletion, insertion, key=lambda c: c[0]))
-        previous = current
-    _, s, d, n = previous[-1]
-    return s, d, n
+            words = jiwer.process_words(row["reference"], row["transcript"])
+            s, d, i = words.substitutions, words.deletions, words.insertions
+            n = len(row["reference"].split())
+            row.update(words=n, substitutions=s, deletions=d, insertions=i, wer=(s + d + i) / max(1, n))
+            chars = jiwer.process_characters(row["reference"], row["transcript"])
+            errors = chars.substitutions + chars.deletions + chars.insertions
+            row.update(chars=len(row["reference"]), char_errors=errors, cer=errors / max(1, len(row["reference"])))
 
 
 def write_predictions(rows: Sequence[dict[str, Any]], out: Path) -> None:

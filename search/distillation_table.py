@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from callbacks.sweep_table import job_order
+from search.tables import job_order
 
 COLUMNS = ("model", "runs", "test acc (mean ± sd)", "test acc per seed", "params", "inference samples/s", "train wall time (s)")
 

@@ -34,7 +34,7 @@ class TunelabTextClassifierConfig(PretrainedConfig):
 
 
 class TunelabForSequenceClassification(PreTrainedModel):
-    """Encoder -> pooled vector -> dropout -> linear: the logits tunelab's ``TextClassifier`` computes."""
+    """Encoder -> pooled vector -> dropout -> linear: the logits tunelab's ``Classifier`` computes on a text backbone."""
 
     config_class = TunelabTextClassifierConfig
     base_model_prefix = "encoder"

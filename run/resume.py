@@ -3,6 +3,7 @@ checkpoint, and its logs (CSV, TensorBoard, W&B) continued rather than restarted
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import os
@@ -10,45 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from callbacks.secrets import REDACTED
 from modules.errors import ConfigError
-from modules.inference import is_checkpoint
+from run.checkpoints import is_checkpoint
+from run.config import apply_overrides, upgrade
+from run.secrets import REDACTED
 
 log = logging.getLogger("tunelab")
 
 WANDB_ID_FILE = "wandb_run_id"
 # checkpoints a run can continue from: ours, and Lightning's SLURM auto-requeue checkpoint
 RESUMABLE = ("last.ckpt", "hpc_ckpt_*.ckpt")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file beside the target, synced, then renamed over it: a run killed while
-    saving leaves the previous ``last.ckpt`` whole. (Lightning's own save stages the bytes in the system temp folder
-    and *moves* them, which is a copy, not a rename, whenever that folder is on another file system.)"""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        target = Path(str(path))
-        if "://" in str(path):  # remote storage: Lightning's transaction-based save
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        try:
-            with open(temp, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, target)
-        finally:
-            temp.unlink(missing_ok=True)
-        for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a run killed while saving
-            stale.unlink(missing_ok=True)
 
 
 def run_folder_of(resume: str) -> Path:
@@ -91,6 +68,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
     run_dir = run_folder_of(resume)
     checkpoint = newest_checkpoint(run_dir, resume)
     saved = OmegaConf.load(run_dir / "config.yaml")
+    upgrade(saved)
     apply_overrides(saved, [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "resume"], groups, "resume",
                     "a resumed run keeps its own config, so give only key=value changes (e.g. trainer.max_epochs=5), "
                     "or start a new run")
@@ -106,37 +84,6 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
         saved.paths.output_dir = str(run_dir)
     log.info(f"resuming the run in {run_dir} from {saved.ckpt_path}")
     return saved
-
-
-def apply_overrides(saved: DictConfig, overrides: Sequence[str], groups: Sequence[str], command: str, fix: str) -> None:
-    """Apply ``key=value`` (``+key=``, ``~key``) overrides to a run's saved config, in place; a misspelt key is an
-    error, and so is picking another option of a config group (``groups``): ``fix`` says what to do instead."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    OmegaConf.set_struct(saved, True)  # a misspelt override is an error, as on a fresh run
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except OverrideParseException as err:
-        raise ConfigError(f"{command}: cannot parse the override {err.override!r}; write key=value") from None
-    for override in parsed:
-        key = override.key_or_group
-        if key.startswith("hydra.") or key == "hydra":
-            continue
-        if key in groups or key.split("/", 1)[0] in groups:
-            raise ConfigError(f"{command}: {override.input_line!r} picks another config option; {fix}")
-        try:
-            if override.is_delete():
-                with open_dict(saved):
-                    parent, _, leaf = key.rpartition(".")
-                    node = OmegaConf.select(saved, parent) if parent else saved
-                    if node is not None and leaf in node:
-                        del node[leaf]
-            else:
-                OmegaConf.update(saved, key, override.value(), merge=True, force_add=override.is_add())
-        except Exception as err:  # a key the run's config does not have
-            raise ConfigError(f"{command}: {override.input_line!r}: {key} is not in the run's config.yaml "
-                              f"({type(err).__name__}); check the spelling, or add a new key with +{key}=...") from None
 
 
 def redacted_keys(config: Any, prefix: str = "") -> list[str]:
@@ -155,19 +102,20 @@ def logged_step(ckpt: dict[str, Any]) -> int:
     return int(loop.get("_batches_that_stepped", ckpt.get("global_step", 0)))
 
 
-def continue_loggers(logger_cfg: DictConfig | None, run_dir: Path, ckpt: dict[str, Any]) -> None:
-    """Point the loggers of a resumed run at what the run already wrote: the CSV file keeps its rows up to the
-    checkpoint, TensorBoard purges the events after it, W&B re-attaches to the stored run id."""
+def continued_loggers(logger_cfg: DictConfig | None, run_dir: Path, ckpt: dict[str, Any]) -> DictConfig | None:
+    """The logger configs of a resumed run, pointed at what the run already wrote: the CSV file keeps its rows up to
+    the checkpoint, TensorBoard purges the events after it, W&B re-attaches to the stored run id."""
     if not logger_cfg:
-        return
+        return logger_cfg
     step = logged_step(ckpt)
+    logger_cfg = copy.deepcopy(logger_cfg)
     with open_dict(logger_cfg):
         for node in logger_cfg.values():
             if node is None or "_target_" not in node:
                 continue
             target = str(node._target_)
             if target.endswith("CSVLogger"):
-                node._target_ = "modules.runs.ContinuedCSVLogger"
+                node._target_ = "run.resume.ContinuedCSVLogger"
                 node.resume_step = step
             elif target.endswith("TensorBoardLogger"):
                 node.purge_step = step + 1  # SummaryWriter drops older events from this step on
@@ -178,6 +126,7 @@ def continue_loggers(logger_cfg: DictConfig | None, run_dir: Path, ckpt: dict[st
                     node.resume = "allow"
                 else:
                     log.warning(f"no {WANDB_ID_FILE} in {run_dir}: W&B starts a new run for the resumed one")
+    return logger_cfg
 
 
 def remember_wandb_runs(loggers: Sequence[Any], run_dir: Path) -> None:

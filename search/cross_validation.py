@@ -13,7 +13,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from callbacks.sweep_table import lookup, write_table
+from search.tables import lookup, write_table
 
 log = logging.getLogger("tunelab")
 

@@ -175,8 +175,8 @@ def write_results(study: Any, space: Mapping[str, Any], sweep_dir: Path, metric:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import TrialState
 
-    from callbacks.sweep_table import write_table
-    from modules.sweep_runner import SweepRunRecord, plot_metric_vs_params
+    from search.tables import write_table
+    from search.wandb_sweep import SweepRunRecord, plot_metric_vs_params
 
     trials = study.get_trials(deepcopy=False)
     rows = [{"trial": t.number, "state": t.state.name.lower(), **t.params, metric: t.value,

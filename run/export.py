@@ -7,6 +7,9 @@
 * ``onnx``: the task's forward (logits; CTC: log-probabilities and frame counts) with dynamic batch and
   sequence/time axes, checked with onnxruntime.
 * ``torchscript``: ``torch.jit.trace``, kept only when the traced module also matches on a batch of another shape.
+* ``backbone`` (only when named): the backbone alone in the Hugging Face format (``AutoModel`` + its tokenizer or
+  feature extractor), a later run's ``backbone.name_or_path``. ``export_backbone=`` in ``train.py`` and WiSE-FT's best
+  backbone are written by the same ``modules.backbones.save_backbone``.
 
 Every export is run on two real batches of different shapes and compared with the task's own outputs; the
 largest difference goes to ``export_report.json``, and a difference above the tolerance is an error.
@@ -26,10 +29,13 @@ import torch
 from torch import nn
 
 from modules.errors import ConfigError
+from run.trained import rebuild_backbone
 
 log = logging.getLogger("tunelab")
 
-FORMATS = ("hf", "onnx", "torchscript")
+# what --format all exports (the task); "backbone" only when named
+TASK_FORMATS = ("hf", "onnx", "torchscript")
+FORMATS = (*TASK_FORMATS, "backbone")
 TOLERANCE = 1e-4
 INPUTS = {"text": ("input_ids", "attention_mask"), "image": ("pixel_values",), "audio": ("input_values", "attention_mask")}
 # masked-LM heads in transformers: where tunelab's dense / LayerNorm / output bias go
@@ -84,7 +90,7 @@ def prefixed(state: dict[str, torch.Tensor], old: str, new: str) -> dict[str, to
 
 
 class Exporter:
-    """Exports one loaded run (``modules.inference.TrainedRun``); ``batches`` are real inputs of two shapes."""
+    """Exports one loaded run (``run.trained.TrainedRun``); ``batches`` are real inputs of two shapes."""
 
     def __init__(self, run: Any, batches: Sequence[dict[str, Any]]) -> None:
         self.run, self.task = run, run.model.cpu().eval()
@@ -130,7 +136,7 @@ class Exporter:
         raise ConfigError(unsupported(self.run, "hf") or f"--format hf: no Hugging Face class for a {self.kind} task")
 
     def hf_text_classifier(self, out: Path) -> dict[str, Any]:
-        from modules.modeling_tunelab import TunelabForSequenceClassification, TunelabTextClassifierConfig
+        from run.modeling_tunelab import TunelabForSequenceClassification, TunelabTextClassifierConfig
 
         backbone = self.task.backbone
         labels = list(self.task.label_names)
@@ -229,6 +235,32 @@ class Exporter:
         loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # as a user loads it
         differences = self.check("timm", lambda b: [loaded(b["pixel_values"])])
         return {"loads_with": f"timm.create_model('local-dir:{out}')", "max_abs_difference": differences}
+
+    def backbone(self, out: Path) -> dict[str, Any]:
+        """The backbone alone, in the Hugging Face format; checked by loading it with ``AutoModel``."""
+        from transformers import AutoModel
+
+        from modules.backbones import save_backbone
+
+        backbone = self.task.backbone
+        save_backbone(backbone, out)
+        loaded = AutoModel.from_pretrained(out).eval()
+        pass_mask = getattr(backbone, "pass_attention_mask", True)
+
+        def features(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            inputs = {k: v for k, v in batch.items() if k != "attention_mask" or pass_mask}
+            if "input_values" in inputs:
+                return model(inputs.pop("input_values"), **inputs).last_hidden_state
+            return model(**inputs).last_hidden_state
+
+        expected = self.expected
+        self.expected = [[features(backbone.model, b)] for b in self.batches]
+        try:
+            differences = self.check("backbone", lambda b: [features(loaded, b)])
+        finally:
+            self.expected = expected
+        return {"loads_with": "transformers.AutoModel.from_pretrained(folder) (+ AutoTokenizer / AutoFeatureExtractor)",
+                "max_abs_difference": differences}
 
     def dropout_p(self) -> float:
         head = self.task.head[self.task.target] if isinstance(self.task.head, nn.ModuleDict) else self.task.head
@@ -335,6 +367,9 @@ class Exporter:
 
 def unsupported(run: Any, fmt: str) -> str | None:
     """Why ``fmt`` cannot hold this run's model (checked before any work), or None."""
+    if fmt == "backbone" and not getattr(run.model.backbone, "exportable", False):
+        return (f"--format backbone: {type(run.model.backbone).__name__} has no Hugging Face format; export the task "
+                "(--format hf, onnx or torchscript)")
     if fmt != "hf":
         return None
     if getattr(run.model.backbone, "modality", "") == "image":
@@ -386,7 +421,7 @@ def export_run(run: Any, formats: Sequence[str], out: Path, skip_failures: bool 
     check fails, is left out with its reason in the report instead of stopping the others."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
-        raise ConfigError(f"--format {unknown[0]!r} is unknown; choose from {', '.join(FORMATS)} (or all)")
+        raise ConfigError(f"--format {unknown[0]!r} is unknown; choose from {', '.join(FORMATS)} (or all: {', '.join(TASK_FORMATS)})")
     problems = {fmt: unsupported(run, fmt) for fmt in formats}
     if not skip_failures and any(problems.values()):
         raise ConfigError(next(p for p in problems.values() if p))
@@ -420,3 +455,13 @@ def export_run(run: Any, formats: Sequence[str], out: Path, skip_failures: bool 
             log.warning(f"skipped {fmt}: {err}")
         path.write_text(json.dumps(report, indent=2))
     return report
+
+
+def export_backbone(run_dir: str | Path, state: dict[str, torch.Tensor], out: str | Path) -> Path:
+    """The ``backbone.*`` weights of a task state dict, in the Hugging Face format: the run's backbone architecture
+    rebuilt from its folder (no download), given these weights, saved by ``save_backbone``."""
+    from modules.backbones import save_backbone
+
+    backbone = rebuild_backbone(run_dir)
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    return save_backbone(backbone, out)

@@ -18,6 +18,22 @@ REPORTS = ("parameter_report", "lr", "lr_history", "confusion_matrix", "compile"
 WANDB_TABLES = ("lr_history", "confusion_matrix")
 
 
+def start_loggers(cfg: Any, run_dir: Path, resolved: Mapping[str, Any], ckpt: Mapping[str, Any] | None) -> list[Any]:
+    """The run's loggers, carrying the redacted config (``resolved``) and the tracking metadata; a resumed run's
+    continue where it left them (``ckpt``: the checkpoint it resumes from)."""
+    from run.build import build_each
+    from run.resume import continued_loggers, remember_wandb_runs
+
+    logger_cfg = cfg.get("logger")
+    if cfg.get("resume") and ckpt is not None:
+        logger_cfg = continued_loggers(logger_cfg, run_dir, dict(ckpt))
+    allow_mlflow_file_store(logger_cfg)
+    loggers = build_each(logger_cfg)
+    start_tracking(loggers, resolved, str(cfg.monitor), str(cfg.monitor_mode))
+    remember_wandb_runs(loggers, run_dir)
+    return loggers
+
+
 def allow_mlflow_file_store(logger_cfg: Mapping[str, Any] | None) -> None:
     """MLflow 3 keeps its file store (a folder, no server) only on request; ``logger=mlflow`` asks for it when its
     ``tracking_uri`` is a folder. A database or server URI is left alone."""
@@ -114,3 +130,10 @@ def publish_mlflow(logger: Any, metrics: Mapping[str, float], reports: Sequence[
     for name in ("config.yaml", "metrics.json", "labels.json", "data_report.json"):
         if (Path(run_dir) / name).is_file():
             client.log_artifact(run_id, str(Path(run_dir) / name))
+
+
+def close_loggers(loggers: Sequence[Any], failed: bool) -> None:
+    """Finish each W&B run (a sweep's next run starts a fresh one), as failed when the run raised."""
+    for logger in loggers:
+        if kind(logger) == "wandb" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish(exit_code=1 if failed else 0)

@@ -328,7 +328,7 @@ class LocalSweep:
 
     # -- the summary ----------------------------------------------------------------------------------
     def summarise(self, show: bool = True) -> None:
-        from callbacks.sweep_table import write_table
+        from search.tables import write_table
 
         runs = [r for r in self.runs if r.state != "pending"]
         if not runs:
@@ -355,7 +355,7 @@ class SweepInterrupted(Exception):
 
 def config_problem(overrides: Sequence[str]) -> str | None:
     """What is wrong with a run's ``key=value`` overrides (composed here, as train.py would), or None."""
-    from train import check_command_line
+    from run.config import check_command_line
 
     try:
         check_command_line(list(overrides))

@@ -1,0 +1,226 @@
+"""Checkpoint I/O, in one place: every checkpoint is written beside its target and renamed over it (a kill at any
+moment leaves the previous one whole), and read by one reader with one trust policy.
+
+Reading: ``read_checkpoint`` loads a file or a sharded (FSDP / FSDP2) checkpoint folder with ``weights_only`` (tensors
+and plain values, no code); a checkpoint that pickles objects loads only when the user vouches for its source
+(``trust_checkpoint=true`` in ``train.py``, ``--trust-checkpoint`` in the other entry scripts). ``ckpt_path=`` and
+``resume=`` are read under that same rule, before training and by Lightning itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from modules.errors import ConfigError
+from modules.optim import initialise_every_state
+
+# the file beside the shards of a sharded (FSDP / FSDP2) checkpoint folder: everything but weights and optimizer states
+SHARDED_META = "meta.pt"
+# where Lightning puts the model's tensors in a sharded checkpoint: FSDP2 (ModelParallelStrategy) / FSDP1
+SHARDED_MODEL_KEYS = ("state_dict", "model")
+TRUST_HINT = "loading it runs code: only if you trust its source, add {how}"
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+def staging_path(target: Path, shared: bool = False) -> Path:
+    """Where a checkpoint is written before it replaces ``target``: beside it (one file system, so the final move is
+    a rename); ``shared`` (every process writes its shards into one folder) or one per writing process."""
+    return target.with_name(f".{target.name}.partial" + ("" if shared else f"-{os.getpid()}"))
+
+
+def commit(staged: Path, target: Path) -> None:
+    """Move a fully written file or folder over ``target`` by renames, then drop staging left by killed writers."""
+    if staged.is_dir() and target.exists():  # a folder cannot be renamed over a folder: set the old one aside first
+        old = target.with_name(f".{target.name}.old")
+        remove(old)
+        os.replace(target, old)
+        os.replace(staged, target)
+        remove(old)
+    else:
+        os.replace(staged, target)
+    for stale in target.parent.glob(f".{target.name}.partial*"):
+        remove(stale)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder, if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def save_file(obj: Any, target: str | Path) -> None:
+    """``torch.save`` to a staged file, synced to disk, then renamed over ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = staging_path(target)
+    try:
+        with open(staged, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        commit(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with ``save_file``'s staged write. (Lightning's own save stages the bytes in the
+    system temp folder and *moves* them, which is a copy, not a rename, whenever that folder is on another file system.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's transaction-based save
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_file(checkpoint, path)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as pure FSDP2 (every process one data-parallel shard, no tensor
+    parallelism), whose sharded checkpoints are staged and committed like every other checkpoint.
+
+    Args:
+        save_distributed_checkpoint: each rank writes its shards into a checkpoint folder (torch.distributed.checkpoint);
+            False: the full weights and optimizer state are gathered and rank 0 writes one file.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def _setup_distributed(self) -> None:
+        super()._setup_distributed()
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size == 1:
+            self._data_parallel_size = self.world_size  # FSDP over every process, on one node or many
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        super().setup_optimizers(trainer)
+        for optimizer in self.optimizers:
+            initialise_every_state(optimizer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(str(filepath)))
+        staged = staging_path(target, shared=True)
+        if self.global_rank == 0:
+            remove(staged)
+        self.barrier()
+        super().save_checkpoint(checkpoint, staged, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            commit(staged, target)
+        self.barrier()
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint *folder* written by sharded training (each process its shards, plus ``meta.pt``)."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
+
+
+def sharded_checkpoint_shapes(path: Path) -> dict[str, torch.Size]:
+    """Name -> shape of the model tensors of a sharded checkpoint, from its metadata alone (nothing is loaded)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    shapes = {}
+    for key, item in metadata.state_dict_metadata.items():
+        where = (metadata.planner_data or {}).get(key) or key.split(".", 1)
+        if where[0] in SHARDED_MODEL_KEYS and hasattr(item, "size"):
+            shapes[".".join(map(str, where[1:]))] = item.size
+    return shapes
+
+
+def gather_shards(path: Path) -> dict[str, torch.Tensor]:
+    """The model's full tensors of a sharded checkpoint folder, gathered from every process's shards on CPU (optimizer
+    states left out). Needs no process group: one process reads every shard."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), no_dist=True,
+                     planner=_EmptyStateDictLoadPlanner(keys=set(SHARDED_MODEL_KEYS)))
+    return next((state[k] for k in SHARDED_MODEL_KEYS if k in state), {})
+
+
+def read_checkpoint(path: str | Path, trust: bool = False, how_to_trust: str = "--trust-checkpoint",
+                    tensors: str = "full", name: str | None = None) -> dict[str, Any]:
+    """A Lightning checkpoint (a file, or a sharded checkpoint folder) read with ``weights_only``; one that pickles
+    objects loads only with ``trust``, else a one-line error saying how to allow it (``how_to_trust``).
+
+    ``tensors``: ``full`` (a sharded folder's shards are gathered), or ``shapes`` (files are memory-mapped, unread;
+    a sharded folder's ``state_dict`` holds empty tensors of the saved shapes, read from its metadata).
+    ``name``: what the messages call the checkpoint (default: its path)."""
+    path = Path(path).expanduser()
+    name = name or str(path)
+
+    def load(safe: bool) -> Any:
+        if not is_sharded_checkpoint(path):
+            return torch.load(path, map_location="cpu", weights_only=safe, mmap=True)
+        meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=safe)
+        if tensors == "shapes":
+            return {**meta, "state_dict": {k: torch.empty(s, device="meta") for k, s in sharded_checkpoint_shapes(path).items()}}
+        return {**meta, "state_dict": gather_shards(path)}
+
+    try:
+        try:
+            ckpt = load(True)
+        except pickle.UnpicklingError as err:
+            if not trust:
+                raise ConfigError(f"{name} pickles objects other than tensors and plain values "
+                                  f"({str(err).splitlines()[0][:100]}); {TRUST_HINT.format(how=how_to_trust)}") from None
+            ckpt = load(False)  # the user vouched for this file: a full unpickle, as they asked
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a truncated zip, a text file, a folder: "not a checkpoint"
+        raise ConfigError(f"{name} is not a readable Lightning checkpoint ({type(err).__name__}: "
+                          f"{(str(err).splitlines() or ['no detail'])[0][:120]}); a run killed while saving leaves one: "
+                          "use another (the run's checkpoints/last.ckpt, or an earlier one)") from None
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise ConfigError(f"{name} is not a Lightning checkpoint (it has no state_dict); give a .ckpt that train.py saved")
+    return dict(ckpt)
+
+
+def state_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state`` is not this model's weights (missing names, other shapes, extra names), or None."""
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    extra = [k for k in state if k not in own]
+    if not (missing or wrong or extra):
+        return None
+    first = (f"{missing[0]} is missing" if missing else
+             f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's {tuple(own[wrong[0]].shape)}" if wrong else
+             f"{extra[0]} is not the model's")
+    return f"{len(missing)} tensors missing, {len(wrong)} of another shape, {len(extra)} unknown; {first}"
+
+
+def check_checkpoint(ckpt_path: str | None, model: Any, trust: bool = False) -> dict[str, Any] | None:
+    """``ckpt_path`` exists, loads under the trust policy, and holds this task's weights (names and shapes), before
+    training starts. Returns the checkpoint (its tensors unread), or None without ``ckpt_path``."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not is_checkpoint(path):
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; give <run>/checkpoints/last.ckpt of the run to resume")
+    ckpt = read_checkpoint(path, trust, how_to_trust="trust_checkpoint=true", tensors="shapes", name=f"ckpt_path={ckpt_path!r}")
+    problem = state_mismatch(model.state_dict(), ckpt["state_dict"])
+    if problem:
+        raise ConfigError(f"ckpt_path={ckpt_path!r} holds another model ({problem}); resume with the config of the run "
+                          "that saved it")
+    return ckpt
