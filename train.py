@@ -61,8 +61,8 @@ def train(cfg: DictConfig) -> RunMetrics:
         trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         results.write_inputs(trainer, parts, run_dir)
         try:
-            trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=cfg.get("ckpt_path"),
-                        weights_only=not cfg.get("trust_checkpoint", False))
+            resumed = {"ckpt_path": cfg.ckpt_path, "weights_only": not cfg.trust_checkpoint} if cfg.get("ckpt_path") else {}
+            trainer.fit(parts.task, datamodule=parts.datamodule, **resumed)
         except SIGTERMException:  # SIGTERM / SIGINT / SIGUSR1: Preemption saved last.ckpt at the step boundary
             raise preempted(trainer, run_dir) from None
         metrics = results.fit_metrics(cfg, trainer, parts)

@@ -109,6 +109,8 @@ def gpu_layer_norm(widths: list[int], row_counts: list[int], dtype: torch.dtype)
             row: dict[str, object] = {"width": width, "rows": rows}
             args = (x, res, w, b, bias)
             for name, fn in (("eager", dropout_add_layer_norm_reference), ("compile", compiled), ("fused", dropout_add_layer_norm)):
+                row[f"{name}_host_us"] = host_microseconds(lambda fn=fn, args=args, dy=dy: torch.autograd.grad(
+                    fn(*args, 0.1, 1e-5), args, dy))
                 forward_ms = triton.testing.do_bench(lambda fn=fn, args=args: fn(*args, 0.1, 1e-5))
                 both_ms = triton.testing.do_bench(
                     lambda fn=fn, args=args, dy=dy: torch.autograd.grad(fn(*args, 0.1, 1e-5), args, dy)
@@ -119,6 +121,54 @@ def gpu_layer_norm(widths: list[int], row_counts: list[int], dtype: torch.dtype)
                 row[f"{name}_fwdbwd_GBps"] = round(2 * moved / both_ms / 1e6, 1)
             results.append(row)
     return results
+
+
+def host_microseconds(call: object, calls: int = 50) -> float:
+    """Host time of one call (forward + backward) as the CPU sees it: enqueuing only, no device sync inside the
+    window, after a synchronised warm-up. Compare with the device time: a call whose host time exceeds its device
+    time leaves the GPU idle."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return round(1e6 * host, 1)
+
+
+def cpu_host_overhead(calls: int = 300) -> dict[str, float]:
+    """The fused LayerNorm's host code per forward + backward call, on the CPU with its Triton launches replaced by
+    no-ops (what is left is the wrapper: allocation, the autograd Function, the launch arguments), next to eager
+    PyTorch's whole call on the same tiny tensors (4 x 768). A CPU-side measure of host waste, no GPU needed."""
+    from modules.kernels import layer_norm
+
+    x, res = torch.randn(4, 768, requires_grad=True), torch.randn(4, 768, requires_grad=True)
+    w, b, bias = (torch.randn(768, requires_grad=True) for _ in range(3))
+    dy = torch.randn(4, 768)
+    args = (x, res, w, b, bias)
+
+    def timed(fn: object) -> float:
+        for _ in range(20):
+            torch.autograd.grad(fn(*args, 0.1, 1e-5), args, dy)
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.autograd.grad(fn(*args, 0.1, 1e-5), args, dy)
+        return round(1e6 * (time.perf_counter() - start) / calls, 1)
+
+    class NoLaunch:
+        def __getitem__(self, grid: object) -> object:
+            return lambda *a, **k: None
+
+    saved = layer_norm._forward_kernel, layer_norm._backward_kernel
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the CPU tensors through the wrapper's device check
+    try:
+        layer_norm._forward_kernel = layer_norm._backward_kernel = NoLaunch()
+        fused = timed(layer_norm.dropout_add_layer_norm)
+    finally:
+        layer_norm._forward_kernel, layer_norm._backward_kernel = saved
+    return {"fused_wrapper_us": fused, "eager_call_us": timed(layer_norm.dropout_add_layer_norm_reference)}
 
 
 def gpu_cross_entropy(row_counts: list[int], hidden: int, dtype: torch.dtype) -> list[dict[str, object]]:
@@ -151,7 +201,7 @@ def gpu_steps(steps: int = 10) -> list[dict[str, object]]:
     import torch.nn.functional as F
 
     from modules.backbones import build_backbone
-    from modules.masked_lm import FusedLMLoss, MaskedLM
+    from modules.masked_lm import FusedLMLoss, MaskedLM, masked_positions
 
     results = []
     for what in ("mlm_bert_base", "finetune_minilm"):
@@ -163,7 +213,8 @@ def gpu_steps(steps: int = 10) -> list[dict[str, object]]:
                 model = MaskedLM(backbone, optimizer=torch.optim.AdamW).cuda()
                 ids = torch.randint(1000, VOCAB, (MLM_BATCH, MLM_BLOCK), device="cuda")
                 labels = torch.where(torch.rand(ids.shape, device="cuda") < MLM_RATE, ids, -100)
-                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+                         "masked_positions": masked_positions(labels.cpu()).cuda()}  # as the trainer hands them over
 
                 def loss_fn(model=model, batch=batch) -> torch.Tensor:
                     out, targets = model(batch)
@@ -178,7 +229,7 @@ def gpu_steps(steps: int = 10) -> list[dict[str, object]]:
 
                 def loss_fn(model=model, batch=batch, y=y) -> torch.Tensor:
                     return F.cross_entropy(model["head"](model["backbone"](batch).pooled), y)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
             def step(loss_fn=loss_fn, optimizer=optimizer) -> None:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -213,6 +264,8 @@ def table(rows: list[dict[str, object]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file (docs/benchmarks.md "
+                                                     "quotes bench/results/kernels.json)")
     parser.add_argument("--child", nargs=4, metavar=("PATH", "ROWS", "HIDDEN", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -220,10 +273,20 @@ def main() -> None:
         print(json.dumps(measure_loss_memory(path, int(rows), int(hidden), int(vocab))))
         return
 
+    try:
+        import triton  # noqa: F401 - the op files define Triton kernels
+    except ImportError:
+        print("no Triton (a CPU-only torch build): skipped")
+        return
+    results: dict[str, object] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     masked = round(MLM_BATCH * MLM_BLOCK * MLM_RATE)
+    overhead = results["cpu_host_overhead"] = cpu_host_overhead()
+    print(f"## CPU: the fused LayerNorm's host code per forward + backward (launches stubbed out): "
+          f"{overhead['fused_wrapper_us']} us; eager PyTorch's whole call on 4 x 768: {overhead['eager_call_us']} us")
     print(f"## CPU: masked-LM loss, forward + backward, vocab {VOCAB}, batch {MLM_BATCH}x{MLM_BLOCK} "
           f"({masked} masked tokens); peak RSS above the inputs, fresh process each ({torch.get_num_threads()} threads)")
-    cpu = cpu_memory([256] if args.quick else [256, 768])
+    cpu = results["cpu_memory"] = cpu_memory([256] if args.quick else [256, 768])
     print(table([{k: round(v, 4 if k == "loss" else 2) if isinstance(v, float) else v for k, v in r.items()} for r in cpu]))
     for hidden in sorted({r["hidden"] for r in cpu}):
         dense, fused, _ = (r for r in cpu if r["hidden"] == hidden)
@@ -232,18 +295,22 @@ def main() -> None:
               f"freeing its logits); time dense/chunked = {dense['seconds'] / fused['seconds']:.2f}x; "
               f"same loss: {abs(dense['loss'] - fused['loss']) < 1e-4}")
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        widths = [768, 4096] if args.quick else [384, 768, 1024, 4096]
+        row_counts = [4096, 32768] if args.quick else [4096, 16384, 32768]
+        print(f"## GPU ({name}): fused bias + dropout + residual + LayerNorm (bf16, p=0.1)")
+        print(table(results.setdefault("gpu_layer_norm", gpu_layer_norm(widths, row_counts, torch.bfloat16))))
+        print(f"## GPU ({name}): linear cross-entropy, vocab {VOCAB}, hidden 768 (bf16), forward + backward")
+        print(table(results.setdefault("gpu_cross_entropy", gpu_cross_entropy([4096, 16384], 768, torch.bfloat16))))
+        print(f"## GPU ({name}): training steps, bf16 autocast, fused AdamW")
+        print(table(results.setdefault("gpu_steps", gpu_steps())))
+    else:
         print("## GPU: kernels, linear cross-entropy, training steps\nno GPU: skipped")
-        return
-    name = torch.cuda.get_device_name()
-    widths = [768, 4096] if args.quick else [384, 768, 1024, 4096]
-    row_counts = [4096, 32768] if args.quick else [4096, 16384, 32768]
-    print(f"## GPU ({name}): fused bias + dropout + residual + LayerNorm (bf16, p=0.1)")
-    print(table(gpu_layer_norm(widths, row_counts, torch.bfloat16)))
-    print(f"## GPU ({name}): linear cross-entropy, vocab {VOCAB}, hidden 768 (bf16), forward + backward")
-    print(table(gpu_cross_entropy([4096, 16384], 768, torch.bfloat16)))
-    print(f"## GPU ({name}): training steps, bf16 autocast, AdamW")
-    print(table(gpu_steps()))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"figures: {args.json}")
 
 
 if __name__ == "__main__":

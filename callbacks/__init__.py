@@ -14,8 +14,9 @@ from callbacks.param_report import ParameterReport
 from callbacks.preemption import Preemption
 from callbacks.reproducibility import BatchSeed
 from callbacks.run_end import RunEnd
+from callbacks.step_profile import StepProfile
 from callbacks.task_reports import ConfusionMatrixReport, PredictionSamples
 from callbacks.wise_ft import WiseFT
 
 __all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "FinetuneSchedule", "InferenceSpeed",
-           "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "WiseFT"]
+           "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepProfile", "WiseFT"]

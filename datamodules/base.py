@@ -320,7 +320,7 @@ class DataModuleBase(pl.LightningDataModule):
                               f"or carve it (data.{role}_fraction > 0)")
         dataset, training = self.datasets[role], role == "train"
         kwargs: dict[str, Any] = {"collate_fn": self.collate_for(role), "num_workers": self.num_workers,
-                                  "persistent_workers": self.num_workers > 0}
+                                  "persistent_workers": self.num_workers > 0, "pin_memory": self.feeds_cuda()}
         batch_sampler = self.batch_sampler_for(role, training)
         if batch_sampler is not None:
             kwargs["batch_sampler"] = batch_sampler
@@ -334,6 +334,13 @@ class DataModuleBase(pl.LightningDataModule):
             return EpochAwareLoader(dataset, progress=lambda: batches_trained(getattr(self, "trainer", None)),
                                     resume_at=self.take_resume_position, **kwargs)
         return DataLoader(dataset, **kwargs)
+
+    def feeds_cuda(self) -> bool:
+        """Whether the batches go to a CUDA device: then they are built in pinned memory, so the copy to the device
+        runs asynchronously (Lightning moves batches with ``non_blocking``) instead of stalling the host."""
+        trainer = getattr(self, "trainer", None)
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        return getattr(device, "type", "cpu") == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")

@@ -17,11 +17,16 @@ from modules.heads import LinearHead
 from modules.task import TaskModule
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy, macro-F1, and top-5 accuracy when there are more than 5 classes (else it is always 1)."""
-    metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"), "f1_macro": MulticlassF1Score(num_classes, average="macro")}
+def classification_metrics(num_classes: int, validate_args: bool = True) -> MetricCollection:
+    """Accuracy, macro-F1, and top-5 accuracy when there are more than 5 classes (else it is always 1).
+
+    ``validate_args=False`` for the training metrics: torchmetrics' range checks read the labels back to the host
+    at every update, a device sync per training step."""
+    kwargs = {"validate_args": validate_args}
+    metrics = {"acc": MulticlassAccuracy(num_classes, average="micro", **kwargs),
+               "f1_macro": MulticlassF1Score(num_classes, average="macro", **kwargs)}
     if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **kwargs)
     return MetricCollection(metrics)
 
 
@@ -55,7 +60,7 @@ class Classifier(TaskModule):
         self.label_smoothing = label_smoothing
         self.head = LinearHead(backbone.feature_dim, num_classes, dropout)
         metrics = classification_metrics(num_classes)
-        self.train_metrics = metrics.clone(prefix="train/")
+        self.train_metrics = classification_metrics(num_classes, validate_args=False).clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.confusion = MulticlassConfusionMatrix(num_classes)
@@ -85,7 +90,7 @@ class Classifier(TaskModule):
         if stage == "test":
             self.confusion.update(logits.detach().argmax(-1), labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=len(labels))
+        self.log(f"{stage}/loss", loss, prog_bar=self.shows_progress, on_step=on_step, on_epoch=True, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(labels))
         return loss
 

@@ -74,7 +74,7 @@ class CTCRecognizer(TaskModule):
         loss = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, label_mask.sum(-1), blank=self.vocab.blank_id,
                           reduction="mean", zero_infinity=True)
         size = len(labels)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=size)
+        self.log(f"{stage}/loss", loss, prog_bar=self.shows_progress, on_step=stage == "train", on_epoch=True, batch_size=size)
         # clips that failed to decode in a loader worker (data.on_bad_input=skip), summed over the epoch
         self.log(f"{stage}/skipped_audio", float(batch.get("skipped_audio", 0)), on_step=False, on_epoch=True,
                  reduce_fx="sum", batch_size=1)

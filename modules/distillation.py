@@ -342,7 +342,7 @@ class DistillationClassifier(Classifier):
         loss, parts = self.kd_loss(batch, logits, out)
         self.train_metrics.update(logits.detach(), batch["labels"])
         size = len(batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=self.shows_progress, on_step=True, on_epoch=True, batch_size=size)
         for name, value in parts.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=size)

@@ -86,8 +86,14 @@ class MaskedLM(TaskModule):
         vocab_size = model.get_input_embeddings().weight.shape[0]
         eps = float(getattr(model.config, "layer_norm_eps", 1e-12))
         self.head = MaskedLMHead(backbone.feature_dim, vocab_size, eps)
-        self.fused_loss = getattr(backbone, "kernels", "torch") == "triton"
-        self.train_perplexity, self.val_perplexity, self.test_perplexity = ExpMeanMetric(), ExpMeanMetric(), ExpMeanMetric()
+        self.fused_loss = "cross_entropy" in getattr(backbone, "fused_ops", ())
+        # token-weighted epoch means, DDP-synced (torchmetrics); nan_strategy=disable: no NaN check, which would read
+        # the value back to the host at every step (a NaN loss is the non-finite guard's business)
+        for stage in ("train", "val", "test"):
+            if stage != "train":
+                setattr(self, f"{stage}_token_loss", MeanMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_perplexity", ExpMeanMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_token_acc", MeanMetric(nan_strategy="disable"))
 
     data_kind = "mlm"
     default_monitor = ("val/loss", "min")
@@ -99,6 +105,16 @@ class MaskedLM(TaskModule):
     def embeddings(self) -> torch.Tensor:
         return self.backbone.model.get_input_embeddings().weight
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Where the masked tokens are, found on the CPU before the batch moves to the device: gathering them there
+        needs no device-to-host sync (a boolean mask's ``nonzero`` on the GPU would stall every step)."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        labels = batch.get("labels") if isinstance(batch, dict) else None  # a dict by now (TaskModule)
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
+            with torch.profiler.record_function("host:masked_positions"):  # host data: no device sync (StepProfile)
+                batch["masked_positions"] = masked_positions(labels)
+        return batch
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | FusedLMLoss, torch.Tensor]:
         """(logits at the masked positions (n_masked, vocab), their target ids (n_masked,)); with the fused
         kernels on and gradients wanted, a ``FusedLMLoss`` in place of the logits.
@@ -106,11 +122,14 @@ class MaskedLM(TaskModule):
         Training goes through here (``self(batch)``), not through the submodules: under FSDP2 the task is the
         root of the sharding, and only its ``forward`` gathers the root's parameters (the tied embeddings)."""
         hidden = self.backbone(batch).features
-        where = batch["labels"] != -100
-        targets = batch["labels"][where]
+        positions = batch.get("masked_positions")
+        if positions is None:  # a batch that did not come through the trainer's transfer (e.g. a hand-made one)
+            positions = masked_positions(batch["labels"])
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        targets = batch["labels"].reshape(-1).index_select(0, positions)
         if self.fused_loss and torch.is_grad_enabled():
-            return self.head.fused_loss(hidden[where], self.embeddings, targets), targets
-        return self.head(hidden[where], self.embeddings), targets
+            return self.head.fused_loss(hidden, self.embeddings, targets), targets
+        return self.head(hidden, self.embeddings), targets
 
     def dense_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits at every position (batch, length, vocab): the reference the masked path must match."""
@@ -149,20 +168,29 @@ class MaskedLM(TaskModule):
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         out, targets = self(batch)
+        masked = targets.numel()  # known on the host: the positions came from the CPU
         if isinstance(out, FusedLMLoss):  # 0 with nothing masked, like the branch below
             loss, predictions = out
-        elif targets.numel() == 0:  # a batch with nothing masked (tiny blocks): no signal, no NaN
+        elif masked == 0:  # a batch with nothing masked (tiny blocks): no signal, no NaN
             loss, predictions = out.sum() * 0.0, targets
         else:
             loss, predictions = F.cross_entropy(out, targets), out.detach().argmax(-1)
-        size = batch["input_ids"].shape[0]
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=size)
-        if targets.numel():
-            # perplexity = exp(mean NLL per masked token), accumulated over the epoch
-            perplexity = getattr(self, f"{stage}_perplexity")
-            perplexity.update(loss.detach(), weight=targets.numel())
-            self.log(f"{stage}/perplexity", perplexity, on_step=False, on_epoch=True, batch_size=size)
-            acc = (predictions == targets).float().mean()
-            self.log(f"{stage}/acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, batch_size=size)
+        # every epoch figure is a mean over masked tokens (a batch weighs what it predicts), so exp(loss) = perplexity
+        if masked:
+            weight = torch.full((), float(masked), device=loss.device)  # made on the device: no host-to-device copy
+            if stage != "train":
+                getattr(self, f"{stage}_token_loss").update(loss.detach(), weight=weight)
+            getattr(self, f"{stage}_perplexity").update(loss.detach(), weight=weight)
+            getattr(self, f"{stage}_token_acc").update((predictions == targets).float().mean(), weight=weight)
+        if stage == "train":  # the epoch mean weighted by each batch's masked tokens (train/loss_epoch)
+            self.log("train/loss", loss, prog_bar=self.shows_progress, on_step=True, on_epoch=True, batch_size=max(1, masked))
+        else:
+            self.log(f"{stage}/loss", getattr(self, f"{stage}_token_loss"), prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"{stage}/perplexity", getattr(self, f"{stage}_perplexity"), on_step=False, on_epoch=True)
+        self.log(f"{stage}/acc", getattr(self, f"{stage}_token_acc"), prog_bar=stage != "train", on_step=False, on_epoch=True)
         return loss
+
+
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat positions (batch-major, as a boolean mask would give them) of the tokens to predict (label != -100)."""
+    return (labels.reshape(-1) != -100).nonzero().squeeze(1)

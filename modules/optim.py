@@ -44,6 +44,18 @@ def param_groups(
     return out
 
 
+def optimizer_options(factory: Any, params: Sequence[torch.nn.Parameter]) -> dict[str, Any]:
+    """Options the task adds to its optimizer factory: torch's fused implementation when every parameter is on a CUDA
+    device and the config leaves ``fused`` open (``optimizer.fused: null``). Fused AdamW updates each parameter
+    group in one kernel, and skips a step on the device when told (``found_inf``: the non-finite guard and
+    ``GradScaler``), with no host sync."""
+    keywords = getattr(factory, "keywords", {})
+    if "fused" not in keywords or keywords["fused"] is not None:
+        return {}
+    on_cuda = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+    return {"fused": True} if on_cuda else {}
+
+
 def initialise_every_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter its optimizer state now, as the first step would (zero moments, step 0).
 

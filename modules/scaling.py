@@ -94,19 +94,27 @@ def checkpoint_activations(module: nn.Module) -> None:
 
 
 # -- compilation ----------------------------------------------------------------------------------------------
-def compile_stats() -> dict[str, float]:
+def compile_stats() -> dict[str, float | None]:
     """Compilations so far, recompilations among them (a function compiled again because a guard failed: a new
-    shape, a parameter that started or stopped training) and graph breaks."""
-    from torch._dynamo.convert_frame import _get_total_cache_entry_count, input_codes
-    from torch._dynamo.utils import counters
+    shape, a parameter that started or stopped training) and graph breaks; None for a count this torch does not
+    expose. Dynamo has no public counters: these read its internals, each guarded, so a torch that moved them makes
+    the compile report say "unavailable", never a run fail (torch 2.11 has no ``_get_total_cache_entry_count``)."""
+    stats: dict[str, float | None] = {"compile/frames": None, "compile/recompiles": None, "compile/graph_breaks": None}
+    try:
+        from torch._dynamo.utils import counters
 
-    codes = [ref() for ref in list(input_codes.seen)]  # weak references to the code objects dynamo saw
-    entries = [_get_total_cache_entry_count(code) for code in codes if code is not None]
-    return {
-        "compile/frames": float(counters["frames"].get("ok", 0)),
-        "compile/recompiles": float(sum(n - 1 for n in entries if n > 1)),
-        "compile/graph_breaks": float(sum(counters["graph_break"].values())),
-    }
+        stats["compile/frames"] = float(counters["frames"].get("ok", 0))
+        stats["compile/graph_breaks"] = float(sum(counters["graph_break"].values()))
+    except Exception:  # noqa: BLE001 - moved or renamed in this torch
+        pass
+    try:
+        from torch._dynamo.convert_frame import _get_total_cache_entry_count, input_codes
+
+        entries = [_get_total_cache_entry_count(code) for ref in list(input_codes.seen) if (code := ref()) is not None]
+        stats["compile/recompiles"] = float(sum(n - 1 for n in entries if n > 1))
+    except Exception:  # noqa: BLE001 - private, and absent from some releases
+        pass
+    return stats
 
 
 def allow_recompiles(variants: int) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
 from modules.layer_groups import LayerGroup
-from modules.optim import param_groups
+from modules.optim import optimizer_options, param_groups
 from modules.scaling import ScalePlan, apply_plan
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -78,6 +78,26 @@ class TaskModule(pl.LightningModule):
             mesh = mesh["data_parallel"]
         apply_plan(self, self.scale_plan, mesh=mesh, precision=precision)
 
+    @property
+    def shows_progress(self) -> bool:
+        """Whether a progress bar shows per-step values: Lightning reads every ``prog_bar`` value back to the host
+        at every step (a device sync), so without a bar nothing is put on it."""
+        return self._trainer is not None and self._trainer.progress_bar_callback is not None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the host, before the batch moves to the device: an attention mask that masks nothing is dropped.
+        Transformers would otherwise check it on the device at every step (``mask.all()``: a sync) to drop it itself;
+        the model computes the same without it."""
+        if not isinstance(batch, Mapping):
+            return batch
+        batch = dict(batch)  # a plain dict (collators give transformers' BatchEncoding)
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":
+            with torch.profiler.record_function("host:attention_mask"):
+                if bool(mask.all()):
+                    del batch["attention_mask"]
+        return batch
+
     def layer_groups(self) -> list[LayerGroup]:
         """The backbone's ordered groups plus the head, last (names relative to this module)."""
         backbone = [
@@ -122,7 +142,7 @@ class TaskModule(pl.LightningModule):
             lr_decay=self.lr_decay,
             head_lr_scale=self.head_lr_scale,
         )
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(groups, **optimizer_options(self.optimizer_factory, list(self.parameters())))
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)

@@ -185,17 +185,24 @@ def test_negative_warmup_is_an_error() -> None:
         partial(linear, warmup=-5)(opt, total_steps=10)
 
 
-def test_a_non_finite_step_stops_the_run_with_one_line(tmp_path: Path, cache_dir: Path) -> None:
+# the guard's two paths: a fused optimizer skips the update on the device and the verdict is read a step later (no
+# host sync); any other optimizer gets the verdict at once (one sync) and drops the gradients
+PATHS = [pytest.param("optimizer.fused=false", id="sync"), pytest.param("optimizer.fused=true", id="fused_no_sync")]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_non_finite_step_stops_the_run_with_one_line(path: str, tmp_path: Path, cache_dir: Path) -> None:
     from modules.errors import TrainingError
 
     with pytest.raises(TrainingError, match=r"non-finite gradients \(loss .*\) at optimizer step 2 \(epoch 0\); lower "
                                             r"optimizer.lr.*on_nonfinite=skip"):
-        tiny_run(tmp_path, cache_dir, "trainer.max_steps=4", "+callbacks.nan._target_=tests.probes.NaNGradAt",
+        tiny_run(tmp_path, cache_dir, "trainer.max_steps=4", path, "+callbacks.nan._target_=tests.probes.NaNGradAt",
                  "+callbacks.nan.step=2")
 
 
-def test_skip_policy_drops_the_step_and_counts_it(tmp_path: Path, cache_dir: Path) -> None:
-    run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=4", "trainer.max_epochs=100", "on_nonfinite=skip",
+@pytest.mark.parametrize("path", PATHS)
+def test_skip_policy_drops_the_step_and_counts_it(path: str, tmp_path: Path, cache_dir: Path) -> None:
+    run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=4", "trainer.max_epochs=100", "on_nonfinite=skip", path,
                          "+callbacks.nan._target_=tests.probes.NaNGradAt", "+callbacks.nan.step=2"], cache_dir)
     import json
 
@@ -206,13 +213,57 @@ def test_skip_policy_drops_the_step_and_counts_it(tmp_path: Path, cache_dir: Pat
     assert "test/acc" in metrics
 
 
-def test_stop_policy_ends_training_and_says_where(tmp_path: Path, cache_dir: Path) -> None:
-    metrics = run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=6", "trainer.max_epochs=100", "on_nonfinite=stop",
-                                   "+callbacks.nan._target_=tests.probes.NaNGradAt", "+callbacks.nan.step=2"], cache_dir)
+@pytest.mark.parametrize("path", PATHS)
+def test_stop_policy_ends_training_and_says_where(path: str, tmp_path: Path, cache_dir: Path) -> None:
+    """Stopped at the poisoned step 2: the weights are those of the same run trained for exactly 2 steps (the fused
+    path learns of step 2 during step 3, whose update it skips too)."""
+    common = [*TINY_SCRATCH, "trainer.max_epochs=100", "test_after_fit=false", path]
+    metrics = run_train(tmp_path / "stopped", [*common, "trainer.max_steps=6", "on_nonfinite=stop",
+                                               "+callbacks.nan._target_=tests.probes.NaNGradAt", "+callbacks.nan.step=2"],
+                        cache_dir)
     assert metrics["nonfinite/stopped_at_step"] == 2.0
-    state = probe(tmp_path)
-    assert [s["step"] for s in state["steps"]] == [0, 1, 2]
-    assert all(bool(torch.isfinite(t).all()) for t in state["end"].values())
+    state = probe(tmp_path / "stopped")
+    assert [s["step"] for s in state["steps"]] == ([0, 1, 2] if "false" in path else [0, 1, 2, 3])
+    run_train(tmp_path / "two_steps", [*common, "trainer.max_steps=2"], cache_dir)
+    two = probe(tmp_path / "two_steps")["end"]
+    for group, weights in state["end"].items():
+        assert torch.equal(weights, two[group]), group
+
+
+def test_under_a_loss_scaler_gradient_overflow_is_the_scalers_business() -> None:
+    """fp16 with a real GradScaler and a forced overflow: the scaler skips the step and halves its scale, and the guard
+    neither stops nor counts it; a non-finite loss still counts, and so does a scale that collapsed."""
+    from types import SimpleNamespace
+
+    from callbacks.nonfinite import NonFiniteGuard
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), world_size=1, global_step=5,
+                              current_epoch=0, should_stop=False)
+    guard = NonFiniteGuard("skip")
+    before = model.weight.detach().clone()
+
+    def step(loss: torch.Tensor, grad: float) -> None:
+        guard.on_before_backward(trainer, model, scaler.scale(loss))
+        for p in model.parameters():
+            p.grad = torch.full_like(p, grad) * scaler.get_scale()
+        scaler.unscale_(optimizer)  # what Lightning's precision plugin does before the hook
+        guard.on_before_optimizer_step(trainer, model, optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+
+    step(torch.tensor(0.5), float("inf"))  # an overflow: routine under fp16
+    guard.on_train_end(trainer, model)
+    assert guard.skipped == 0 and scaler.get_scale() == 2.0**15 and torch.equal(model.weight, before)
+    step(torch.tensor(float("nan")), float("nan"))  # a non-finite loss: counted
+    guard.on_train_end(trainer, model)
+    assert guard.skipped == 1
+    scaler.update(new_scale=2.0**-20)  # step after step skipped: the scale collapsed
+    step(torch.tensor(0.5), 1.0)
+    guard.on_train_end(trainer, model)
+    assert guard.skipped == 2
 
 
 def test_a_huge_learning_rate_is_caught(tmp_path: Path, cache_dir: Path) -> None:

@@ -126,7 +126,8 @@ class HFAudioBackbone(Backbone):
                 log.warning("freezing the randomly initialised feature encoder of a from-scratch model; "
                             "set backbone.freeze_feature_encoder=false to train it")
             self.feature_encoder.requires_grad_(False)
-        self.kernels = use_kernels(self.model, largest_block_list(self.model), kernels, self.source)
+        self.fused_ops = use_kernels(self.model, largest_block_list(self.model), kernels, self.source)
+        self.kernels = "triton" if self.fused_ops else "torch"
 
     @property
     def feature_encoder(self) -> torch.nn.Module:

@@ -57,8 +57,8 @@ class HFTextBackbone(Backbone):
             for ``from_scratch`` models.
         pooling: ``mean`` over real tokens, ``cls`` (first token) or the model's ``pooler``.
         kernels: ``torch`` (the model as Hugging Face builds it), ``triton`` (fused residual + dropout +
-            LayerNorm in every post-LN sub-layer, see ``modules.kernels``) or ``auto`` (triton on a CUDA
-            machine with Triton, else torch).
+            LayerNorm in every post-LN sub-layer, and the masked-LM loss; see ``modules.kernels``) or ``auto`` (the
+            fused ops measured faster than PyTorch on this class of GPU).
     """
 
     modality = "text"
@@ -113,7 +113,8 @@ class HFTextBackbone(Backbone):
         if pooling == "pooler" and getattr(self.model, "pooler", None) is None:
             raise ConfigError(f"backbone.pooling='pooler' but {type(self.model).__name__} has no pooler; use mean or cls")
         self._blocks = largest_block_list(self.model)
-        self.kernels = use_kernels(self.model, self._blocks, kernels, self.source)
+        self.fused_ops = use_kernels(self.model, self._blocks, kernels, self.source)
+        self.kernels = "triton" if self.fused_ops else "torch"
 
     @staticmethod
     def _load_tokenizer(source: str | None, tokenizer: str | None, train_tokenizer: Mapping[str, Any] | None) -> Any:

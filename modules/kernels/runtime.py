@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import torch
 
 
+@functools.cache
 def triton_installed() -> bool:
-    """Whether ``import triton`` can work (it ships with the CUDA builds of torch on Linux)."""
+    """Whether ``import triton`` can work (it ships with the CUDA builds of torch on Linux); asked once."""
     return importlib.util.find_spec("triton") is not None
 
 
