@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -14,6 +15,10 @@ from modules.errors import ConfigError
 from modules.layer_groups import LayerGroup
 from modules.optim import optimizer_options, param_groups
 from modules.scaling import ScalePlan, apply_plan
+
+# Lightning says so whenever a task with a transfer hook (on_before_batch_transfer, below) trains on a datamodule;
+# the task's hook is the one meant to run
+warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`.*")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
