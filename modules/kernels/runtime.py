@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
 
-@functools.cache
+_INSTALLED: list[bool] = []  # asked once; a plain global, which torch.compile traces (some releases break on lru_cache)
+
+
 def triton_installed() -> bool:
     """Whether ``import triton`` can work (it ships with the CUDA builds of torch on Linux); asked once."""
-    return importlib.util.find_spec("triton") is not None
+    if not _INSTALLED:
+        _INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _INSTALLED[0]
 
 
 def triton_interpreted() -> bool:
