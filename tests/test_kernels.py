@@ -381,31 +381,38 @@ def test_triton_kernels_compile_for_a_gpu_without_one() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_kernels_match_the_references_forward_and_backward(dtype: torch.dtype) -> None:
     """On the GPU, at BERT-base width and a row count no tile divides: the fused LayerNorm (with dropout: its mask
-    read back from the kernel) and the chunked linear cross-entropy match eager PyTorch, forward and backward."""
+    read back from the kernel) and the chunked linear cross-entropy match PyTorch, forward and backward. The reference
+    runs in fp32 on the same (bf16) inputs: a bf16 reference rounds after every op and sums 4k rows in bf16, which is
+    further from the truth than the kernels (that was measured on an H200: a bias gradient 0.42 apart at magnitude ~100)."""
     torch.manual_seed(0)
     rows, width, vocab, p = 4099, 768, 30522, 0.1
-    # bf16: the reference rounds after every op, the kernel once (measured on an H200: 3 of 3.1M outputs 1 ulp apart)
-    tol = {"rtol": 2e-2, "atol": 6.25e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
-    grad_tol = {"rtol": 5e-2, "atol": 1e-1} if dtype == torch.bfloat16 else {"rtol": 1e-3, "atol": 1e-3}  # sums of 4k rows
+
+    def close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:  # relative to the tensor's scale
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=rtol * float(want.abs().max()))
+
+    rtol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     x, res = (torch.randn(rows, width, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     w, b, bias = (torch.randn(width, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     seed = torch.tensor(1234, device="cuda")
     ones, zeros = torch.ones(rows, width, device="cuda", dtype=dtype), torch.zeros(rows, width, device="cuda", dtype=dtype)
     kept = _forward_op(ones, zeros, torch.ones_like(w), torch.zeros_like(b), None, seed, p, 1e-5)[1] != 0  # the mask
     y = dropout_add_layer_norm(x, res, w, b, bias, p=p, eps=1e-5, seed=seed)
-    y_ref = F.layer_norm((x + bias) * kept / (1 - p) + res, (width,), w, b, 1e-5)
-    torch.testing.assert_close(y, y_ref.to(y.dtype), **tol)
-    upstream = torch.randn_like(y)
     inputs = [x, res, w, b, bias]
-    for got, want in zip(grads((y.float() * upstream).sum(), inputs), grads((y_ref.float() * upstream).sum(), inputs),
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    rx, rres, rw, rb, rbias = ref_inputs
+    y_ref = F.layer_norm((rx + rbias) * kept / (1 - p) + rres, (width,), rw, rb, 1e-5)
+    close(y, y_ref, rtol)
+    upstream = torch.randn(rows, width, device="cuda")
+    for got, want in zip(grads((y.float() * upstream).sum(), inputs), grads((y_ref * upstream).sum(), ref_inputs),
                          strict=True):
-        torch.testing.assert_close(got.float(), want.float(), **grad_tol)
+        close(got, want, rtol)
 
     h = torch.randn(rows, width, device="cuda", dtype=dtype, requires_grad=True)
     weight = (0.02 * torch.randn(vocab, width, device="cuda", dtype=dtype)).requires_grad_()
     target = torch.randint(0, vocab, (rows,), device="cuda")
     loss, _ = linear_cross_entropy(h, weight, target)
-    loss_ref, _ = linear_cross_entropy_reference(h, weight, target)
-    torch.testing.assert_close(loss, loss_ref, **tol)
-    for got, want in zip(grads(loss, [h, weight]), grads(loss_ref, [h, weight]), strict=True):
-        torch.testing.assert_close(got.float(), want.float(), **grad_tol)
+    h_ref, weight_ref = h.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    loss_ref, _ = linear_cross_entropy_reference(h_ref, weight_ref, target)
+    close(loss, loss_ref, rtol)
+    for got, want in zip(grads(loss, [h, weight]), grads(loss_ref, [h_ref, weight_ref]), strict=True):
+        close(got, want, rtol)
