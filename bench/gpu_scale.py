@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer BERT: checks the code paths quickly")
     parser.add_argument("--gpus", type=int, default=None, help="processes for DDP / FSDP2 (default: every GPU)")
     parser.add_argument("--worker", choices=["ddp", "fsdp2"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="also write the table to this JSON file (docs/benchmarks.md quotes "
+                                                     "bench/results/)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -140,6 +142,12 @@ def main() -> None:
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
             rows[f"{kind} x{processes} (bf16)"] = json.loads(line[len("RESULT "):])
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"device": device_name(device), "torch": torch.__version__,
+                                               "batch_size": args.batch_size, "length": args.length, "rows": rows}, indent=1))
     base = rows["fp32"]["tokens_per_s"]
     print(f"\n{'variant':24} {'tokens/s':>12} {'vs fp32':>8} {'MFU':>7} {'peak GB':>8}")
     for name, row in rows.items():
