@@ -11,7 +11,7 @@ from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
 from callbacks.nonfinite import NonFiniteGuard
 from callbacks.param_report import ParameterReport
-from callbacks.preemption import Preemption
+from callbacks.preemption import Preemption, StepCheckpoint, TimedCheckpoint
 from callbacks.reproducibility import BatchSeed
 from callbacks.run_end import RunEnd
 from callbacks.step_profile import StepProfile
@@ -19,4 +19,5 @@ from callbacks.task_reports import ConfusionMatrixReport, PredictionSamples
 from callbacks.wise_ft import WiseFT
 
 __all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "FinetuneSchedule", "InferenceSpeed",
-           "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepProfile", "WiseFT"]
+           "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepCheckpoint", "StepProfile", "TimedCheckpoint",
+           "WiseFT"]

@@ -71,6 +71,14 @@ class WeightEMA(pl.Callback):
         self.swap_out(pl_module)
 
     # -- checkpoints: EMA weights as the model, raw weights kept for resuming ------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # the step the average last took in: a run resumed before the next step's last micro-batch must not
+        # average the same weights in again
+        return {"updated_at": self._updated_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._updated_at = int(state_dict.get("updated_at", -1))
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.ema is None:
             return

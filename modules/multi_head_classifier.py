@@ -20,8 +20,9 @@ STAGES = ("train", "val", "test")
 class MultiHeadClassifier(Classifier):
     """``Classifier`` with a head per dataset, for ``datamodules.JointDataModule``.
 
-    The target's metrics keep the usual names (``val/acc``, ``test/f1_macro``, ``train/loss``...), so
-    checkpointing, early stopping and sweeps work unchanged; a source's go under ``<stage>/<name>/``.
+    The target's metrics keep the usual names (``val/acc``, ``test/f1_macro``...), so checkpointing, early stopping
+    and sweeps work unchanged; a source's go under ``<stage>/<name>/``. ``train/loss_step`` and ``train/loss_epoch``
+    are the joint objective (every batch, whatever its dataset); ``train/<name>/loss`` each dataset's epoch mean.
     ``train/batches/<name>`` counts the batches each dataset gave per epoch; the test confusion matrix
     (``<run>/reports/``) is the target's. A batch without a
     ``dataset`` key goes to the target head, so the checkpoint predicts the target as a plain
@@ -96,8 +97,12 @@ class MultiHeadClassifier(Classifier):
         else:
             prefix, metrics = f"{stage}/{name}", self.source_metrics[f"{stage}_{name}"]
         metrics.update(logits.detach(), labels)
-        on_step = stage == "train"
-        self.log(f"{prefix}/loss", loss, prog_bar=name == self.target, on_step=on_step, on_epoch=True, batch_size=len(labels))
+        if stage == "train":  # the loss of every step, whatever dataset gave it (a figure at each step, none stale),
+            # and each dataset's epoch mean
+            self.log("train/loss", loss, prog_bar=self.shows_progress, on_step=True, on_epoch=True, batch_size=len(labels))
+            self.log(f"train/{name}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        else:
+            self.log(f"{prefix}/loss", loss, prog_bar=name == self.target, on_step=False, on_epoch=True, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train" and name == self.target,
                       batch_size=len(labels))
         if stage == "train":

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
@@ -69,6 +71,11 @@ class TaskModule(pl.LightningModule):
         self.head: nn.Module = nn.Identity()
         self.scale_plan = ScalePlan(**scale_plan) if isinstance(scale_plan, Mapping) else scale_plan or ScalePlan()
         self._scaled = False
+        # the training step's epoch means and sums (``train/loss_epoch``...), as metrics whose running state a
+        # checkpoint carries (``metric_states``), filled as ``log`` first sees each name
+        self.epoch_aggregates = nn.ModuleDict()
+        self._step_stage: str | None = None  # the stage whose step is running (train / val / test)
+        self.resumed_callback_metrics: dict[str, float] = {}
 
     def configure_model(self) -> None:
         """Activation checkpointing, compilation and (under ``trainer=fsdp2``) FSDP2 sharding of the backbone's
@@ -117,19 +124,139 @@ class TaskModule(pl.LightningModule):
     def monitorable(self) -> list[str]:
         """Epoch-level metric names a ``monitor`` can name: ``val/<metric>`` and ``train/<metric>``."""
         names = [f"{stage}/{m}" for stage in ("val", "train") for m in self.metric_names()]
-        return [*names, "train/loss_epoch"]
+        # the training step logs its loss per step and per epoch (``log``): the epoch one is what a monitor can read
+        return [*(n if n != "train/loss" else "train/loss_epoch" for n in names)]
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.step(batch, "train")
+        return self.staged_step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.step(batch, "val")
+        self.staged_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.step(batch, "test")
+        self.staged_step(batch, "test")
+
+    def staged_step(self, batch: dict[str, torch.Tensor], stage: str) -> Any:
+        self._step_stage = stage
+        try:
+            return self.step(batch, stage)
+        finally:
+            self._step_stage = None
+
+    # -- epoch figures that survive a resume ------------------------------------------------------------------
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``, except for a value a step averages (or sums) over the epoch: that goes through a
+        torchmetrics aggregate of this module (``epoch_aggregates``), whose running state the checkpoint carries, so
+        a run resumed in the middle of an epoch logs that epoch's figure as the uninterrupted run does (Lightning's own
+        accumulator starts empty in the new process), and which is combined across processes, every example counted
+        once (Lightning would log rank 0's mean). Names as Lightning gives them: ``<name>_step`` and ``<name>_epoch``
+        for a value logged both ways, ``<name>`` for an epoch-only one."""
+        reduce = kwargs.get("reduce_fx", "mean")
+        if (self._step_stage is None or args or not kwargs.get("on_epoch") or isinstance(value, Metric)
+                or reduce not in ("mean", "sum") or kwargs.get("batch_size") is None):
+            super().log(name, value, *args, **kwargs)
+            return
+        on_step = kwargs.pop("on_step", None)
+        on_step = self._step_stage == "train" if on_step is None else on_step  # Lightning's defaults
+        batch_size = kwargs.pop("batch_size")
+        for key in ("on_epoch", "reduce_fx", "sync_dist", "sync_dist_group"):
+            kwargs.pop(key, None)
+        device = value.device if isinstance(value, torch.Tensor) else self.device
+        aggregate = self.epoch_aggregate(name, reduce, device)
+        current = value.detach() if isinstance(value, torch.Tensor) else torch.full((), float(value), device=device)
+        if reduce == "mean":  # the weight made on the device: no host-to-device copy (a sync on a GPU) per step
+            aggregate.update(current, weight=torch.full((), float(batch_size), device=device))
+        else:
+            aggregate.update(current)
+        if on_step:
+            super().log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size, **kwargs)
+        super().log(f"{name}_epoch" if on_step else name, aggregate, on_step=False, on_epoch=True,
+                    metric_attribute=f"epoch_aggregates.{aggregate_key(name)}", **kwargs)
+
+    def epoch_aggregate(self, name: str, reduce: str, device: torch.device | str) -> Metric:
+        """The aggregate behind the epoch figure ``name`` (made on first use)."""
+        key = aggregate_key(name)
+        if key not in self.epoch_aggregates:
+            kind = MeanMetric if reduce == "mean" else SumMetric
+            # no NaN check: it would read the value back to the host at every step (non-finite losses are the guard's)
+            self.epoch_aggregates[key] = kind(nan_strategy="disable").to(device)
+        return self.epoch_aggregates[key]
+
+    def metric_states(self) -> dict[str, dict[str, Any]]:
+        """The running state of every torchmetrics metric of the task (the train epoch's accuracy, its loss mean...),
+        by module name: what a checkpoint saved in the middle of an epoch needs to log that epoch whole on resume."""
+        states = {}
+        for name, metric in self.named_modules():
+            if isinstance(metric, Metric):
+                state = {k: ([t.detach().cpu().clone() for t in v] if isinstance(v, list) else v.detach().cpu().clone())
+                         for k, v in metric.metric_state.items()}
+                kind = {MeanMetric: "mean", SumMetric: "sum"}.get(type(metric))
+                states[name] = {"state": state, "updates": int(getattr(metric, "_update_count", 0)), "aggregate": kind}
+        return states
+
+    def load_metric_states(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Put back what ``metric_states`` saved (aggregates made as needed; metrics the task no longer has are
+        ignored)."""
+        modules = dict(self.named_modules())
+        for name, saved in states.items():
+            metric = modules.get(name)
+            prefix = "epoch_aggregates."
+            if metric is None and name.startswith(prefix) and saved.get("aggregate"):
+                metric = self.epoch_aggregate(name[len(prefix):], saved["aggregate"], self.device)
+            if not isinstance(metric, Metric):
+                continue
+            for key, value in saved["state"].items():
+                if isinstance(value, list):
+                    setattr(metric, key, [t.to(self.device) for t in value])
+                else:
+                    setattr(metric, key, value.to(self.device))
+            if hasattr(metric, "_update_count"):
+                metric._update_count = saved.get("updates", 0)
+            if hasattr(metric, "_computed"):
+                metric._computed = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # what the run has logged so far: the final metrics of a run resumed at its end
+            checkpoint["callback_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                                              if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+        states = self.metric_states()
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size  # each process's own running state
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["metric_states"] = gathered
+        else:
+            checkpoint["metric_states"] = [states]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        # the metrics logged before the checkpoint: what the resumed run does not log again stays in its final metrics
+        self.resumed_callback_metrics = dict(checkpoint.get("callback_metrics") or {})
+        saved = checkpoint.get("metric_states")
+        if not saved:
+            return
+        if len(saved) != self.trainer.world_size:
+            warnings.warn(f"the checkpoint holds the running epoch metrics of {len(saved)} process(es), this run has "
+                          f"{self.trainer.world_size}: the resumed epoch's train figures cover only the batches after the "
+                          "resume", stacklevel=2)
+            return
+        # put back once the loop shows where it resumes: Lightning starts the next epoch afresh when the checkpoint was
+        # saved after the last batch of one (then the saved state belongs to a finished epoch, and is dropped)
+        self._resumed_metric_states = saved[self.trainer.global_rank]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        saved = self.__dict__.pop("_resumed_metric_states", None)
+        if saved is not None and batch_idx > 0:  # resumed in the middle of the epoch the state was saved in
+            self.load_metric_states(saved)
+
+    def on_train_epoch_end(self) -> None:
+        saved = self.__dict__.pop("_resumed_metric_states", None)
+        if saved is not None:  # resumed after the epoch's last batch, before its end: its figures are still to log
+            self.load_metric_states(saved)
+
 
     def configure_optimizers(self) -> Any:
         defaults = getattr(self.optimizer_factory, "keywords", {})
@@ -156,3 +283,8 @@ class TaskModule(pl.LightningModule):
         if monitor:  # reduce-on-plateau: checked after each validation, on the configured metric
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def aggregate_key(name: str) -> str:
+    """A logged name as a module key (``train/loss`` -> ``train/loss``; a module name cannot hold a dot)."""
+    return name.replace(".", "_")

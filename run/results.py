@@ -58,9 +58,12 @@ class RunMetrics(dict):
 
 
 def fit_metrics(cfg: DictConfig, trainer: Any, parts: Parts) -> RunMetrics:
-    """The metrics of fitting: the last logged values, the end-of-run callbacks' (``callbacks.run_end``), parameter
-    counts and the best monitored value."""
-    metrics = RunMetrics({k: float(v) for k, v in trainer.callback_metrics.items()}, str(cfg.monitor))
+    """The metrics of fitting: the last logged values (of the run before its resume too), the end-of-run callbacks'
+    (``callbacks.run_end``), parameter counts and the best monitored value."""
+    # a resumed run: what it logged before the checkpoint, then what it logged since (a run resumed after its last
+    # step logs no training figure again)
+    logged = {**getattr(parts.task, "resumed_callback_metrics", {}), **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+    metrics = RunMetrics(logged, str(cfg.monitor))
     metrics.update(run_end_metrics(trainer, parts.task, parts.datamodule))
     if "nonfinite/stopped_at_step" in metrics:
         log.warning(f"training stopped at optimizer step {int(metrics['nonfinite/stopped_at_step'])}: non-finite loss or "

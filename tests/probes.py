@@ -153,3 +153,31 @@ class WeightSnapshot(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         end = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
         torch.save({"start": self.start, "end": end}, Path(trainer.default_root_dir) / "weights.pt")
+
+
+class SignalAtMicroBatch(pl.Callback):
+    """Sends ``signal`` to this process right after the backward of the ``batch``-th micro-batch this process trains
+    (counted from 1): under gradient accumulation, in the middle of an optimizer step."""
+
+    def __init__(self, batch: int, signal: str = "SIGTERM") -> None:
+        self.batch, self.signal, self.seen = batch, signal, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen += 1
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.seen == self.batch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class KillDuringTest(pl.Callback):
+    """SIGKILLs the whole run at its first test batch: training is over, its checkpoints are written."""
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        import os
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -6,7 +6,9 @@ leaves the previous checkpoint whole."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -29,21 +31,25 @@ TINY_MLM = ["experiment=mlm_bbc", "data.max_documents=20", "data.block_size=32",
 # random crops (digits' augmentation) decoded by 2 loader workers
 TINY_VISION = ["experiment=digits_scratch", "data.max_train_samples=320", "data.max_eval_samples=64", "data.batch_size=32",
                "data.num_workers=2"]
-# name: (overrides, step to kill at); checkpoints every 3 steps, so each resumes mid-epoch from step kill_at // 3 * 3
+# name: overrides. Each is killed at a step drawn at random (seeded by the name) across its run, resumed from the last
+# checkpoint before it (every 3 steps)
 CASES = {
-    "text": (TINY_TEXT, 11),  # 6 steps per epoch: resumes at step 9, batch 3 of epoch 1
-    "vision": (TINY_VISION, 13),  # 10 steps per epoch: resumes at step 12, batch 2 of epoch 1
-    "speech": (TINY_SPEECH, 5),  # length-grouped batches, speed perturbation
-    "mlm": (TINY_MLM, 5),  # masking drawn per batch
-    "joint": ([a for a in FAST_JOINT if "datasets_seen" not in a], 11),  # 8 steps per epoch: resumes at 9, joint epoch 1
-    # LoRA adapters switched on group by group (block_2's at step 3, block_1's at 6: before and after the kill)
-    "text_lora": ([*TINY_TEXT, "finetune=lora", "finetune.strategy=gradual", "finetune.unit=step", "finetune.every=3"], 11),
-    "text_ddp": ([*TINY_TEXT, "data.batch_size=8", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], 5),
-    # sharded checkpoint folders; gradual unfreezing: block_2 joins at the step the checkpoint is saved (3)
-    "text_fsdp2": ([*TINY_TEXT, "data.batch_size=8", "trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
-                    "finetune=gradual", "finetune.unit=step", "finetune.every=3"], 5),
+    "text": TINY_TEXT,
+    # 2 micro-batches per step, an EMA of the weights and last.ckpt at every step boundary (the timed checkpoint)
+    "text_accumulate_ema": [*TINY_TEXT, "trainer.accumulate_grad_batches=2", "callbacks=ema", "callbacks.ema.decay=0.5",
+                            "callbacks.timed_checkpoint.minutes=0"],
+    "vision": TINY_VISION,
+    "speech": TINY_SPEECH,  # length-grouped batches, speed perturbation
+    "mlm": TINY_MLM,  # masking drawn per batch
+    "joint": [a for a in FAST_JOINT if "datasets_seen" not in a],
+    # LoRA adapters switched on group by group, every 3 steps
+    "text_lora": [*TINY_TEXT, "finetune=lora", "finetune.strategy=gradual", "finetune.unit=step", "finetune.every=3"],
+    "text_ddp": [*TINY_TEXT, "data.batch_size=8", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+    # sharded checkpoint folders; gradual unfreezing: a group joins every 3 steps, as checkpoints are saved
+    "text_fsdp2": [*TINY_TEXT, "data.batch_size=8", "trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "finetune=gradual", "finetune.unit=step", "finetune.every=3"],
 }
-COMMON = ["trainer.max_epochs=2", "trainer.deterministic=true", "callbacks.early_stopping=null", "test_after_fit=false",
+COMMON = ["trainer.max_epochs=2", "trainer.deterministic=true", "callbacks.early_stopping=null",
           "callbacks.last_checkpoint.every_n_train_steps=3", "trainer.enable_progress_bar=false",
           "trainer.enable_model_summary=false"]
 
@@ -83,10 +89,25 @@ def train_here(run_dir: Path, cache: Path, *overrides: str) -> None:
         torch.set_num_threads(threads)
 
 
-# the fast tier resumes the text case; the slow tier (pytest -m slow) every modality, DDP and FSDP2
-@pytest.mark.parametrize("case", [c if c == "text" else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
+def kill_step(case: str, total: int) -> int:
+    """Where the run of ``case`` is killed: a step drawn at random, seeded by the name, after the first checkpoint
+    (step 3) and before the last step."""
+    return random.Random(case).randint(4, total - 1)
+
+
+# the fast tier resumes the hardest single-process case; the slow tier (pytest -m slow) every modality, DDP and FSDP2
+# FSDP2 with gradual unfreezing resumed from step 9, the step before block_0 joins: block_0 ends differently (found by
+# these random kill points; resumes at steps 3 and 6 are exact, and FSDP2 without the schedule at step 9 too): open bug
+KNOWN = {"text_fsdp2": pytest.mark.xfail(strict=True, reason="FSDP2 + gradual unfreezing resumed at step 9 differs in "
+                                                             "block_0 (open bug, see the issue notes)")}
+
+
+@pytest.mark.parametrize("case", [c if c == "text_accumulate_ema" else
+                                  pytest.param(c, marks=[pytest.mark.slow, *([KNOWN[c]] if c in KNOWN else [])]) for c in CASES])
 def test_kill_mid_epoch_then_resume_ends_bit_identical(case: str, tmp_path: Path, cache_dir: Path) -> None:
-    overrides, kill_at = CASES[case]
+    """SIGKILL at a random step, resumed from the last checkpoint: the final weights, ``metrics.json`` (validation, test
+    and the train figures) and, in the run's own folder, ``metrics.csv`` row for row equal an uninterrupted run's."""
+    overrides = CASES[case]
     ddp = "trainer=ddp" in overrides or "trainer=fsdp2" in overrides  # several processes: every run in subprocesses
     cache = cache_dir  # one session cache: the tiny speech corpus and tokenizers are made once
     if ddp:
@@ -94,12 +115,15 @@ def test_kill_mid_epoch_then_resume_ends_bit_identical(case: str, tmp_path: Path
         assert whole.returncode == 0, whole.stderr[-3000:]
     else:
         train_here(tmp_path / "whole", cache, *overrides)
+    kill_at = kill_step(case, step_of(tmp_path / "whole" / "checkpoints" / "last.ckpt"))
     killed = train(tmp_path / "killed", cache, *overrides, "+callbacks.kill._target_=tests.probes.KillAtStep",
                    f"+callbacks.kill.step={kill_at}")
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup, no final checkpoint
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     saved_at = step_of(last)
-    assert saved_at == kill_at // 3 * 3 and saved_at < kill_at  # the last step checkpoint before the kill
+    assert kill_at - 3 <= saved_at < kill_at  # the last step checkpoint before the kill
+    if "callbacks.timed_checkpoint.minutes=0" in overrides:
+        assert saved_at == kill_at - 1  # the timed checkpoint: at every optimizer-step boundary
     if ddp:  # ckpt_path: a new run folder from the checkpoint
         resumed = train(tmp_path / "resumed", cache, *overrides, f"ckpt_path={last}")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -107,7 +131,9 @@ def test_kill_mid_epoch_then_resume_ends_bit_identical(case: str, tmp_path: Path
     else:  # resume=: the same run, continued in its own folder with its own config
         train_here(tmp_path / "killed", cache, f"resume={tmp_path / 'killed'}", "+callbacks.kill=null")
     resumed = tmp_path / ("resumed" if ddp else "killed")
-    assert_same_weights(tmp_path / "whole", resumed, f"{case}: after kill -9 at step {kill_at} and resume")
+    what = f"{case}: after kill -9 at step {kill_at} and resume from step {saved_at}"
+    assert_same_weights(tmp_path / "whole", resumed, what)
+    assert_same_metrics_json(tmp_path / "whole", resumed, what)
     if not ddp:
         assert_same_metrics_csv(tmp_path / "whole", resumed)
 
@@ -126,16 +152,17 @@ def metric_rows(run_dir: Path) -> list[dict[str, str]]:
 
 def assert_same_metrics_csv(whole: Path, resumed: Path) -> None:
     """The resumed run's metrics.csv holds the whole run: every row of the uninterrupted run, once, in order, with the
-    same values, except the train epoch aggregates of the interrupted epoch (they cover the batches after the resume),
-    and a joint run's per-dataset step loss last logged before the resume (Lightning repeats the latest value of every
-    step metric it has seen in the process)."""
+    same values (the interrupted epoch's train figures too: their running state is in the checkpoint)."""
     a, b = metric_rows(whole), metric_rows(resumed)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
-        stale = {k for k in set(x) - set(y) if k.startswith("train/") and k.count("/") == 2 and k.endswith("_step")}
-        assert set(x) - stale == set(y), (x, y)
-        if "train/loss_epoch" not in x:
-            assert {k: v for k, v in x.items() if k not in stale} == y
+        assert x == y
+
+
+def assert_same_metrics_json(whole: Path, resumed: Path, what: str) -> None:
+    """The final metrics, all of them but the wall-clock times."""
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in (whole, resumed))
+    assert {k: v for k, v in a.items() if not k.startswith("time/")} == {k: v for k, v in b.items() if not k.startswith("time/")}, what
 
 
 @pytest.mark.slow
@@ -154,8 +181,44 @@ def test_sigterm_saves_at_the_step_then_resume_is_exact(tmp_path: Path, cache_di
     resumed = train(run, cache_dir, f"resume={run}", "+callbacks.stop=null")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(tmp_path / "whole", run, "after SIGTERM at step 8 and resume=")
+    assert_same_metrics_json(tmp_path / "whole", run, "after SIGTERM at step 8 and resume=")
     assert_same_metrics_csv(tmp_path / "whole", run)
     assert (run / "train.log").read_text().count("received SIGTERM") == 1  # one log, continued
+
+
+@pytest.mark.slow
+def test_sigterm_between_micro_batches_stops_at_the_end_of_the_optimizer_step(tmp_path: Path, cache_dir: Path) -> None:
+    """Under gradient accumulation (2 micro-batches a step) SIGTERM after the backward of micro-batch 7, the first half
+    of step 4: the run trains micro-batch 8, takes step 4, saves it and stops; ``resume=`` ends with the weights, EMA,
+    metrics.json and metrics.csv of an uninterrupted run (a save after micro-batch 7 would lose its gradients)."""
+    overrides = [*TINY_TEXT, "trainer.accumulate_grad_batches=2", "callbacks=ema", "callbacks.ema.decay=0.5"]
+    train_here(tmp_path / "whole", cache_dir, *overrides)
+    run = tmp_path / "stopped"
+    stopped = train(run, cache_dir, *overrides, "+callbacks.stop._target_=tests.probes.SignalAtMicroBatch", "+callbacks.stop.batch=7")
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("tunelab: stopped: SIGTERM at optimizer step 4: saved ")
+    assert step_of(run / "checkpoints" / "last.ckpt") == 4
+    resumed = train(run, cache_dir, f"resume={run}", "+callbacks.stop=null")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path / "whole", run, "after SIGTERM in the middle of step 4 and resume=")
+    assert_same_metrics_json(tmp_path / "whole", run, "after SIGTERM in the middle of step 4 and resume=")
+    assert_same_metrics_csv(tmp_path / "whole", run)
+
+
+@pytest.mark.slow
+def test_killed_during_the_test_then_resumed_writes_each_checkpoint_once(tmp_path: Path, cache_dir: Path) -> None:
+    """SIGKILL at the first test batch, after training wrote its checkpoints: ``resume=`` validates the last step again
+    and tests, ending with the uninterrupted run's metrics and one best checkpoint, not a second copy (``-v1``)."""
+    train_here(tmp_path / "whole", cache_dir, *TINY_TEXT)
+    run = tmp_path / "killed"
+    killed = train(run, cache_dir, *TINY_TEXT, "+callbacks.kill._target_=tests.probes.KillDuringTest")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    before = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    resumed = train(run, cache_dir, f"resume={run}", "+callbacks.kill=null")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == before == ["best-epoch01-step12.ckpt", "last.ckpt"]
+    assert_same_weights(tmp_path / "whole", run, "after kill -9 during the test and resume=")
+    assert_same_metrics_json(tmp_path / "whole", run, "after kill -9 during the test and resume=")
 
 
 @pytest.mark.parametrize("name", ["SIGINT", pytest.param("SIGUSR1", marks=pytest.mark.slow)])

@@ -7,7 +7,6 @@ import os
 
 import torch
 
-
 _INSTALLED: list[bool] = []  # asked once; a plain global, which torch.compile traces (some releases break on lru_cache)
 
 
