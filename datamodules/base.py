@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.eval_shards import sharded_eval_loader
 from datamodules.sampling import (
     EpochAwareLoader,
     EpochShuffleSampler,
@@ -127,6 +128,12 @@ class DataModuleBase(pl.LightningDataModule):
 
     modality: ClassVar[str] = ""
     kind: ClassVar[str] = ""
+
+    @property
+    def random_train_inputs(self) -> bool:
+        """Whether a training example's inputs change from epoch to epoch (random augmentation, mixup, speed
+        perturbation): then nothing keyed by the inputs (a teacher-logit cache) is ever read back."""
+        return False
 
     def __init__(
         self,
@@ -255,8 +262,8 @@ class DataModuleBase(pl.LightningDataModule):
         caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
         for role, cap in caps.items():
             if cap and role in splits and len(splits[role]) > cap:
-                keep, _ = self._split_indices(splits[role], labels_of, [cap / len(splits[role])])
-                splits[role] = splits[role].take(keep)
+                keep, rest = self._split_indices(splits[role], labels_of, [cap / len(splits[role])])
+                splits[role] = splits[role].take(exactly(keep, rest, cap, self.seed))
         return splits
 
     def _take_fold(self, splits: dict[str, S], labels_of: Callable[[S], Sequence[Any] | None] | None,
@@ -311,6 +318,10 @@ class DataModuleBase(pl.LightningDataModule):
     def drop_last_for(self, role: str) -> bool:
         return False
 
+    def eval_lengths(self, role: str) -> list[float] | None:
+        """Per example of an evaluation split, its length when evaluation batches group by length (else None)."""
+        return None
+
     def loader(self, role: str) -> DataLoader:
         """The loader of one split: training shuffles (seeded per epoch) and tags items with the epoch
         when they are augmented; evaluation keeps the order."""
@@ -321,6 +332,11 @@ class DataModuleBase(pl.LightningDataModule):
         dataset, training = self.datasets[role], role == "train"
         kwargs: dict[str, Any] = {"collate_fn": self.collate_for(role), "num_workers": self.num_workers,
                                   "persistent_workers": self.num_workers > 0, "pin_memory": self.feeds_cuda()}
+        trainer = getattr(self, "trainer", None)
+        world_size = int(getattr(trainer, "world_size", 1) or 1)
+        if not training and world_size > 1:  # every example scored once, none repeated to even out the processes
+            return sharded_eval_loader(dataset, kwargs.pop("collate_fn"), self.eval_batch_size, world_size,
+                                       int(trainer.global_rank), self.eval_lengths(role), **kwargs)
         batch_sampler = self.batch_sampler_for(role, training)
         if batch_sampler is not None:
             kwargs["batch_sampler"] = batch_sampler
@@ -396,3 +412,14 @@ class DataModuleBase(pl.LightningDataModule):
         """``data_report.json`` (and, for subclasses, what predictions need: labels, vocabulary)."""
         self.setup("fit")
         (Path(run_dir) / "data_report.json").write_text(json.dumps(self.report(), indent=2, default=str))
+
+
+def exactly(keep: list[int], rest: list[int], size: int, seed: int) -> list[int]:
+    """``keep`` (a stratified pick, whose per-class rounding can miss ``size`` by a few) made exactly ``size`` long:
+    seeded extras dropped from it, or seeded ones added from ``rest``."""
+    rng = np.random.default_rng(seed)
+    if len(keep) > size:
+        return sorted(rng.choice(keep, size, replace=False).tolist())
+    if len(keep) < size:
+        return sorted(keep + rng.choice(rest, size - len(keep), replace=False).tolist())
+    return keep

@@ -285,6 +285,10 @@ class JointDataModule(DataModuleBase):
     def modality(self) -> str:
         return self.children[self.target].modality
 
+    @property
+    def random_train_inputs(self) -> bool:
+        return any(child.random_train_inputs for child in self.children.values())
+
     def data_spec(self) -> DataSpec:
         """The task's heads (dataset -> label names) and which one is the target."""
         self.setup("fit")
@@ -380,11 +384,18 @@ class JointDataModule(DataModuleBase):
                            resume_at=self.take_resume_position)
 
 
+    def share_trainer(self) -> None:
+        """The children build their evaluation loaders for this run's processes (``DataModuleBase.loader``)."""
+        for child in self.children.values():
+            child.trainer = getattr(self, "trainer", None)
+
     def val_dataloader(self) -> TaggedLoaders:
+        self.share_trainer()
         loaders = [(self.target, self.children[self.target].val_dataloader())]
         if self.validate_sources:
             loaders += [(name, self.children[name].val_dataloader()) for name in self.sources]
         return TaggedLoaders(loaders)
 
     def test_dataloader(self) -> TaggedLoaders:
+        self.share_trainer()
         return TaggedLoaders([(self.target, self.children[self.target].test_dataloader())])

@@ -190,6 +190,10 @@ class SpeechDataModule(DataModuleBase):
         self.vocab: CharVocab | None = None
 
     # -- what the rest of the run needs to know -------------------------------------------------
+    @property
+    def random_train_inputs(self) -> bool:
+        return len(set(self.speed_perturb)) > 1 or any(f != 1.0 for f in self.speed_perturb)
+
     def data_spec(self) -> DataSpec:
         self.setup("fit")
         assert self.vocab is not None
@@ -352,6 +356,9 @@ class SpeechDataModule(DataModuleBase):
     # -- loaders --------------------------------------------------------------------------------
     def collate_for(self, role: str) -> Any:
         return self.collate
+
+    def eval_lengths(self, role: str) -> list[float] | None:
+        return [c.seconds for c in self.datasets[role].clips] if self.group_by_length else None
 
     def batch_sampler_for(self, role: str, training: bool) -> Any:
         if not self.group_by_length:

@@ -124,6 +124,10 @@ class VisionDataModule(DataModuleBase):
         self.skipped: dict[str, list[str]] = {}
 
     # -- what the rest of the run needs to know -------------------------------------------------
+    @property
+    def random_train_inputs(self) -> bool:
+        return self.augment is not None or self.mixup_options is not None
+
     def save_to(self, run_dir: str | Path) -> None:
         """Label ids, split sizes, skipped images and the transforms with the run (and the data report)."""
         super().save_to(run_dir)

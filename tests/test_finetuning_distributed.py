@@ -159,3 +159,63 @@ def test_two_nodes_through_torchrun_end_with_identical_ranks(tmp_path: Path, cac
         assert torch.equal(rank0["end"][group], rank1["end"][group]), f"{group} differs across the nodes"
     assert changed(rank0, "head") and changed(rank0, "block_2")
     assert json.loads((run_dir / "metrics.json").read_text())["compile/frames"] >= 1
+
+
+def test_evaluation_shards_score_every_example_once_in_equal_numbers_of_batches() -> None:
+    """Under W processes each example of an evaluation split falls in exactly one process's batches (no padding
+    repeats), every process gets the same number of batches (FSDP gathers weights in each forward), none too large."""
+    from datamodules.eval_shards import EvalShards
+
+    for size in range(2, 41):
+        for world in (2, 3, 4):
+            for batch in (2, 3, 5, 16):
+                if size < world:
+                    continue
+                shards = [EvalShards(size, batch, world, rank) for rank in range(world)]
+                seen = [i for s in shards for b in s for i in b]
+                assert sorted(seen) == list(range(size)), (size, world, batch)
+                assert len({len(list(s)) for s in shards}) == 1 and all(len(s) == len(list(s)) for s in shards)
+                assert all(0 < len(b) <= batch for s in shards for b in s)
+    # lengths: each process longest first, as one process evaluates
+    shard = EvalShards(7, 2, 2, 0, lengths=[1, 9, 3, 8, 5, 2, 7])
+    assert [i for b in shard for i in b] == [6, 4, 2, 0]
+
+
+ODD_SPLITS = {  # an evaluation split of 33 examples: 2 processes cannot share it evenly
+    "text": [*TINY_SCRATCH, "data.max_eval_samples=33"],
+    "vision": ["experiment=digits_scratch", "data.max_train_samples=128", "data.max_eval_samples=33", "data.batch_size=32",
+               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+    "speech": ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",
+               "data.generate.heldout_voices=2", "data.batch_size=8", "+backbone.config_overrides.hidden_size=64",
+               "+backbone.config_overrides.num_hidden_layers=2", "+backbone.config_overrides.intermediate_size=128",
+               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", [f if f == "text" else pytest.param(f, marks=pytest.mark.slow) for f in ODD_SPLITS])
+def test_two_processes_score_an_odd_sized_split_as_one_process_does(family: str, strategy: str, tmp_path: Path,
+                                                                    cache_dir: Path) -> None:
+    """2 processes (gloo) on validation and test splits whose size the world size does not divide: the in-run test and
+    last validation metrics equal ``eval.py`` in one process on the same checkpoints (Lightning's padded sampler would
+    count an example twice)."""
+    import shutil
+
+    import eval as eval_script
+
+    if family == "speech" and not (shutil.which("espeak-ng") and shutil.which("sox")):
+        pytest.skip("the speech corpus needs espeak-ng and sox (apt-get install -y espeak-ng sox)")
+    run_dir = tmp_path / "run"
+    args = [*ODD_SPLITS[family], f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
+            "callbacks.early_stopping=null", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    in_run = json.loads((run_dir / "metrics.json").read_text())
+    tested = eval_script.evaluate(eval_script.parse([str(run_dir), "--out", str(tmp_path / "test"), "--no-progress"]))
+    validated = eval_script.evaluate(eval_script.parse([str(run_dir), "--split", "val", "--checkpoint", "last",
+                                                        "--out", str(tmp_path / "val"), "--no-progress"]))
+    for name, value in {**tested["metrics"], **validated["metrics"]}.items():
+        if name in in_run and name.startswith(("test/", "val/")):
+            assert in_run[name] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, in_run[name], value)
+    assert any(n.startswith("test/") for n in in_run) and any(n.startswith("val/") for n in validated["metrics"])

@@ -107,6 +107,18 @@ def test_a_non_utf8_file_names_the_byte_and_the_override_that_reads_it(tmp_path:
         module(tokenizer, source=str(path), encoding_errors="loose")
 
 
+@pytest.mark.parametrize("cap", [7, 16, 17])
+def test_sample_caps_are_exact_whatever_the_class_shares(tmp_path: Path, tokenizer, cap: int) -> None:
+    """Per-class rounding of a stratified pick overshot (16 asked, 17 given on three classes of 30 / 20 / 10): a cap is
+    exact, and every class keeps a share."""
+    labels = ["pos"] * 30 + ["neg"] * 20 + ["neutral"] * 10
+    write_table(pd.DataFrame({"review": [f"text {i}" for i in range(60)], "sentiment": labels}), tmp_path / "train.csv")
+    dm = module(tokenizer, source=str(tmp_path / "train.csv"), val_fraction=0.0, test_fraction=0.3,
+                max_train_samples=cap, max_eval_samples=cap - 1)
+    assert (len(dm.datasets["train"]), len(dm.datasets["test"])) == (cap, cap - 1)
+    assert len({int(x["labels"]) for x in dm.datasets["train"]}) == 3
+
+
 def test_splits_are_seeded_and_stratified() -> None:
     labels = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
     val, test, train = stratified_split(labels, [0.1, 0.2], seed=3)
