@@ -78,9 +78,8 @@ class Classifier(TaskModule):
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy, hard labels for the metrics). Labels of shape (batch, num_classes) are soft
         targets (mixup/cutmix, already smoothed by them): soft-target cross-entropy, argmax for the metrics."""
-        if labels.ndim == 2:
-            return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean(), labels.argmax(-1)
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0), labels
+        hard = labels.argmax(-1) if labels.ndim == 2 else labels
+        return label_loss(logits, labels, self.label_smoothing if stage == "train" else 0.0), hard
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)
@@ -111,3 +110,11 @@ class Classifier(TaskModule):
             for row, values in zip(rows, logits.cpu(), strict=True):
                 row["outputs"] = values
         return rows
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on hard labels (smoothed by ``label_smoothing``), or on soft targets of shape (batch, num_classes)
+    (mixup/cutmix, smoothed by them already)."""
+    if labels.ndim == 2:
+        return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.backbones.base import Backbone
-from modules.classifier import Classifier
+from modules.classifier import Classifier, label_loss
 from modules.errors import ConfigError
 from modules.layer_groups import LayerGroup
 
@@ -36,13 +36,14 @@ INPUT_KEYS = ("input_ids", "token_type_ids", "pixel_values", "input_values")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
-                      temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      temperature: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE, the KL term, the CE term); KL averaged over the batch.
 
-    T² keeps the soft term's gradient scale independent of T (Hinton et al., 2015)."""
+    T² keeps the soft term's gradient scale independent of T (Hinton et al., 2015). The CE term is the classifier's:
+    label smoothing on hard labels; labels of shape (batch, num_classes) are soft targets (mixup/cutmix)."""
     kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher.to(student.dtype) / temperature, -1),
                   log_target=True, reduction="batchmean") * temperature**2
-    ce = F.cross_entropy(student, labels)
+    ce = label_loss(student, labels, label_smoothing)
     return alpha * kl + (1.0 - alpha) * ce, kl, ce
 
 
@@ -180,6 +181,12 @@ class TeacherLogitCache:
         self._dirty = False
 
 
+def teacher_cache(folder: str | Path, teacher: Teacher, rank: int = 0) -> TeacherLogitCache:
+    """The logit cache of ``teacher`` as this run's data orders the labels: the stored logits are permuted into that
+    order already, so another order (data whose labels come otherwise) is another cache."""
+    return TeacherLogitCache(folder, f"{teacher.identity};order={teacher.order.tolist()}", rank)
+
+
 class DistillationClassifier(Classifier):
     """A student classifier distilled from a teacher (see the module docstring).
 
@@ -249,7 +256,7 @@ class DistillationClassifier(Classifier):
         self.hidden_projection: nn.Module = nn.Identity()
         if hidden_weight > 0 and teacher_width and teacher_width != backbone.feature_dim:
             self.hidden_projection = nn.Linear(backbone.feature_dim, int(teacher_width))
-        self.cache = TeacherLogitCache(cache_dir or "teacher_logits", found.identity) if cache_teacher and found else None
+        self.cache = teacher_cache(cache_dir or "teacher_logits", found) if cache_teacher and found else None
         self.teacher_metric = classification_accuracy(num_classes)
 
     @classmethod
@@ -289,6 +296,7 @@ class DistillationClassifier(Classifier):
         self.teacher_metric.reset()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if self.cache is not None:
             self.cache.save()
 
@@ -313,12 +321,12 @@ class DistillationClassifier(Classifier):
         """The training loss and its parts, for a batch whose student logits and backbone output are given."""
         labels = batch["labels"]
         use_teacher = self.teacher is not None and (self.alpha > 0 or self.hidden_weight > 0)
-        if not use_teacher:  # alpha = 0 (the baseline), or no teacher: plain cross-entropy
-            ce = F.cross_entropy(logits, labels)
+        if not use_teacher:  # alpha = 0 (the baseline), or no teacher: the classifier's own loss
+            ce = label_loss(logits, labels, self.label_smoothing)
             return ce, {"ce": ce}
         need_hidden = self.hidden_weight > 0
         teacher_logits, hidden, mask = self.teacher_outputs(batch, need_hidden)
-        loss, kl, ce = distillation_loss(logits, teacher_logits, labels, self.alpha, self.temperature)
+        loss, kl, ce = distillation_loss(logits, teacher_logits, labels, self.alpha, self.temperature, self.label_smoothing)
         parts = {"kd": kl, "ce": ce}
         if need_hidden:
             mine = self.hidden_projection(out.features)
@@ -340,7 +348,8 @@ class DistillationClassifier(Classifier):
             return loss
         logits, out = self(batch, with_features=True)
         loss, parts = self.kd_loss(batch, logits, out)
-        self.train_metrics.update(logits.detach(), batch["labels"])
+        labels = batch["labels"]  # soft targets (mixup/cutmix): the metrics score the top class
+        self.train_metrics.update(logits.detach(), labels.argmax(-1) if labels.ndim == 2 else labels)
         size = len(batch["labels"])
         self.log("train/loss", loss, prog_bar=self.shows_progress, on_step=True, on_epoch=True, batch_size=size)
         for name, value in parts.items():

@@ -24,8 +24,11 @@ from modules.layer_groups import repeated_blocks
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("regional", "full")
-FULL_COMPILE_UNDER_FSDP2 = ("compile=full with trainer=fsdp2 is not supported (dynamo cannot trace FSDP2's hooks without "
-                            "compiled autograd); use compile=regional, which compiles each sharded block")
+def full_compile_refusal(kind: str = "fsdp2") -> str:
+    """Why ``compile=full`` is refused under a sharded strategy (``fsdp2`` or ``fsdp``)."""
+    name = {"fsdp2": "FSDP2", "fsdp": "FSDP"}[kind]
+    return (f"compile=full with trainer={kind} is not supported (dynamo cannot trace {name}'s hooks without compiled "
+            "autograd); use compile=regional, which compiles each sharded block")
 # set on the block modules by ``apply_plan``: FSDP1's auto-wrap policy wraps exactly these
 BLOCK_MARK = "_tunelab_block"
 
@@ -108,13 +111,18 @@ def compile_stats() -> dict[str, float | None]:
     except Exception:  # noqa: BLE001 - moved or renamed in this torch
         pass
     try:
-        from torch._dynamo.convert_frame import _get_total_cache_entry_count, input_codes
-
-        entries = [_get_total_cache_entry_count(code) for ref in list(input_codes.seen) if (code := ref()) is not None]
-        stats["compile/recompiles"] = float(sum(n - 1 for n in entries if n > 1))
+        stats["compile/recompiles"] = float(sum(n - 1 for n in dynamo_cache_sizes() if n > 1))
     except Exception:  # noqa: BLE001 - private, and absent from some releases
         pass
     return stats
+
+
+def dynamo_cache_sizes() -> list[int]:
+    """How many compiled variants dynamo holds for each code object it has seen (private names: torch 2.11 has no
+    ``_get_total_cache_entry_count``, and this raises ImportError there)."""
+    from torch._dynamo.convert_frame import _get_total_cache_entry_count, input_codes
+
+    return [_get_total_cache_entry_count(code) for ref in list(input_codes.seen) if (code := ref()) is not None]
 
 
 def allow_recompiles(variants: int) -> None:
@@ -190,7 +198,7 @@ def apply_plan(task: nn.Module, plan: ScalePlan, mesh: Any = None, precision: st
                               f"none among its layer groups ({groups}); turn it off for this backbone"
                               + ("" if plan.compile != "regional" else " or use compile=full"))
     if plan.compile == "full" and mesh is not None:
-        raise ConfigError(FULL_COMPILE_UNDER_FSDP2)
+        raise ConfigError(full_compile_refusal())
     if plan.compile is not None:
         allow_recompiles(8 * max(1, len(blocks)))
     for _, module in blocks:

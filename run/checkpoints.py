@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from modules.errors import ConfigError
@@ -84,7 +85,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_file(checkpoint, path)
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class StagedShards:
+    """A sharded strategy's checkpoint folder, staged and committed like every other checkpoint: each process writes
+    its shards into a staging folder beside the target, and rank 0 renames it over the target once all have written
+    (a kill mid-save leaves the previous checkpoint whole, never a folder of mixed shards)."""
+
+    def writes_shards(self) -> bool:
+        raise NotImplementedError
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self.writes_shards() or "://" in str(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+        target = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
+        staged = staging_path(target, shared=True)
+        if self.global_rank == 0:  # type: ignore[attr-defined]
+            remove(staged)
+        self.barrier()  # type: ignore[attr-defined]
+        super().save_checkpoint(checkpoint, staged, storage_options)  # type: ignore[misc]
+        self.barrier()  # type: ignore[attr-defined]
+        if self.global_rank == 0:  # type: ignore[attr-defined]
+            commit(staged, target)
+        self.barrier()  # type: ignore[attr-defined]
+
+
+class FSDP2Strategy(StagedShards, ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as pure FSDP2 (every process one data-parallel shard, no tensor
     parallelism), whose sharded checkpoints are staged and committed like every other checkpoint.
 
@@ -107,19 +131,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         for optimizer in self.optimizers:
             initialise_every_state(optimizer)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if not self._save_distributed_checkpoint:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        target = Path(self.broadcast(str(filepath)))
-        staged = staging_path(target, shared=True)
-        if self.global_rank == 0:
-            remove(staged)
-        self.barrier()
-        super().save_checkpoint(checkpoint, staged, storage_options)
-        self.barrier()
-        if self.global_rank == 0:
-            commit(staged, target)
-        self.barrier()
+    def writes_shards(self) -> bool:
+        return bool(self._save_distributed_checkpoint)
+
+
+class FSDPStrategy(StagedShards, LightningFSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (FSDP1) whose sharded checkpoints (``state_dict_type: sharded``) are staged and
+    committed like every other checkpoint; a full state dict is one file, written by rank 0 through the checkpoint I/O."""
+
+    def writes_shards(self) -> bool:
+        return self._state_dict_type == "sharded"
 
 
 # -- reading ----------------------------------------------------------------------------------------------------

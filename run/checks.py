@@ -161,11 +161,15 @@ def check_backbone(cfg: DictConfig, backbone: Any) -> None:
 
 
 def check_parts(cfg: DictConfig, parts: Any) -> None:
-    """What was built fits together: the backbone can be exported when ``export_backbone`` asks for it, and
-    ``monitor`` names a metric the task logs."""
+    """What was built fits together: the backbone can be exported when ``export_backbone`` asks for it, a teacher-logit
+    cache can hit, and ``monitor`` names a metric the task logs."""
     if cfg.get("export_backbone") and not getattr(parts.backbone, "exportable", False):
         raise ConfigError(f"export_backbone is set, but backbone={config_choice('backbone')} ({type(parts.backbone).__name__}) "
                           "cannot be saved in the Hugging Face format; set export_backbone=null and use the run's checkpoints")
+    if getattr(parts.task, "cache", None) is not None and getattr(parts.datamodule, "random_train_inputs", False):
+        raise ConfigError("task.cache_teacher=true, but the training inputs change every epoch (random augmentation, "
+                          "mixup or speed perturbation), so the teacher-logit cache would never be read and would grow every "
+                          "epoch; set task.cache_teacher=false, or train without random augmentation (data.augment=null)")
     names = parts.task.monitorable()
     monitor = str(cfg.monitor)
     if names and monitor.startswith(("val/", "train/")) and monitor not in names:
@@ -180,10 +184,17 @@ def check_callbacks(cfg: DictConfig, callbacks: Sequence[Any]) -> None:
 
     from callbacks.ema import WeightEMA
     from callbacks.wise_ft import WiseFT
-    from modules.scaling import FULL_COMPILE_UNDER_FSDP2
+    from modules.scaling import full_compile_refusal
 
     kind = strategy_kind(cfg)
     gpus = on_gpus(cfg)
+    if kind in ("fsdp", "fsdp2"):  # before the machine checks: a config that cannot work is refused anywhere
+        refused = [type(cb).__name__ for cb in callbacks if isinstance(cb, (WeightEMA, WiseFT))]
+        if refused:
+            raise ConfigError(f"{refused[0]} keeps a full copy of the weights beside the sharded model, which trainer={kind} "
+                              "does not support here; drop it (callbacks=default) or train with trainer=ddp")
+        if cfg.get("compile") == "full":
+            raise ConfigError(full_compile_refusal(kind))
     if kind == "fsdp" and not (gpus and torch.cuda.is_available()):
         raise ConfigError("trainer=fsdp (FSDP1) needs CUDA GPUs and this machine has none; on CPU processes use "
                           "trainer=fsdp2 trainer.accelerator=cpu (FSDP2 over gloo)")
@@ -194,13 +205,6 @@ def check_callbacks(cfg: DictConfig, callbacks: Sequence[Any]) -> None:
         if devices > have:
             raise ConfigError(f"trainer.devices={devices} but this machine has {have} {what}; set trainer.devices<={have}"
                               " (trainer.num_nodes spreads a run over several machines)")
-    if kind == "fsdp2":
-        refused = [type(cb).__name__ for cb in callbacks if isinstance(cb, (WeightEMA, WiseFT))]
-        if refused:
-            raise ConfigError(f"{refused[0]} keeps a full copy of the weights beside the sharded model, which FSDP2 does "
-                              "not support here; drop it (callbacks=default) or train with trainer=ddp")
-        if cfg.get("compile") == "full":
-            raise ConfigError(FULL_COMPILE_UNDER_FSDP2)
     if OmegaConf.select(cfg, "backbone.lora", default=None):
         if kind in ("fsdp", "fsdp2"):
             raise ConfigError(f"finetune=lora with trainer={kind} is not supported (sharding units would mix frozen base "

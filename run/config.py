@@ -90,7 +90,7 @@ def check_command_line(argv: Sequence[str]) -> None:
     try:
         if any(a in ("--multirun", "-m") for a in argv):
             overrides = first_job(overrides)
-        compose_config(overrides)
+        cfg = compose_config(overrides)
     except MissingConfigException as err:
         group, _, option = str(err.missing_cfg_file or "").rpartition("/")
         if group and err.options:
@@ -102,6 +102,19 @@ def check_command_line(argv: Sequence[str]) -> None:
         text = " ".join(str(err).split())
         text = text.replace(". To append to your config use", ": no such key; to add a new key use")
         sys.exit(f"tunelab: error: {text} (python train.py --help lists the groups and options)")
+    if any(a.startswith("hydra/launcher=") and a.endswith("slurm") for a in overrides):
+        check_slurm_size(cfg)
+
+
+def check_slurm_size(cfg: DictConfig) -> None:
+    """``hydra/launcher=slurm`` asks SLURM for ``trainer.num_nodes`` nodes of ``trainer.devices`` tasks and GPUs: both must
+    be counts (``auto`` means "what this machine has", and the machine that submits is not the one that trains)."""
+    trainer = cfg.get("trainer") or {}
+    for key in ("devices", "num_nodes"):
+        value = trainer.get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            sys.exit(f"tunelab: error: hydra/launcher=slurm sizes each SLURM job from trainer.{key}, which is {value!r}; "
+                     f"set trainer.{key}=<N> ({'GPUs per node' if key == 'devices' else 'nodes'})")
 
 
 def first_job(overrides: Sequence[str]) -> list[str]:

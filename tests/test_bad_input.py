@@ -27,6 +27,10 @@ CSV = ["data=csv", "data.text_column=review", "data.label_column=sentiment"]
 CASES: dict[str, tuple[list[str], str]] = {
     # the command line itself
     "misspelt key": (["trainer.max_epochz=3"], "Could not override 'trainer.max_epochz': no such key"),
+    "misspelt key in a sweep": (["--multirun", "optimizer.lrr=1e-4,1e-3"], "Could not override 'optimizer.lrr': no such key"),
+    "SLURM jobs of auto size": (["--multirun", "hydra/launcher=slurm", "trainer=fsdp"],
+                                "hydra/launcher=slurm sizes each SLURM job from trainer.devices, which is 'auto'; set "
+                                "trainer.devices=<N> (GPUs per node)"),
     "unknown key": (["foo=bar"], "Could not override 'foo'"),
     "unknown backbone": (["backbone=nope"], "backbone=nope is not an option of backbone; choose one of: "),
     "unknown preset": (["experiment=nope"], "experiment=nope is not an option of experiment"),
@@ -57,6 +61,12 @@ CASES: dict[str, tuple[list[str], str]] = {
     "checkpointing not a bool": (["activation_checkpointing=sometimes"], "activation_checkpointing='sometimes' must be true or false"),
     "fsdp2 with EMA": (["trainer=fsdp2", "trainer.accelerator=cpu", "callbacks=ema"], "WeightEMA keeps a full copy of the weights"),
     "fsdp2 with full compile": (["trainer=fsdp2", "trainer.accelerator=cpu", "compile=full"], "compile=full with trainer=fsdp2 is not supported"),
+    # FSDP1 has FSDP2's guards, refused before the machine check (so here, without GPUs, they still speak)
+    "fsdp with EMA": (["trainer=fsdp", "callbacks=ema"], "WeightEMA keeps a full copy of the weights beside the sharded model, "
+                                                         "which trainer=fsdp does not support"),
+    "fsdp with WiSE-FT": (["trainer=fsdp", "callbacks=wise_ft"], "WiseFT keeps a full copy of the weights"),
+    "fsdp with full compile": (["trainer=fsdp", "compile=full"], "compile=full with trainer=fsdp is not supported (dynamo cannot "
+                                                                 "trace FSDP's hooks"),
     # checkpoints and run folders
     "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "ckpt_path='{tmp}/nope.ckpt' does not exist"),
     "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "ckpt_path='{tmp}/corrupt.ckpt' is not a readable Lightning checkpoint"),

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import eval as eval_script
-from modules.distillation import TeacherLogitCache, distillation_loss
+from modules.distillation import Teacher, TeacherLogitCache, distillation_loss, teacher_cache
 from run.trained import load_teacher
 from tests.conftest import TINY_SCRATCH, compose_config, run_train
 
@@ -93,6 +94,60 @@ def test_cached_and_on_the_fly_teacher_logits_give_the_same_loss(hf_teacher: Pat
     changed = load_teacher(str(hf_teacher), task.label_names, task.backbone.processor)
     assert changed.identity != task.teacher.identity
     assert TeacherLogitCache(tmp_path / "logits", changed.identity).get(TeacherLogitCache.keys(batch)) is None
+
+
+def test_the_logit_cache_is_keyed_by_the_datas_label_order(hf_teacher: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """The cache holds logits permuted into the data's label order: the same teacher over data that orders its labels
+    otherwise must not read them (it would train on wrongly permuted soft targets)."""
+    task, batch = student_and_batch(tmp_path, cache_dir, hf_teacher, "task.cache_teacher=true", f"task.cache_dir={tmp_path / 'logits'}")
+    logits, out = task(batch, with_features=True)
+    task.kd_loss(batch, logits, out)
+    task.cache.save()
+    keys = TeacherLogitCache.keys(batch)
+    assert teacher_cache(tmp_path / "logits", task.teacher).get(keys) is not None  # the same run again: read back
+    t = task.teacher
+    reordered = Teacher(t.model, t.kind, list(reversed(t.order.tolist())), t.width, t.identity, t.source)
+    assert teacher_cache(tmp_path / "logits", reordered).get(keys) is None
+
+
+def test_a_logit_cache_with_random_augmentation_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    """Random crops change every epoch's inputs: the cache would never be read and would grow every epoch."""
+    from modules.errors import ConfigError
+    from run.build import build_parts
+    from run.checks import check_parts
+
+    teacher = tmp_path / "teacher"
+    run_train(teacher, [*DIGITS, "trainer.max_steps=2", "test_after_fit=false"], cache_dir)
+    cfg = compose_config(tmp_path / "student", [*DIGITS, "task=distillation", f"task.teacher={teacher}",
+                                                "task.cache_teacher=true"], cache_dir)
+    with pytest.raises(ConfigError, match="task.cache_teacher=true, but the training inputs change every epoch"):
+        check_parts(cfg, build_parts(cfg))
+    cfg = compose_config(tmp_path / "plain", [*DIGITS, "task=distillation", f"task.teacher={teacher}", "task.cache_teacher=true",
+                                              "data.augment=null"], cache_dir)
+    check_parts(cfg, build_parts(cfg))  # no augmentation: the same inputs every epoch, the cache is fine
+
+
+def test_the_label_loss_is_the_classifiers_recipe(hf_teacher: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """Label smoothing applies to the cross-entropy part (so alpha=0 is exactly the Classifier baseline), and mixup's
+    soft targets reach the loss as soft targets and the metrics as their top class."""
+    task, batch = student_and_batch(tmp_path, cache_dir, hf_teacher, "task.alpha=0", "task.label_smoothing=0.1")
+    labels = batch["labels"]
+    logits, out = task(batch, with_features=True)
+    smoothed = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    loss, _ = task.kd_loss(batch, logits, out)
+    assert torch.equal(loss, smoothed)
+    task.alpha = 0.5
+    _, parts = task.kd_loss(batch, logits, out)
+    assert torch.equal(parts["ce"], smoothed)
+    # mixup: each example 0.7 its own label, 0.3 the next one's
+    n = len(task.label_names)
+    soft = 0.7 * F.one_hot(labels, n).float() + 0.3 * F.one_hot(labels.roll(1), n).float()
+    _, parts = task.kd_loss({**batch, "labels": soft}, logits, out)
+    assert torch.allclose(parts["ce"], -(soft * logits.log_softmax(-1)).sum(-1).mean())
+    task.train_metrics.reset()
+    task.step({**batch, "labels": soft}, "train")
+    expected = (task(batch).argmax(-1) == labels).float().mean()
+    assert task.train_metrics["acc"].compute() == pytest.approx(float(expected))
 
 
 def test_hidden_state_transfer_trains_a_projection(hf_teacher: Path, tmp_path: Path, cache_dir: Path) -> None:

@@ -215,15 +215,18 @@ def test_compile_report_without_dynamos_private_counters_says_unavailable(tmp_pa
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """torch 2.11 has no ``_get_total_cache_entry_count`` (compile=regional crashed on it): with the private names
     gone the run still compiles and trains; the report says "unavailable" and the metrics leave the count out."""
-    import torch._dynamo.convert_frame as convert_frame
+    import modules.scaling
 
-    monkeypatch.delattr(convert_frame, "_get_total_cache_entry_count")
-    monkeypatch.delattr(convert_frame, "input_codes")
+    def torch_2_11() -> list[int]:  # what the private import does there (dynamo itself still needs the name here)
+        raise ImportError("cannot import name '_get_total_cache_entry_count' from 'torch._dynamo.convert_frame'")
+
     torch._dynamo.reset()
+    monkeypatch.setattr(modules.scaling, "dynamo_cache_sizes", torch_2_11)
     metrics = run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=3", "test_after_fit=false", "compile=regional"], cache_dir)
     assert "compile/recompiles" not in metrics and metrics["compile/frames"] >= 1
     history = json.loads((tmp_path / "reports" / "compile.json").read_text())
     assert len(history) == 3 and {h["compile/recompiles"] for h in history} == {"unavailable"}
+    monkeypatch.undo()
     torch._dynamo.reset()
 
 
@@ -283,3 +286,35 @@ def test_fsdp1_on_gpus_with_gradual_unfreezing(tmp_path: Path, cache_dir: Path) 
             assert torch.equal(state["start"][group], state["end"][group]), f"{group} moved while frozen"
         for group in ("block_1", "block_2", "head"):
             assert not torch.equal(state["start"][group], state["end"][group]), f"{group} did not train"
+
+
+@pytest.mark.parametrize("trainer", ["fsdp", "fsdp2"])
+def test_a_kill_while_shards_are_written_leaves_the_previous_sharded_checkpoint_whole(trainer: str, tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sharded strategies, as the trainer configs build them: the shards of a save go to a staging folder that is
+    renamed over the checkpoint once every process has written; a save killed halfway leaves the old folder whole."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from run.config import compose_config as trainer_config
+
+    def lightning_save(self: object, checkpoint: dict, filepath: object, storage_options: object = None) -> None:
+        folder = Path(str(filepath))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__0_0.distcp").write_text(checkpoint["step"])
+        if checkpoint.get("killed"):
+            raise KeyboardInterrupt  # the process dies with half its shards written
+        (folder / "__1_0.distcp").write_text(checkpoint["step"])
+        (folder / "meta.pt").write_text(checkpoint["step"])
+
+    parent = FSDPStrategy if trainer == "fsdp" else ModelParallelStrategy
+    monkeypatch.setattr(parent, "save_checkpoint", lightning_save)
+    strategy = instantiate(trainer_config([f"trainer={trainer}"]).trainer.strategy)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    strategy.save_checkpoint({"step": "4"}, target)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.save_checkpoint({"step": "8", "killed": True}, target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"__0_0.distcp": "4", "__1_0.distcp": "4", "meta.pt": "4"}
+    strategy.save_checkpoint({"step": "12"}, target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"__0_0.distcp": "12", "__1_0.distcp": "12", "meta.pt": "12"}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # the killed save's staging is gone
