@@ -11,8 +11,11 @@
   feature extractor), a later run's ``backbone.name_or_path``. ``export_backbone=`` in ``train.py`` and WiSE-FT's best
   backbone are written by the same ``modules.backbones.save_backbone``.
 
-Every export is run on two real batches of different shapes and compared with the task's own outputs; the
-largest difference goes to ``export_report.json``, and a difference above the tolerance is an error.
+Every export is run on two real batches of different shapes (16 and 15 examples) and compared with the task's own
+outputs, computed before anything is changed for the export (a LoRA run's adapters are merged after: a wrong merge
+fails the check). The difference is relative to the output's scale (largest absolute difference / largest absolute
+output), within ``TOLERANCE`` for the model's dtype; both figures go to ``export_report.json``, and a difference
+above the tolerance is an error.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ log = logging.getLogger("tunelab")
 # what --format all exports (the task); "backbone" only when named
 TASK_FORMATS = ("hf", "onnx", "torchscript")
 FORMATS = (*TASK_FORMATS, "backbone")
-TOLERANCE = 1e-4
+# the largest difference, relative to the output's scale, an export may show: by the dtype the model computes in
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 INPUTS = {"text": ("input_ids", "attention_mask"), "image": ("pixel_values",), "audio": ("input_values", "attention_mask")}
 # masked-LM heads in transformers: where tunelab's dense / LayerNorm / output bias go
 MLM_HEADS = {
@@ -66,15 +70,21 @@ def outputs_of(value: Any) -> list[torch.Tensor]:
     return list(value) if isinstance(value, (tuple, list)) else [value]
 
 
-def max_difference(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> float:
-    """Largest absolute difference over all outputs (as float64)."""
-    worst = 0.0
+def max_difference(expected: Sequence[torch.Tensor], got: Sequence[Any]) -> tuple[float, float]:
+    """(largest absolute difference, the same relative to the output's scale) over all outputs, in float64; an
+    output's scale is its largest absolute value (differences of exact outputs, frame counts, stay 0)."""
+    absolute = relative = 0.0
     for a, b in zip(expected, got, strict=True):
         b = torch.as_tensor(b)
         if tuple(a.shape) != tuple(b.shape):
-            return float("inf")
-        worst = max(worst, float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
-    return worst
+            return float("inf"), float("inf")
+        if not a.numel():
+            continue
+        worst = float((a.double() - b.double()).abs().max())
+        scale = float(a.double().abs().max())
+        absolute = max(absolute, worst)
+        relative = max(relative, worst / scale if scale > 0 else worst)
+    return absolute, relative
 
 
 def classifier_linear(task: nn.Module) -> nn.Linear:
@@ -109,19 +119,29 @@ class Exporter:
     def args(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(batch[name] for name in self.names)
 
-    def check(self, what: str, run: Callable[[dict[str, torch.Tensor]], Sequence[Any]], compare: int | None = None) -> list[float]:
-        """``run`` on each batch vs the task's outputs (the first ``compare`` outputs); raise above the tolerance."""
-        differences = []
+    @property
+    def tolerance(self) -> float:
+        """The relative difference allowed for the dtype the task computes in."""
+        dtype = next((p.dtype for p in self.task.parameters() if p.is_floating_point()), torch.float32)
+        return TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+
+    def check(self, what: str, run: Callable[[dict[str, torch.Tensor]], Sequence[Any]], compare: int | None = None) -> dict[str, list[float]]:
+        """``run`` on each batch vs the task's outputs (the first ``compare`` outputs); raise above the tolerance.
+        Returns the per-batch largest absolute and relative differences."""
+        absolute, relative = [], []
         for batch, expected in zip(self.batches, self.expected, strict=True):
             with torch.inference_mode():
                 got = list(run(batch))
-            differences.append(max_difference(expected[:compare or len(expected)], got[:compare or len(expected)]))
+            a, r = max_difference(expected[:compare or len(expected)], got[:compare or len(expected)])
+            absolute.append(a)
+            relative.append(r)
         shapes = ", ".join("x".join(map(str, b[self.names[0]].shape)) for b in self.batches)
-        if max(differences) > TOLERANCE:
-            raise ConfigError(f"the {what} export does not reproduce the model: max abs difference {max(differences):.3g} "
-                              f"(tolerance {TOLERANCE:g}) on inputs {shapes}; please report it, and use another --format")
-        log.info(f"{what}: max abs difference {max(differences):.2e} vs the task on inputs {shapes}")
-        return differences
+        if max(relative) > self.tolerance:
+            raise ConfigError(f"the {what} export does not reproduce the model: max difference {max(relative):.3g} of the "
+                              f"output's scale (tolerance {self.tolerance:g}; absolute {max(absolute):.3g}) on inputs {shapes}; "
+                              "please report it, and use another --format")
+        log.info(f"{what}: max difference {max(relative):.2e} of the output's scale vs the task on inputs {shapes}")
+        return {"max_abs_difference": absolute, "max_relative_difference": relative}
 
     # -- Hugging Face / timm ------------------------------------------------------------------------
     def hf(self, out: Path) -> dict[str, Any]:
@@ -157,7 +177,7 @@ class Exporter:
         backbone.processor.save_pretrained(out)
         differences = self.check("Hugging Face", lambda b: [model(**b).logits])
         return {"loads_with": "transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)",
-                "max_abs_difference": differences}
+                **differences}
 
     def hf_ctc(self, out: Path) -> dict[str, Any]:
         from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
@@ -187,7 +207,7 @@ class Exporter:
 
         differences = self.check("Hugging Face", run, compare=1)
         return {"loads_with": "transformers.AutoModelForCTC.from_pretrained(folder) + AutoProcessor.from_pretrained(folder)",
-                "max_abs_difference": differences}
+                **differences}
 
     def hf_masked_lm(self, out: Path) -> dict[str, Any]:
         from transformers import AutoModelForMaskedLM
@@ -212,7 +232,7 @@ class Exporter:
         model.save_pretrained(out)
         backbone.processor.save_pretrained(out)
         differences = self.check("Hugging Face", lambda b: [model(**b).logits])
-        return {"loads_with": "transformers.AutoModelForMaskedLM.from_pretrained(folder)", "max_abs_difference": differences}
+        return {"loads_with": "transformers.AutoModelForMaskedLM.from_pretrained(folder)", **differences}
 
     def timm(self, out: Path) -> dict[str, Any]:
         import timm
@@ -234,7 +254,7 @@ class Exporter:
                     data_config=dict(backbone.processor), safe_serialization=True)
         loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # as a user loads it
         differences = self.check("timm", lambda b: [loaded(b["pixel_values"])])
-        return {"loads_with": f"timm.create_model('local-dir:{out}')", "max_abs_difference": differences}
+        return {"loads_with": f"timm.create_model('local-dir:{out}')", **differences}
 
     def backbone(self, out: Path) -> dict[str, Any]:
         """The backbone alone, in the Hugging Face format; checked by loading it with ``AutoModel``."""
@@ -260,7 +280,7 @@ class Exporter:
         finally:
             self.expected = expected
         return {"loads_with": "transformers.AutoModel.from_pretrained(folder) (+ AutoTokenizer / AutoFeatureExtractor)",
-                "max_abs_difference": differences}
+                **differences}
 
     def dropout_p(self) -> float:
         head = self.task.head[self.task.target] if isinstance(self.task.head, nn.ModuleDict) else self.task.head
@@ -316,7 +336,7 @@ class Exporter:
             **self.preprocessing()}, indent=2))
         self.save_preprocessing(out)
         return {"loads_with": "onnxruntime.InferenceSession(folder/model.onnx)", "inputs": wanted,
-                "max_abs_difference": differences}
+                **differences}
 
     def torchscript(self, out: Path) -> dict[str, Any]:
         import warnings
@@ -342,7 +362,7 @@ class Exporter:
         (out / "torchscript_io.json").write_text(json.dumps({"inputs": list(self.names), "outputs": self.output_names(),
                                                               **self.preprocessing()}, indent=2))
         self.save_preprocessing(out)
-        return {"loads_with": "torch.jit.load(folder/model.pt)", "max_abs_difference": differences}
+        return {"loads_with": "torch.jit.load(folder/model.pt)", **differences}
 
     def preprocessing(self) -> dict[str, Any]:
         """What turns raw inputs into the graph's inputs, and its outputs back into labels or text."""
@@ -393,7 +413,7 @@ def unsupported(run: Any, fmt: str) -> str | None:
     return None
 
 
-def sample_batches(run: Any, size: int = 4) -> list[dict[str, Any]]:
+def sample_batches(run: Any, size: int = 16) -> list[dict[str, Any]]:
     """Two real batches of the run's data (test split, else validation) with different shapes: ``size`` examples,
     then ``size - 1`` others (their own padding length)."""
     datamodule = run.datamodule()
@@ -426,7 +446,7 @@ def export_run(run: Any, formats: Sequence[str], out: Path, skip_failures: bool 
     if not skip_failures and any(problems.values()):
         raise ConfigError(next(p for p in problems.values() if p))
     report: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "weights": run.weights,
-                              "task": run.kind, "tolerance": TOLERANCE, "formats": {}}
+                              "task": run.kind, "formats": {}}
     path = out / "export_report.json"
     if path.is_file():  # an earlier export of other formats into the same folder stays listed
         earlier = json.loads(path.read_text())
@@ -434,10 +454,11 @@ def export_run(run: Any, formats: Sequence[str], out: Path, skip_failures: bool 
             report["formats"] = dict(earlier.get("formats", {}))
     from modules.lora import has_lora, merge_lora
 
+    exporter = Exporter(run, sample_batches(run))  # the reference outputs: the model as trained, adapters unmerged
+    report["tolerance"] = {"relative_to_output_scale": exporter.tolerance}
     if has_lora(run.model.backbone):  # the adapters folded into the base weights: every format exports a plain model
         merge_lora(run.model.backbone)
-        report["lora"] = "adapters merged into the base weights"
-    exporter = Exporter(run, sample_batches(run))
+        report["lora"] = "adapters merged into the base weights (checked against the unmerged model)"
     out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         folder = out / fmt

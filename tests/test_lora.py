@@ -105,6 +105,32 @@ def test_eval_predict_and_merged_export_of_a_lora_run(lora_run: Path, tmp_path: 
     assert max(report["formats"]["hf"]["max_abs_difference"]) <= 1e-4  # the exported model gives the merged outputs
 
 
+def test_the_export_check_compares_with_the_unmerged_model(lora_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference outputs come from the model as trained (adapters apart): a merge that loses the adapters fails
+    the check, a right one passes it (adapters made large here, so that losing them shows at any tolerance)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    from modules.errors import ConfigError
+    from run.export import export_run
+    from run.trained import load_run
+
+    def loaded() -> object:
+        run = load_run(lora_run)
+        torch.manual_seed(0)
+        for name, param in run.model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.5)
+        return run
+
+    report = export_run(loaded(), ["onnx"], tmp_path / "right")
+    assert max(report["formats"]["onnx"]["max_relative_difference"]) <= report["tolerance"]["relative_to_output_scale"]
+    for layer in {type(m) for m in loaded().model.modules() if isinstance(m, LoraLayer)}:  # unwrapped, adapters dropped
+        monkeypatch.setattr(layer, "merge", lambda self, *a, **k: None)
+    with pytest.raises(ConfigError, match="the ONNX export does not reproduce the model"):
+        export_run(loaded(), ["onnx"], tmp_path / "wrong")
+
+
 def in_run_labels(run: Path) -> list[str]:
     return json.loads((run / "labels.json").read_text())["label_names"]
 

@@ -222,6 +222,20 @@ def test_predict_fills_masks_with_the_models_own_choice(runs: dict[str, Path], t
         assert [p for _, p in mask["top_k"]] == pytest.approx(top.values.tolist(), abs=1e-6)
 
 
+def test_the_export_tolerance_is_relative_to_the_outputs_scale_and_the_dtype() -> None:
+    """Logits in the thousands differ by float32 rounding alone more than 1e-4 in absolute terms: the check scales by
+    the outputs; and bfloat16 rounding (8 bits of mantissa) passes its own, looser tolerance only."""
+    from run.export import TOLERANCE, max_difference
+
+    torch.manual_seed(0)
+    exact = torch.randn(16, 5, dtype=torch.float64) * 5e3
+    absolute, relative = max_difference([exact], [exact.float()])
+    assert absolute > 1e-4 and relative < TOLERANCE[torch.float32]
+    _, relative = max_difference([exact], [exact.bfloat16()])
+    assert TOLERANCE[torch.float32] < relative < TOLERANCE[torch.bfloat16]
+    assert max_difference([exact], [exact[:3]]) == (float("inf"), float("inf"))  # a wrong shape never passes
+
+
 @pytest.mark.parametrize("modality", [m if m == "text" else pytest.param(m, marks=pytest.mark.slow) for m in RUNS])
 def test_every_export_loads_in_a_fresh_process_and_gives_evals_outputs(runs: dict[str, Path], modality: str,
                                                                        tmp_path: Path) -> None:
@@ -231,7 +245,7 @@ def test_every_export_loads_in_a_fresh_process_and_gives_evals_outputs(runs: dic
     export_script.main([str(run), "--out", str(tmp_path / "export")])
     report = json.loads((tmp_path / "export" / "export_report.json").read_text())
     assert set(report["formats"]) == {"hf", "onnx", "torchscript"}
-    assert all(max(f["max_abs_difference"]) <= 1e-4 for f in report["formats"].values())
+    assert all(max(f["max_relative_difference"]) <= 1e-4 for f in report["formats"].values())
     assert (tmp_path / "export" / "hf" / "model.safetensors").is_file()
 
     loaded = tmp_path / "loaded.json"
