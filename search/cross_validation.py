@@ -1,4 +1,10 @@
-"""k-fold cross-validation: after ``--multirun cv=kfold``, every metric as mean ± std over the folds (table + plot)."""
+"""k-fold cross-validation: after ``--multirun cv=kfold``, every metric as mean ± std over the folds (table + plot).
+
+What estimates the recipe's performance, and what does not: each fold's ``best/*`` is the best epoch *chosen on that
+same fold's validation data*, an optimistic figure (selection-biased); its last-epoch ``val/*`` (the recipe runs a
+fixed number of epochs: ``cv=kfold`` turns early stopping off) and its ``test/*`` (the held-out test split, scored on
+the checkpoint the fold chose) were chosen on nothing they measure. The summary says which is which (``kind``),
+lists the estimates first and plots them."""
 
 from __future__ import annotations
 
@@ -17,8 +23,19 @@ from search.tables import lookup, write_table
 
 log = logging.getLogger("tunelab")
 
-# metrics plotted fold by fold (the table holds every metric)
-PLOTTED = ("best/", "test/")
+# what each metric is, by its prefix: an estimate of the recipe, or a figure selected on the data it measures
+ESTIMATES = ("val/", "test/")
+SELECTED = ("best/",)
+
+
+def kind_of(metric: str) -> str:
+    """``estimate`` (last-epoch validation, held-out test), ``selection-biased`` (the best epoch, chosen on the fold's
+    own validation data), or ``other`` (losses of training, timings, counts)."""
+    if metric.startswith(ESTIMATES):
+        return "estimate"
+    if metric.startswith(SELECTED):
+        return "selection-biased"
+    return "other"
 
 
 def read_folds(sweep_dir: Path) -> dict[int, dict[str, float]]:
@@ -44,20 +61,21 @@ def aggregate(folds: Mapping[int, Mapping[str, float]]) -> list[dict[str, Any]]:
         finite = [v for v in values if math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else float("nan")
         std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
-        row: dict[str, Any] = {"metric": name, "mean": mean, "std": std, "n": len(finite)}
+        row: dict[str, Any] = {"metric": name, "kind": kind_of(name), "mean": mean, "std": std, "n": len(finite)}
         row.update({f"fold {f}": folds[f][name] for f in sorted(folds)})
         rows.append(row)
-    return rows
+    order = {"estimate": 0, "selection-biased": 1, "other": 2}
+    return sorted(rows, key=lambda r: order[r["kind"]])
 
 
 def plot_folds(rows: Sequence[Mapping[str, Any]], folds: Sequence[int], path: Path) -> None:
-    """Each plotted metric: its value per fold (points), the mean (line) and ± one std (band)."""
+    """Each estimate (``kind_of``): its value per fold (points), the mean (line) and ± one std (band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if str(r["metric"]).startswith(PLOTTED)] or list(rows[:4])
+    shown = [r for r in rows if r["kind"] == "estimate" and "loss" not in str(r["metric"])] or list(rows[:4])
     if not shown:
         return
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
@@ -85,11 +103,17 @@ def summarise(sweep_dir: Path, num_folds: int | None = None) -> list[dict[str, A
     if missing:
         log.warning(f"cross-validation: folds {missing} of {num_folds} did not finish; the summary covers {sorted(folds)}")
     rows = aggregate(folds)
-    headers = ["metric", "mean", "std", "n", *[f"fold {f}" for f in sorted(folds)]]
-    write_table(rows, headers, sweep_dir, "cv_summary", f"{len(folds)}-fold cross-validation ({sweep_dir}): mean ± std")
+    headers = ["metric", "kind", "mean", "std", "n", *[f"fold {f}" for f in sorted(folds)]]
+    write_table(rows, headers, sweep_dir, "cv_summary", f"{len(folds)}-fold cross-validation ({sweep_dir}): mean ± std. "
+                "kind: estimate = last-epoch validation / held-out test; selection-biased = the best epoch, chosen on the "
+                "fold's own validation data (optimistic)")
+    with open(sweep_dir / "cv_summary.md", "a") as md:
+        md.write("\nkind: *estimate* = each fold's last-epoch validation (a fixed number of epochs) or the held-out test "
+                 "split; *selection-biased* = the best epoch, chosen on the fold's own validation data (optimistic).\n")
     (sweep_dir / "cv_summary.json").write_text(json.dumps(
         {"folds": sorted(folds), "num_folds": num_folds,
-         "metrics": {r["metric"]: {"mean": r["mean"], "std": r["std"], "n": r["n"]} for r in rows}}, indent=2))
+         "metrics": {r["metric"]: {"kind": r["kind"], "mean": r["mean"], "std": r["std"], "n": r["n"]} for r in rows}},
+        indent=2))
     plot_folds(rows, sorted(folds), sweep_dir / "cv_summary.png")
     return rows
 

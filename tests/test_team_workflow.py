@@ -251,6 +251,28 @@ def test_folds_of_unlabelled_data_and_of_a_source_with_its_own_test_split() -> N
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+def test_the_cross_validation_summary_labels_what_was_selected_on_the_fold(tmp_path: Path) -> None:
+    """Each fold's best/* was chosen on that fold's validation data: the summary labels it selection-biased and gives,
+    first, the estimates (last-epoch val/*, test/*), whose mean and std are the folds'."""
+    from search.cross_validation import summarise
+
+    values = {0: (0.90, 0.95, 0.88), 1: (0.80, 0.91, 0.86), 2: (0.85, 0.97, 0.87)}  # val/acc, best/val/acc, test/acc
+    for fold, (val, best, test) in values.items():
+        job = tmp_path / str(fold)
+        job.mkdir()
+        (job / "config.yaml").write_text(yaml.safe_dump({"data": {"fold": fold, "num_folds": 3}}))
+        (job / "metrics.json").write_text(json.dumps({"val/acc": val, "best/val/acc": best, "test/acc": test, "time/total_s": 3.0}))
+    rows = summarise(tmp_path, 3)
+    assert [(r["metric"], r["kind"]) for r in rows] == [("test/acc", "estimate"), ("val/acc", "estimate"),
+                                                        ("best/val/acc", "selection-biased"), ("time/total_s", "other")]
+    assert rows[1]["mean"] == pytest.approx(0.85) and rows[1]["std"] == pytest.approx(0.05)
+    summary = json.loads((tmp_path / "cv_summary.json").read_text())["metrics"]
+    assert summary["best/val/acc"]["kind"] == "selection-biased" and summary["val/acc"]["kind"] == "estimate"
+    table = {r["metric"]: r for r in csv.DictReader(open(tmp_path / "cv_summary.csv"))}
+    assert table["best/val/acc"]["kind"] == "selection-biased"
+    assert "selection-biased" in (tmp_path / "cv_summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_cross_validation_command_aggregates_folds_and_groups_them_in_wandb(tmp_path: Path) -> None:
     """``--multirun cv=kfold``: one job per fold, the summary's mean / std are those of the folds' metrics; under W&B
