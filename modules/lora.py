@@ -140,7 +140,19 @@ def apply_lora(backbone: Any, spec: LoraSpec) -> Any:
         param.requires_grad_(is_adapter(name))
     backbone.lora = spec
     backbone.lora_targets = targets
+    if random_init(backbone):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"finetune=lora on a randomly initialised backbone ({backbone.source}): its base weights stay "
+                       "frozen at random values and only the low-rank adapters and the head train; load pretrained "
+                       "weights (backbone.pretrained=true or backbone.checkpoint_path) or train it fully (finetune=full)")
     return backbone
+
+
+def random_init(backbone: Any) -> bool:
+    """Whether the backbone's weights are random (built from scratch, no hub or local weights loaded)."""
+    source = str(getattr(backbone, "source", ""))
+    return source.startswith("scratch:") or source.endswith("(random init)")
 
 
 def base_weight_names(task: nn.Module) -> set[str]:

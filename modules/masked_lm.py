@@ -7,12 +7,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.aggregation import MeanMetric
 
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
 from modules.kernels import triton_can_run
-from modules.task import TaskModule
+from modules.task import TaskModule, WeightedMean
 
 
 class FusedLMLoss(NamedTuple):
@@ -53,7 +52,7 @@ class MaskedLMHead(nn.Module):
         return FusedLMLoss(*linear_cross_entropy(features, embeddings, targets, self.bias, backend=backend))
 
 
-class ExpMeanMetric(MeanMetric):
+class ExpMeanMetric(WeightedMean):
     """exp of a weighted mean: perplexity from per-batch mean NLLs weighted by masked-token counts."""
 
     def compute(self) -> torch.Tensor:
@@ -87,13 +86,13 @@ class MaskedLM(TaskModule):
         eps = float(getattr(model.config, "layer_norm_eps", 1e-12))
         self.head = MaskedLMHead(backbone.feature_dim, vocab_size, eps)
         self.fused_loss = "cross_entropy" in getattr(backbone, "fused_ops", ())
-        # token-weighted epoch means, DDP-synced (torchmetrics); nan_strategy=disable: no NaN check, which would read
-        # the value back to the host at every step (a NaN loss is the non-finite guard's business)
+        # token-weighted epoch means, DDP-synced (``WeightedMean``: no NaN check, which would read the value back to the
+        # host at every step; a NaN loss is the non-finite guard's business)
         for stage in ("train", "val", "test"):
             if stage != "train":
-                setattr(self, f"{stage}_token_loss", MeanMetric(nan_strategy="disable"))
-            setattr(self, f"{stage}_perplexity", ExpMeanMetric(nan_strategy="disable"))
-            setattr(self, f"{stage}_token_acc", MeanMetric(nan_strategy="disable"))
+                setattr(self, f"{stage}_token_loss", WeightedMean())
+            setattr(self, f"{stage}_perplexity", ExpMeanMetric())
+            setattr(self, f"{stage}_token_acc", WeightedMean())
 
     data_kind = "mlm"
     default_monitor = ("val/loss", "min")

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torchmetrics import Metric
-from torchmetrics.aggregation import MeanMetric, SumMetric
+from torchmetrics.aggregation import SumMetric
 
 from modules.backbones.base import Backbone
 from modules.errors import ConfigError
@@ -180,9 +180,9 @@ class TaskModule(pl.LightningModule):
         """The aggregate behind the epoch figure ``name`` (made on first use)."""
         key = aggregate_key(name)
         if key not in self.epoch_aggregates:
-            kind = MeanMetric if reduce == "mean" else SumMetric
             # no NaN check: it would read the value back to the host at every step (non-finite losses are the guard's)
-            self.epoch_aggregates[key] = kind(nan_strategy="disable").to(device)
+            made = WeightedMean() if reduce == "mean" else SumMetric(nan_strategy="disable")
+            self.epoch_aggregates[key] = made.to(device)
         return self.epoch_aggregates[key]
 
     def metric_states(self) -> dict[str, dict[str, Any]]:
@@ -193,7 +193,7 @@ class TaskModule(pl.LightningModule):
             if isinstance(metric, Metric):
                 state = {k: ([t.detach().cpu().clone() for t in v] if isinstance(v, list) else v.detach().cpu().clone())
                          for k, v in metric.metric_state.items()}
-                kind = {MeanMetric: "mean", SumMetric: "sum"}.get(type(metric))
+                kind = {WeightedMean: "mean", SumMetric: "sum"}.get(type(metric))
                 states[name] = {"state": state, "updates": int(getattr(metric, "_update_count", 0)), "aggregate": kind}
         return states
 
@@ -283,6 +283,27 @@ class TaskModule(pl.LightningModule):
         if monitor:  # reduce-on-plateau: checked after each validation, on the configured metric
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class WeightedMean(Metric):
+    """The weighted mean of logged values (each batch's mean weighted by its size), summed across processes: every
+    example counts once. No NaN check (it would read values back to the host at every step). torchmetrics'
+    ``MeanMetric`` is not used: with ``nan_strategy="disable"`` (1.9) it drops the weights, so an epoch's figure was
+    the plain mean of batch means (and across processes the mean of the processes' means)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: torch.Tensor) -> None:
+        self.total += (value.double() * weight.double()).sum()
+        self.weight += weight.double().sum()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.weight).float()
 
 
 def aggregate_key(name: str) -> str:

@@ -181,3 +181,14 @@ class KillDuringTest(pl.Callback):
         import signal
 
         os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class CrashAtStep(pl.Callback):
+    """Raises (a bug in user code, an OOM) once ``step`` optimizer steps are done: the run fails with a traceback."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"crash at step {trainer.global_step} (tests.probes.CrashAtStep)")

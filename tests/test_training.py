@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,24 @@ def test_wandb_offline_writes_config_and_metrics(tmp_path: Path, cache_dir: Path
         assert metric in record, metric
     assert b"\x02ci" in record and b"test" in record
     assert list((runs[0] / "files" / "media" / "table").glob("parameter_report*.table.json"))
+
+
+def test_a_crashed_run_finishes_its_wandb_run_as_failed(tmp_path: Path, cache_dir: Path) -> None:
+    """A run that raises mid-training still finishes its W&B run, with exit code 1: in a sweep (one process, run after
+    run) the next run starts a fresh W&B run instead of logging into the crashed one, and the dashboard marks it failed."""
+    import wandb
+
+    from tests.wandb_records import records, run_files
+
+    overrides = [*FAST_TEXT, "data.max_train_samples=32", "trainer.max_steps=4", "logger=wandb",
+                 "logger.wandb.offline=true", "+callbacks.crash._target_=tests.probes.CrashAtStep", "+callbacks.crash.step=1"]
+    with pytest.raises(RuntimeError, match="crash at step 1"):
+        run_train(tmp_path, overrides, cache_dir)
+    assert wandb.run is None  # finished, not left open for the next run of the process
+    wandb.teardown()
+    (path,) = run_files(tmp_path)
+    exits = [r.exit.exit_code for r in records(path) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1], exits
 
 
 def test_tensorboard_and_csv_together(tmp_path: Path, cache_dir: Path) -> None:
@@ -177,3 +196,17 @@ def test_export_cli_writes_any_runs_backbone_in_hf_format(tmp_path: Path, cache_
     assert (folder / "tokenizer_config.json").exists()
     report = json.loads((tmp_path / "export" / "export_report.json").read_text())
     assert max(report["formats"]["backbone"]["max_abs_difference"]) < 1e-5
+
+def test_epoch_means_weigh_each_batch_by_what_it_holds() -> None:
+    """A batch of 3 and a batch of 1: the epoch figure is the mean over the 4 examples (masked tokens for the MLM
+    metrics), not the mean of the two batch means (torchmetrics 1.9's MeanMetric(nan_strategy="disable") drops the
+    weights and gave the latter, in-run and across processes)."""
+    from modules.masked_lm import ExpMeanMetric
+    from modules.task import WeightedMean
+
+    mean, perplexity = WeightedMean(), ExpMeanMetric()
+    for value, weight in ((1.0, 3.0), (3.0, 1.0)):
+        mean.update(torch.tensor(value), weight=torch.tensor(weight))
+        perplexity.update(torch.tensor(value), weight=torch.tensor(weight))
+    assert float(mean.compute()) == pytest.approx(1.5)
+    assert float(perplexity.compute()) == pytest.approx(math.exp(1.5))
