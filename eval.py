@@ -50,6 +50,7 @@ def evaluate(args: Any) -> dict[str, Any]:
         add_correctness,
         class_report,
         collect_predictions,
+        entity_report,
         speech_report,
         write_predictions,
     )
@@ -84,6 +85,8 @@ def evaluate(args: Any) -> dict[str, Any]:
         report = class_report(rows, run.model.label_names, out)
     elif run.kind == "ctc":
         report = speech_report(rows, out)
+    elif run.kind == "token_classification":
+        report = entity_report(rows, run.model.label_names, out)
     result = {"metrics": metrics, "report": report, "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
               "weights": run.weights, "split": args.split, "examples": len(rows), "overrides": list(args.overrides),
               "skipped": sum("error" in r for r in rows)}

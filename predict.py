@@ -5,8 +5,9 @@
     python predict.py RUN photos/ --out predictions.csv     # image files or folders
     python predict.py RUN clips/ manifest.jsonl --out transcripts.jsonl   # audio files, folders, manifests
 
-Classifiers give ``predicted``, ``score`` and ``top_k`` ([label, probability] pairs); speech models give the
-``transcript``; masked LMs fill each ``[MASK]`` (top-k tokens). Rows go to ``--out`` (.jsonl or .csv) or to
+Classifiers give ``predicted``, ``score`` and ``top_k`` ([label, probability] pairs); token classifiers (NER) give
+``entities`` (type, character offsets, text, score) and each word's tag; speech models give the ``transcript``; masked
+LMs fill each ``[MASK]`` (top-k tokens). Rows go to ``--out`` (.jsonl or .csv) or to
 stdout as JSON lines; the progress bar and messages go to stderr.
 """
 
@@ -62,7 +63,9 @@ def predict(args: Any) -> list[dict[str, Any]]:
     if modality == "text":
         encoding = TextEncoding(data.get("encoding", "utf-8"), data.get("encoding_errors", "strict"))
         items = raw_inputs.read_texts(args.inputs, args.column or data.get("text_column", "text"), encoding)
-        prepare, collate = raw_inputs.text_preparation(processor, int(data.get("max_length") or data.get("block_size") or 512))
+        length = int(data.get("max_length") or data.get("block_size") or 512)
+        tagging = run.kind == "token_classification"
+        prepare, collate = (raw_inputs.word_preparation if tagging else raw_inputs.text_preparation)(processor, length)
     elif modality == "image":
         items = raw_inputs.find_files(args.inputs, raw_inputs.SUFFIXES["image"], args.column or "image", "image")
         prepare, collate = raw_inputs.image_preparation(processor)
@@ -94,6 +97,8 @@ def predict(args: Any) -> list[dict[str, Any]]:
                 if tokenizer is not None:
                     out = {"masks": [{**m, "top_k": [[tokenizer.convert_ids_to_tokens(int(t)), p] for t, p in m["top_k"]]}
                                      for m in out["masks"]]}
+                if run.kind == "token_classification":
+                    out = entities_in_text(processor, texts[name], out)
                 shown = {"text": texts[name][:200]} if name in texts else {}
                 rows.append({"input": name, **shown, **out})
             rows += [{"input": name, "error": message} for name, message in errors]
@@ -105,6 +110,20 @@ def predict(args: Any) -> list[dict[str, Any]]:
     order = {item.name: i for i, item in enumerate(items)}
     rows.sort(key=lambda r: order.get(r["input"], 0))
     return rows
+
+
+def entities_in_text(tokenizer: Any, text: str, out: dict[str, Any]) -> dict[str, Any]:
+    """A tagger's output on a raw text: each entity with its type, character offsets, words and score, and each
+    word with its tag (words past max_length get none)."""
+    from datamodules.raw_inputs import words_of
+
+    words = words_of(tokenizer, text)
+    entities = [{"type": e["type"], "start": words[e["start"]][1][0], "end": words[e["end"] - 1][1][1],
+                 "text": text[words[e["start"]][1][0]:words[e["end"] - 1][1][1]], "score": e["score"]}
+                for e in out["entities"]]
+    tagged = [{"word": w, "start": a, "end": b, "tag": t, "score": p}
+              for (w, (a, b)), t, p in zip(words, out["predicted_tags"], out["tag_scores"], strict=False)]
+    return {"entities": entities, "words": tagged}
 
 
 def write(rows: list[dict[str, Any]], out: str | None) -> None:

@@ -15,9 +15,9 @@ from callbacks.preemption import Preemption, StepCheckpoint, TimedCheckpoint
 from callbacks.reproducibility import BatchSeed
 from callbacks.run_end import RunEnd
 from callbacks.step_profile import StepProfile
-from callbacks.task_reports import ConfusionMatrixReport, PredictionSamples
+from callbacks.task_reports import ConfusionMatrixReport, EntityReport, PredictionSamples
 from callbacks.wise_ft import WiseFT
 
-__all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "FinetuneSchedule", "InferenceSpeed",
+__all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "EntityReport", "FinetuneSchedule", "InferenceSpeed",
            "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepCheckpoint", "StepProfile", "TimedCheckpoint",
            "WiseFT"]

@@ -28,13 +28,55 @@ class ConfusionMatrixReport(pl.Callback):
             return
         out = Path(trainer.default_root_dir) / self.dirname
         out.mkdir(parents=True, exist_ok=True)
-        names = list(pl_module.label_names)
+        names = list(getattr(pl_module, "confusion_names", None) or pl_module.label_names)
         with open(out / "confusion_matrix.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["true \\ predicted", *names])
             for name, row in zip(names, matrix.tolist(), strict=True):
                 writer.writerow([name, *row])
         plot_confusion(matrix, names, out / "confusion_matrix.png")
+
+
+class EntityReport(pl.Callback):
+    """At test end, a tagger's per-entity-type scores (``pl_module.last_entity_report``: precision, recall, F1, gold
+    and predicted counts) as ``<run>/<dirname>/entities.{csv,md}`` and a bar plot ``entities.png``."""
+
+    def __init__(self, dirname: str = "reports") -> None:
+        self.dirname = dirname
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = getattr(pl_module, "last_entity_report", None)
+        if not rows or not trainer.is_global_zero:
+            return
+        write_entity_report(rows, Path(trainer.default_root_dir) / self.dirname)
+
+
+def write_entity_report(rows: Sequence[dict], out: Path, title: str = "Test entity F1 per type") -> None:
+    """``entities.csv`` / ``entities.md`` (one row per type, by support) and ``entities.png`` (F1 per type)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: -r["support"])
+    headers = ["type", "precision", "recall", "f1", "support", "predicted"]
+    with open(out / "entities.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=headers)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(f"{r[h]:.3f}" if isinstance(r[h], float) else str(r[h]) for h in headers) + " |" for r in rows]
+    (out / "entities.md").write_text(f"{title}\n\n" + "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.6))
+    ax.bar(range(len(rows)), [r["f1"] for r in rows], color="tab:blue")
+    ax.set_xticks(range(len(rows)), [f"{r['type']}\n({r['support']})" for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("entity F1")
+    ax.set_title(f"{title} (gold count in brackets)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "entities.png", dpi=100)
+    plt.close(fig)
 
 
 class PredictionSamples(pl.Callback):

@@ -16,6 +16,7 @@ _HOMES = {
     "JointDataModule": "datamodules.joint",
     "SpeechDataModule": "datamodules.speech",
     "TextDataModule": "datamodules.text",
+    "TokenClassificationDataModule": "datamodules.token_tags",
     "VisionDataModule": "datamodules.vision",
 }
 __all__ = sorted(_HOMES)

@@ -35,9 +35,10 @@ BAD_INPUT_POLICIES = ("error", "skip")
 class DataSpec:
     """What the data tells the task (``train.py`` hands it over): the one data -> task contract.
 
-    kind: which tasks can train on it (``classification``, ``ctc``, ``mlm``, ``joint_classification``).
+    kind: which tasks can train on it (``classification``, ``token_classification``, ``ctc``, ``mlm``,
+        ``joint_classification``).
     modality: what the backbone reads (``text``, ``image``, ``audio``).
-    label_names: classification label ids -> names (the target's, for joint data).
+    label_names: classification label ids -> names (the target's, for joint data; tags for token classification).
     vocab: CTC output tokens.
     heads: joint data: dataset name -> its label names; target: the dataset validated and tested.
     has_test: whether a real test split exists (never the validation set under another name).
@@ -53,7 +54,7 @@ class DataSpec:
 
     def task_kwargs(self) -> dict[str, Any]:
         """The task's constructor arguments that come from the data."""
-        if self.kind == "classification":
+        if self.kind in ("classification", "token_classification"):
             return {"num_classes": len(self.label_names), "label_names": list(self.label_names)}
         if self.kind == "ctc":
             return {"vocab": list(self.vocab)}

@@ -127,6 +127,33 @@ def text_preparation(tokenizer: Any, max_length: int) -> tuple[Any, Any]:
     return prepare, DataCollatorWithPadding(tokenizer)
 
 
+def words_of(tokenizer: Any, text: str) -> list[tuple[str, tuple[int, int]]]:
+    """The words of a raw text as the tokenizer's own pre-tokenizer splits it (BERT: at spaces and punctuation), with
+    their character offsets: the words a token classifier tags (and a Hugging Face pipeline groups)."""
+    return tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+
+
+def word_preparation(tokenizer: Any, max_length: int) -> tuple[Any, Any]:
+    """Token classification: a text -> its words -> sub-word tokens, ``word_labels`` marking each word's first
+    sub-token (0) and ``IGNORE`` elsewhere (what the task reads one tag from); words beyond ``max_length`` are cut."""
+    from datamodules.token_tags import TagCollator
+    from modules.entities import IGNORE
+
+    def prepare(item: RawItem) -> dict[str, Any]:
+        words = [w for w, _ in words_of(tokenizer, item.content)]
+        if not words:
+            raise DataError(f"{item.name}: no word to tag")
+        encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        marks, seen = [], set()
+        for w in encoded.word_ids():
+            marks.append(0 if w is not None and w not in seen else IGNORE)
+            if w is not None:
+                seen.add(w)
+        return {"input_ids": encoded["input_ids"], "word_labels": marks}
+
+    return prepare, TagCollator(tokenizer)
+
+
 def image_preparation(data_config: dict[str, Any]) -> tuple[Any, Any]:
     from torch.utils.data import default_collate
 

@@ -171,6 +171,9 @@ def read_hub(name: str, config: str | None, split_names: Mapping[str, str | None
             for c, feature in ds.features.items():
                 if isinstance(feature, datasets.ClassLabel):  # readable label names; a missing one (None, -1) stays None
                     columns[c] = [feature.int2str(v) if v is not None and v >= 0 else None for v in columns[c]]
+                elif isinstance(getattr(feature, "feature", None), datasets.ClassLabel):  # a list of them (NER tags)
+                    names = feature.feature
+                    columns[c] = [[names.int2str(v) for v in row] for row in columns[c]]
             out[role] = Split(columns, f"{name}[{split}]", list(range(len(ds))))
     if "train" not in out:
         raise ConfigError(f"dataset {name!r} has no split {split_names['train']!r}; its splits are: {', '.join(loaded)}")

@@ -12,5 +12,6 @@ from modules.distillation import DistillationClassifier
 from modules.masked_lm import MaskedLM
 from modules.multi_head_classifier import MultiHeadClassifier
 from modules.task import TaskModule
+from modules.token_classifier import TokenClassifier
 
-__all__ = ["CTCRecognizer", "Classifier", "DistillationClassifier", "MaskedLM", "MultiHeadClassifier", "TaskModule"]
+__all__ = ["CTCRecognizer", "Classifier", "DistillationClassifier", "MaskedLM", "MultiHeadClassifier", "TaskModule", "TokenClassifier"]

@@ -153,6 +153,8 @@ class Exporter:
             return self.hf_ctc(out)
         if self.kind == "mlm":
             return self.hf_masked_lm(out)
+        if self.kind == "token_classification":
+            return self.hf_token_classifier(out)
         raise ConfigError(unsupported(self.run, "hf") or f"--format hf: no Hugging Face class for a {self.kind} task")
 
     def hf_text_classifier(self, out: Path) -> dict[str, Any]:
@@ -233,6 +235,36 @@ class Exporter:
         backbone.processor.save_pretrained(out)
         differences = self.check("Hugging Face", lambda b: [model(**b).logits])
         return {"loads_with": "transformers.AutoModelForMaskedLM.from_pretrained(folder)", **differences}
+
+    def hf_token_classifier(self, out: Path) -> dict[str, Any]:
+        """``AutoModelForTokenClassification``: transformers' token classifiers are the encoder, dropout and one linear
+        layer on every token's hidden state, which is tunelab's head; the tag names go to ``id2label``."""
+        from transformers import AutoModelForTokenClassification
+
+        backbone, head = self.task.backbone, self.task.head
+        config = copy.deepcopy(backbone.model.config)
+        names = list(self.task.label_names)
+        config.update({"architectures": None, "num_labels": len(names), "id2label": dict(enumerate(names)),
+                       "label2id": {n: i for i, n in enumerate(names)}, "classifier_dropout": float(head.dropout.p)})
+        model = AutoModelForTokenClassification.from_config(config).eval()
+        prefix = model.base_model_prefix
+        classifier = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                           and m.out_features == len(names) and not n.startswith(prefix)), None)
+        state = {**prefixed(backbone.model.state_dict(), "", f"{prefix}.")}
+        if classifier is not None:
+            state.update({f"{classifier}.weight": head.linear.weight, f"{classifier}.bias": head.linear.bias})
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        if classifier is None or missing:
+            raise ConfigError(f"--format hf: the {config.model_type} token classifier of transformers does not match "
+                              f"tunelab's (missing {missing[:3] or ['a linear classifier']}); use --format onnx")
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)  # the pooler is not used
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        backbone.processor.save_pretrained(out)
+        differences = self.check("Hugging Face", lambda b: [model(**{k: b[k] for k in self.names if k in b}).logits])
+        return {"loads_with": "transformers.AutoModelForTokenClassification.from_pretrained(folder) (pipeline("
+                "'token-classification', model=folder, aggregation_strategy='first'))", **differences}
 
     def timm(self, out: Path) -> dict[str, Any]:
         import timm
@@ -408,7 +440,12 @@ def unsupported(run: Any, fmt: str) -> str | None:
 
         if model_type not in MODEL_FOR_CTC_MAPPING_NAMES:
             return f"--format hf: transformers has no CTC model for {model_type}; use --format onnx or torchscript"
-    if run.kind not in ("classification", "joint_classification", "ctc", "mlm"):
+    if run.kind == "token_classification":
+        from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+
+        if model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
+            return f"--format hf: transformers has no token classifier for {model_type}; use --format onnx or torchscript"
+    if run.kind not in ("classification", "joint_classification", "ctc", "mlm", "token_classification"):
         return f"--format hf: no Hugging Face class for a {run.kind} task; use --format onnx"
     return None
 

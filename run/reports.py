@@ -125,3 +125,50 @@ def speech_report(rows: Sequence[dict[str, Any]], out: Path, worst: int = 20) ->
         lines.append(f"| {Path(str(r['audio'])).name} | {r['reference']} | {r['transcript']} | {r['wer']:.2f} |")
     (out / "wer_report.md").write_text("\n".join(lines) + "\n")
     return totals
+
+
+def entity_report(rows: Sequence[dict[str, Any]], label_names: Sequence[str], out: Path) -> dict[str, float]:
+    """A tagger's entity scores recomputed from its per-sentence predictions (over the words the in-run metrics count:
+    words cut off by ``max_length`` are left out of both sides), per type as ``entities.{csv,md,png}``, and every mistake as
+    ``mistakes.jsonl`` (``missed``: a gold entity predicted nowhere at its place; ``spurious``: a predicted entity at a
+    place no gold one has; ``wrong_type``: the right words, another type; each with its words), counted by kind in
+    ``mistakes.md``."""
+    from callbacks.task_reports import write_entity_report
+    from modules.entities import entity_spans, tag_scores
+
+    rows = [r for r in rows if "error" not in r]
+    gold = [list(r["tags"]) for r in rows]  # the scored words (datamodule.describe)
+    predicted = [list(r["predicted_tags"]) for r in rows]
+    scores = tag_scores(gold, predicted, label_names)
+    write_entity_report(scores.report(), out, title=f"Entity F1 per type ({len(rows)} sentences)")
+    mistakes, counts = [], {"missed": 0, "spurious": 0, "wrong_type": 0}
+    for row, g, p in zip(rows, gold, predicted, strict=True):
+        words = row["words"]
+        gold_at = {(a, b): kind for kind, a, b in entity_spans(g)}
+        pred_at = {(a, b): kind for kind, a, b in entity_spans(p)}
+        found = []
+        for (a, b), kind in gold_at.items():
+            if (a, b) not in pred_at:
+                found.append({"kind": "missed", "gold": kind, "words": " ".join(words[a:b]), "start": a, "end": b})
+            elif pred_at[(a, b)] != kind:
+                found.append({"kind": "wrong_type", "gold": kind, "predicted": pred_at[(a, b)],
+                              "words": " ".join(words[a:b]), "start": a, "end": b})
+        for (a, b), kind in pred_at.items():
+            if (a, b) not in gold_at:
+                found.append({"kind": "spurious", "predicted": kind, "words": " ".join(words[a:b]), "start": a, "end": b})
+        for mistake in found:
+            counts[mistake["kind"]] += 1
+            mistakes.append({"index": row["index"], "row": row.get("row"), **mistake, "sentence": " ".join(words)})
+    with open(out / "mistakes.jsonl", "w") as file:
+        for mistake in mistakes:
+            file.write(json.dumps(mistake, ensure_ascii=False) + "\n")
+    values = {k: float(v) for k, v in scores.compute().items()}
+    lines = [f"{len(rows)} sentences: entity F1 {values['f1']:.4f} (precision {values['precision']:.4f}, recall "
+             f"{values['recall']:.4f}), macro F1 {values['f1_macro']:.4f}", "",
+             f"Mistakes ({len(mistakes)}; each in mistakes.jsonl with its words): {counts['missed']} missed, "
+             f"{counts['spurious']} spurious, {counts['wrong_type']} of the wrong type (a wrong boundary counts as one "
+             "missed and one spurious)", ""]
+    lines += ["| kind | gold | predicted | words |", "|---|---|---|---|"]
+    lines += [f"| {m['kind']} | {m.get('gold', '')} | {m.get('predicted', '')} | {m['words']} |" for m in mistakes[:40]]
+    (out / "mistakes.md").write_text("\n".join(lines) + "\n")
+    return {**values, **counts}

@@ -50,6 +50,15 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unknown encoding": (["data.encoding=latin-9000"], "data.encoding='latin-9000' is not a known text encoding"),
     "monitor not logged": (["monitor=val/nope"], "monitor='val/nope' is not a metric this task logs"),
     "task and data disagree": (["task=ctc"], "task=ctc trains on ctc data, but data=bbc_news is classification data"),
+    "tagged data for a sentence classifier": (["data=wnut16"], "task=text_classification trains on classification data, but "
+                                                              "data=wnut16 is token_classification data"),
+    # token classification (CoNLL files)
+    "NER line with a column too many": (["experiment=wnut16_ner", "data.source={tmp}/ner_columns.txt"],
+                                        "{tmp}/ner_columns.txt:3 has 3 columns where the file's first line has 2"),
+    "NER tag that is not IOB2": (["experiment=wnut16_ner", "data.source={tmp}/ner_bio.txt"],
+                                 "{tmp}/ner_bio.txt:1 (train): 'PER' is not an IOB2 tag (O, B-<type> or I-<type>)"),
+    "NER I- without B-, repair off": (["experiment=wnut16_ner", "data.source={tmp}/ner_orphan.txt", "data.iob_repair=false"],
+                                      "word 2 is tagged 'I-person' but no entity of that type precedes it (not IOB2)"),
     "text data, image backbone": (["backbone=small_resnet_scratch"], "backbone=small_resnet_scratch reads image"),
     "export of a timm backbone": (["experiment=digits_scratch", "export_backbone=enc"], "export_backbone is set, but backbone=small_resnet_scratch"),
     # scale-out
@@ -189,6 +198,11 @@ def make_inputs(tmp: Path) -> None:
             (tmp / "text_classes" / label).mkdir(parents=True, exist_ok=True)
             (tmp / "text_classes" / label / f"{i}.txt").write_text(f"text {i} of {label}")
     (tmp / "text_classes" / "empty").mkdir()
+    # token classification: CoNLL files with one bad line each
+    sentences = "".join(f"Anna{i}\tB-person\nsings\tO\n\n" for i in range(30))
+    (tmp / "ner_columns.txt").write_text("Anna\tB-person\nsings\tO\nloudly\tO\textra\n\n" + sentences)
+    (tmp / "ner_bio.txt").write_text("Anna\tPER\nsings\tO\n\n" + sentences)
+    (tmp / "ner_orphan.txt").write_text("the\tO\nAnna\tI-person\n\n" + sentences)
     # images
     for name in ("images_corrupt", "images_truncated", "images_empty_class"):
         for label in ("cat", "dog"):

@@ -183,6 +183,7 @@ def test_evaluation_shards_score_every_example_once_in_equal_numbers_of_batches(
 
 ODD_SPLITS = {  # an evaluation split of 33 examples: 2 processes cannot share it evenly
     "text": [*TINY_SCRATCH, "data.max_eval_samples=33"],
+    "ner": ["experiment=wnut16_ner", *TINY_SCRATCH, "data.max_eval_samples=33"],  # entity counts summed over processes
     "vision": ["experiment=digits_scratch", "data.max_train_samples=128", "data.max_eval_samples=33", "data.batch_size=32",
                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
     "speech": ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",

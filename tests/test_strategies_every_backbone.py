@@ -1,4 +1,4 @@
-"""Every freezing strategy runs, unchanged, on every backbone family (text, vision, speech)."""
+"""Every freezing strategy runs, unchanged, on every backbone family (text, vision, speech) and on token classification."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ BACKBONES = {
                "data.generate.heldout_voices=2", "data.batch_size=8", "+backbone.config_overrides.hidden_size=64",
                "+backbone.config_overrides.num_hidden_layers=2", "+backbone.config_overrides.intermediate_size=128",
                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
+    "ner": ["experiment=wnut16_ner", *TINY_SCRATCH],  # token classification: a tiny BERT tagging tweets
 }
 KNOBS = ["finetune.unit=step", "finetune.every=1", "finetune.at=2", "finetune.top_k=1",
          "finetune.milestones=[{at: 2, groups: [all]}]"]
