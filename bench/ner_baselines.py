@@ -5,9 +5,10 @@ strict-IOB2 entity scorer as the run (``modules.entities``).
 
     python -m bench.ner_baselines                                  # experiment=wnut16_ner's split
     python -m bench.ner_baselines data.seed=1 --json out.json      # other overrides: as for train.py
-    python -m bench.ner_baselines --run outputs/wnut16_ner/<date>  # and that run's test figures beside them
+    python -m bench.ner_baselines --run RUN1 --run RUN2 --plot f1.png  # runs' test figures beside them (and their mean)
 
-Prints one table (micro P / R / F1, macro F1, per-type F1) and, with ``--json``, writes it.
+Prints one table (micro P / R / F1, macro F1, per-type F1); ``--json`` writes it, ``--plot`` draws each type's F1 per
+method (with the runs' mean and spread).
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def crf_tagger(train_words: Sequence[Sequence[str]], train_tags: Sequence[Sequen
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="train.py overrides (default: experiment=wnut16_ner)")
-    parser.add_argument("--run", help="a trained run folder: its metrics.json test figures join the table")
+    parser.add_argument("--run", action="append", default=[], help="a trained run folder (repeatable): its metrics.json "
+                                                                    "test figures join the table, and their mean")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="a PNG of each entity type's F1 per method")
     args = parser.parse_args(argv)
     overrides = args.overrides if any(o.startswith("experiment=") for o in args.overrides) else ["experiment=wnut16_ner", *args.overrides]
     cfg = config(overrides)
@@ -88,9 +91,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         started = time.perf_counter()
         predicted = tagger(train.words, train.tags, test.words)
         results[name] = {**score_tags(test.tags, predicted, dm.label_names), "seconds": time.perf_counter() - started}
-    if args.run:
-        metrics = json.loads((Path(args.run) / "metrics.json").read_text())
-        results[f"run {Path(args.run).name}"] = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
+    runs = []
+    for run in args.run:
+        metrics = json.loads((Path(run) / "metrics.json").read_text())
+        runs.append({k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")})
+        results[f"run {Path(run).name}"] = runs[-1]
+    if len(runs) > 1:
+        import statistics
+
+        keys = set.intersection(*(set(r) for r in runs))
+        results[f"runs: mean of {len(runs)}"] = {k: statistics.mean(r[k] for r in runs) for k in keys}
+        results[f"runs: sd of {len(runs)}"] = {k: statistics.stdev(r[k] for r in runs) for k in keys}
     types = sorted({k[3:] for r in results.values() for k in r if k.startswith("f1/")})
     header = ["method", "precision", "recall", "f1", "f1_macro", *(f"f1/{t}" for t in types)]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -98,7 +109,40 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("| " + " | ".join([name, *(f"{r.get(h, float('nan')):.3f}" for h in header[1:])]) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"overrides": overrides, "results": results}, indent=2))
+    if args.plot:
+        plot(results, ["f1", "f1_macro", *(f"f1/{t}" for t in types)], Path(args.plot))
     return results
+
+
+def plot(results: dict[str, dict[str, float]], keys: list[str], path: Path) -> None:
+    """Grouped bars: each metric (micro F1, macro F1, each type's F1) for each method; runs as their mean +- sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = next((v for k, v in results.items() if k.startswith("runs: mean")), None)
+    sd = next((v for k, v in results.items() if k.startswith("runs: sd")), {})
+    shown = {k: v for k, v in results.items() if not k.startswith("run")}
+    if mean is not None:
+        shown[f"tunelab ({next(k for k in results if k.startswith('runs: mean')).split('of ')[1]} seeds)"] = mean
+    else:
+        shown.update({k: v for k, v in results.items() if k.startswith("run ")})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(keys)), 3.8))
+    width = 0.8 / len(shown)
+    for i, (name, values) in enumerate(shown.items()):
+        xs = [j + i * width for j in range(len(keys))]
+        errors = [sd.get(k, 0.0) for k in keys] if values is mean else None
+        ax.bar(xs, [values.get(k, 0.0) for k in keys], width, yerr=errors, label=name, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [k.replace("f1/", "") for k in keys], rotation=40,
+                  ha="right", fontsize=8)
+    ax.set_ylabel("entity F1 (test)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("W-NUT 2016, held-out tweets: micro F1, macro F1 and F1 per type", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
