@@ -40,6 +40,27 @@ class TokenizedDataset(Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
+def check_text_settings(what: str, processor: Any, max_length: Any, pad_to_multiple_of: Any) -> None:
+    """One-line errors for the settings every tokenized-text datamodule shares: a tokenizer, a length, the padding."""
+    if not isinstance(processor, PreTrainedTokenizerBase):
+        raise ConfigError(f"{what} needs a text backbone with a tokenizer (backbone=minilm, bert_scratch, hf_text, ...); "
+                          f"this backbone gives {type(processor).__name__}")
+    if not isinstance(max_length, int) or max_length < 3:
+        raise ConfigError(f"data.max_length={max_length!r} must be a whole number >= 3 (tokens per text)")
+    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ConfigError(f"data.pad_to_multiple_of={pad_to_multiple_of!r} must be a whole number >= 1 (or null)")
+
+
+def length_grouped(datamodule: Any, role: str, training: bool) -> Any:
+    """Training batches of similar lengths (``data.group_by_length``; seeded per epoch, resumable) over a dataset with
+    ``input_ids``; None (plain batches in the data's order) otherwise."""
+    if not (training and datamodule.group_by_length):
+        return None
+    dataset = datamodule.datasets[role]
+    return LengthGroupedBatchSampler(EpochTaggedSampler(len(dataset), datamodule.seed), [len(ids) for ids in dataset.input_ids],
+                                     datamodule.batch_size, shuffle=True, seed=datamodule.seed)
+
+
 def is_empty_text(value: Any) -> bool:
     """None, NaN (a missing cell in JSON/parquet), or only whitespace (an empty CSV cell)."""
     return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
@@ -95,13 +116,7 @@ class TextDataModule(DataModuleBase):
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        if not isinstance(processor, PreTrainedTokenizerBase):
-            raise ConfigError("text data needs a text backbone with a tokenizer (backbone=minilm, bert_scratch, hf_text, ...); "
-                              f"this backbone gives {type(processor).__name__}")
-        if not isinstance(max_length, int) or max_length < 2:
-            raise ConfigError(f"data.max_length={max_length!r} must be a whole number >= 2 (tokens per text)")
-        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-            raise ConfigError(f"data.pad_to_multiple_of={pad_to_multiple_of!r} must be a whole number >= 1 (or null)")
+        check_text_settings("text data", processor, max_length, pad_to_multiple_of)
         self.source, self.data_files, self.hub_config = source, dict(data_files or {}) or None, hub_config
         self.split_names = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
         self.text_column, self.label_column = text_column, label_column
@@ -123,11 +138,7 @@ class TextDataModule(DataModuleBase):
 
     def batch_sampler_for(self, role: str, training: bool) -> Any:
         """Training batches grouped by length (``group_by_length``); evaluation keeps the data's order."""
-        if not (training and self.group_by_length):
-            return None
-        dataset = self.datasets[role]
-        return LengthGroupedBatchSampler(EpochTaggedSampler(len(dataset), self.seed), [len(ids) for ids in dataset.input_ids],
-                                         self.batch_size, shuffle=True, seed=self.seed)
+        return length_grouped(self, role, training)
 
     def describe(self, role: str) -> list[dict[str, Any]]:
         self.setup()

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.base import DataModuleBase, DataSpec
-from datamodules.sampling import EpochTaggedSampler, LengthGroupedBatchSampler
 from datamodules.sources import TABLE_FORMATS, VAL_SPLIT_NAMES, Split, TextEncoding, read_hub, read_table
+from datamodules.text import check_text_settings, length_grouped
 from datamodules.token_cache import cached
 from modules.backbones.base import resolve_local_source
 from modules.entities import IGNORE, OUTSIDE, entity_spans, label_set, parse_tag, repair_iob2
@@ -178,14 +178,10 @@ class TokenClassificationDataModule(DataModuleBase):
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        if not isinstance(processor, PreTrainedTokenizerBase):
-            raise ConfigError("token classification needs a text backbone with a tokenizer (backbone=minilm, hf_text, ...); "
-                              f"this backbone gives {type(processor).__name__}")
+        check_text_settings("token classification", processor, max_length, pad_to_multiple_of)
         if not processor.is_fast:
             raise ConfigError(f"token classification maps words to sub-word tokens, which needs a fast tokenizer; "
                               f"{type(processor).__name__} is not one (save the backbone with a tokenizer.json)")
-        if not isinstance(max_length, int) or max_length < 3:
-            raise ConfigError(f"data.max_length={max_length!r} must be a whole number >= 3 (tokens per sentence)")
         if not data_files and not source:
             raise ConfigError("token classification data needs data.source (a CoNLL or table file, a hub dataset) or "
                               "data.data_files={train: ..., test: ...}")
@@ -214,11 +210,7 @@ class TokenClassificationDataModule(DataModuleBase):
         return self.collate
 
     def batch_sampler_for(self, role: str, training: bool) -> Any:
-        if not (training and self.group_by_length):
-            return None
-        dataset = self.datasets[role]
-        return LengthGroupedBatchSampler(EpochTaggedSampler(len(dataset), self.seed), [len(ids) for ids in dataset.input_ids],
-                                         self.batch_size, shuffle=True, seed=self.seed)
+        return length_grouped(self, role, training)
 
     def describe(self, role: str) -> list[dict[str, Any]]:
         self.setup()
