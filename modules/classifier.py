@@ -52,13 +52,9 @@ class Classifier(TaskModule):
         **task_kwargs: Any,
     ) -> None:
         super().__init__(backbone, **task_kwargs)
-        if num_classes < 2:
-            raise ConfigError(f"num_classes={num_classes}: classification needs at least 2 classes")
         self.save_hyperparameters(ignore=list(self.NOT_HYPERPARAMETERS))
-        self.num_classes = num_classes
-        self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
         self.label_smoothing = label_smoothing
-        self.head = LinearHead(backbone.feature_dim, num_classes, dropout)
+        label_head(self, num_classes, label_names, dropout, "classes")
         metrics = classification_metrics(num_classes)
         self.train_metrics = classification_metrics(num_classes, validate_args=False).clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -110,6 +106,16 @@ class Classifier(TaskModule):
             for row, values in zip(rows, logits.cpu(), strict=True):
                 row["outputs"] = values
         return rows
+
+
+def label_head(task: TaskModule, num_classes: int, label_names: Sequence[str] | None, dropout: float, what: str) -> None:
+    """A task's labels (``num_classes``, ``label_names``: id -> name, numbers when none are given) and its linear head
+    on the backbone's features (pooled or per token, as the task applies it)."""
+    if num_classes < 2:
+        raise ConfigError(f"num_classes={num_classes}: {type(task).__name__} needs at least 2 {what}")
+    task.num_classes = num_classes
+    task.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
+    task.head = LinearHead(task.backbone.feature_dim, num_classes, dropout)
 
 
 def label_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from modules.backbones.base import Backbone
+from modules.classifier import label_head
 from modules.entities import IGNORE, EntityConfusion, EntityScores, entity_spans, entity_types, parse_tag
 from modules.errors import ConfigError
-from modules.heads import LinearHead
 from modules.task import TaskModule
 
 
@@ -46,18 +46,14 @@ class TokenClassifier(TaskModule):
         **task_kwargs: Any,
     ) -> None:
         super().__init__(backbone, **task_kwargs)
-        if num_classes < 2:
-            raise ConfigError(f"num_classes={num_classes}: token classification needs at least 2 tags")
         self.save_hyperparameters(ignore=list(self.NOT_HYPERPARAMETERS))
-        self.num_classes = num_classes
-        self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
+        label_head(self, num_classes, label_names, dropout, "tags")
         for name in self.label_names:
             try:
                 parse_tag(name)
             except ValueError as err:
                 raise ConfigError(f"task=token_classification reads IOB2 tags; {err}") from None
         self.label_smoothing = label_smoothing
-        self.head = LinearHead(backbone.feature_dim, num_classes, dropout)
         self.types = entity_types(self.label_names)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE, validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE)

@@ -275,3 +275,24 @@ def test_a_trained_tagger_evaluates_predicts_and_exports_to_the_hf_pipeline(tmp_
         tags = [w["tag"] for w in row["words"]]
         if tags == repair_iob2(tags)[0]:  # valid IOB2: the pipeline's groups are predict.py's entities
             assert found == strict, (row["text"], found, strict)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_a_compiled_tagger_matches_eager(mode: str, tmp_path: Path) -> None:
+    """compile= on the token classifier: the same per-token logits' loss and gradients as eager, no graph break."""
+    from functools import partial
+
+    import torch._dynamo
+
+    from modules.token_classifier import TokenClassifier
+    from run.build import build
+    from tests.conftest import compose_config
+    from tests.test_scaling import MODALITIES, compiled_matches_eager, make_batch
+
+    torch._dynamo.reset()
+    cfg = compose_config(tmp_path, MODALITIES["text"][0])
+    eager = TokenClassifier(build(cfg.backbone), num_classes=len(LABELS), label_names=LABELS,
+                            optimizer=partial(torch.optim.AdamW, lr=1e-3)).eval()
+    compiled_matches_eager(eager, mode, make_batch("text"))
+    torch._dynamo.reset()
