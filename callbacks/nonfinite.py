@@ -92,7 +92,9 @@ class NonFiniteGuard(RunEnd):
             if isinstance(scale, torch.Tensor):
                 bad = bad.to(scale.device) | (scale < COLLAPSED_SCALE)
             return bad
-        grads = [local(p.grad) for p in pl_module.parameters() if p.grad is not None]
+        # under FSDP2 a small parameter can leave a process an empty shard: no element, nothing to check (and the
+        # infinity norm of an empty tensor is an error)
+        grads = [g for g in (local(p.grad) for p in pl_module.parameters() if p.grad is not None) if g.numel()]
         if grads:
             top = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), foreach=True)
             bad = bad.to(top.device) | ~torch.isfinite(top)

@@ -82,14 +82,16 @@ def training_position(trainer: Any) -> dict[str, int]:
 
 
 class _SkipFirst:
-    """An index or batch sampler without its first ``n`` items; its length stays the epoch's full length
-    (Lightning counts the skipped batches as done)."""
+    """An index or batch sampler without its first ``n`` items in epoch ``epoch`` (``current()`` tells the epoch now);
+    its length stays the epoch's full length (Lightning counts the skipped batches as done). In any other epoch it is
+    the base sampler: with persistent workers, the DataLoader iterator keeps this object and iterates it again at
+    every epoch start."""
 
-    def __init__(self, base: Any, n: int) -> None:
-        self.base, self.n = base, n
+    def __init__(self, base: Any, n: int, epoch: int, current: Callable[[], int]) -> None:
+        self.base, self.n, self.epoch, self.current = base, n, epoch, current
 
     def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.base), self.n, None)
+        return itertools.islice(iter(self.base), self.n if self.current() == self.epoch else 0, None)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -140,7 +142,7 @@ class EpochAwareLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.progress = progress
         self._resume_at = resume_at if callable(resume_at) else tuple(resume_at) if resume_at else None
-        self._skip = 0
+        self._skip, self._skip_epoch = 0, -1
         self._current: _DeferredIterator | None = None
 
     def __iter__(self) -> Any:
@@ -148,14 +150,14 @@ class EpochAwareLoader(DataLoader):
         return self._current
 
     def _start(self) -> Any:
-        self._skip = 0
+        self._skip, self._skip_epoch = 0, -1
         position = self._resume_at() if callable(self._resume_at) else self._resume_at
         if not callable(self._resume_at):
             self._resume_at = None
         if position is not None:
             epoch, done = position
             if epoch == self.epoch:
-                self._skip = done
+                self._skip, self._skip_epoch = done, epoch
                 if self._current is not None:
                     self._current.yielded = done  # batch positions continue where the epoch stopped
         return super().__iter__()
@@ -163,7 +165,7 @@ class EpochAwareLoader(DataLoader):
     @property
     def _index_sampler(self) -> Any:
         base = super()._index_sampler
-        return _SkipFirst(base, self._skip) if self._skip else base
+        return _SkipFirst(base, self._skip, self._skip_epoch, lambda: self.epoch) if self._skip else base
 
     @property
     def epoch(self) -> int:

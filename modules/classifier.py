@@ -90,6 +90,7 @@ class Classifier(TaskModule):
         return loss
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self.confusion.reset()
 
     predict_top_k: int = 5  # predict.py / eval.py: how many (label, probability) pairs per example

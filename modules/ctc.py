@@ -89,6 +89,7 @@ class CTCRecognizer(TaskModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self.val_samples = []
 
     predict_outputs: bool = False  # eval.py --save-outputs: the log-probabilities of the real frames too

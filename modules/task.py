@@ -251,6 +251,29 @@ class TaskModule(pl.LightningModule):
         saved = self.__dict__.pop("_resumed_metric_states", None)
         if saved is not None and batch_idx > 0:  # resumed in the middle of the epoch the state was saved in
             self.load_metric_states(saved)
+        self.share_batchnorm_statistics()
+
+    def on_validation_epoch_start(self) -> None:
+        self.share_batchnorm_statistics()
+
+    def on_test_epoch_start(self) -> None:
+        self.share_batchnorm_statistics()
+
+    def share_batchnorm_statistics(self) -> None:
+        """Under FSDP2, BatchNorm running statistics are plain tensors on every process, each updated by its own
+        batches: give every process rank 0's before each step and each evaluation, as DDP does (``broadcast_buffers``)
+        — otherwise each process evaluates its shard with other statistics than the checkpoint holds. One collective
+        over the flattened buffers; nothing without BatchNorm or outside FSDP2."""
+        if self._trainer is None or self.trainer.world_size <= 1 or self.device_mesh is None:
+            return
+        buffers = [b for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for b in m.buffers(recurse=False) if b.is_floating_point()]
+        if not buffers or not torch.distributed.is_initialized():
+            return
+        flat = torch._utils._flatten_dense_tensors(buffers)
+        torch.distributed.broadcast(flat, src=0)
+        for buffer, synced in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers), strict=True):
+            buffer.copy_(synced)
 
     def on_train_epoch_end(self) -> None:
         saved = self.__dict__.pop("_resumed_metric_states", None)

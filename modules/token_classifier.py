@@ -9,7 +9,7 @@ type's F1, and token accuracy over words; the test also fills an entity-type con
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +70,15 @@ class TokenClassifier(TaskModule):
         """Entity scores exist for validation only (training logs its loss and token accuracy)."""
         return ["train/loss_epoch", "train/token_acc", *(f"val/{m}" for m in self.metric_names())]
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the host: how many tokens carry a tag (``labelled_tokens``), the weight of the batch's mean loss in the
+        epoch's (a per-token mean, whatever the batching or the number of processes), without a device sync."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
+            batch["labelled_tokens"] = int((labels != IGNORE).sum())
+        return batch
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tag logits, (batch, length, num_classes)."""
         return self.head(self.backbone(batch).features)
@@ -81,7 +90,9 @@ class TokenClassifier(TaskModule):
                                label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         words = batch.get("word_labels", labels)  # one gold tag per word: what the scores read
         predicted = logits.detach().argmax(-1)
-        size = len(labels)
+        size = batch.get("labelled_tokens")  # the loss is a mean over labelled tokens: so is its epoch figure
+        if size is None:  # a batch that did not pass through the loader hooks
+            size = int((labels != IGNORE).sum())
         accuracy = getattr(self, f"{stage}_acc")
         accuracy.update(predicted.flatten(), words.flatten())
         self.log(f"{stage}/loss", loss, prog_bar=self.shows_progress, on_step=stage == "train", on_epoch=True, batch_size=size)
@@ -103,6 +114,7 @@ class TokenClassifier(TaskModule):
         self.log_entity_scores("val")
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self.confusion.reset()
 
     def on_test_epoch_end(self) -> None:

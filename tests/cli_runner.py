@@ -1,6 +1,6 @@
 """Run many ``python train.py ARGS`` command lines in one go: the slow imports (torch, Lightning, transformers,
 timm) happen once, then each command line runs ``train.py`` as ``__main__`` in a forked process of its own, with
-its own stdout/stderr and exit status, exactly as the shell would see it. A case whose first argument names another
+its own stdout/stderr and exit status, exactly as the shell would see it; as many at once as there are cores (up to 4). A case whose first argument names another
 entry script (``eval.py``, ``predict.py``, ``export.py``) runs that script instead.
 
     python tests/cli_runner.py cases.json results.json     # cases: {name: [arg, ...]}
@@ -23,8 +23,9 @@ TIMEOUT_S = 300
 SCRIPTS = ("train.py", "eval.py", "predict.py", "export.py", "sweep.py")
 
 
-def run_one(args: list[str], output: Path) -> int:
-    """In a forked child: train.py (or the script ``args[0]`` names) as ``__main__`` with ``args``; returns its exit status."""
+def start_one(args: list[str], output: Path) -> int:
+    """Forks a child that runs train.py (or the script ``args[0]`` names) as ``__main__`` with ``args``; returns its
+    pid (``os.waitpid`` gives its exit status)."""
     script = args[0] if args and args[0] in SCRIPTS else "train.py"
     args = args[1:] if args and args[0] in SCRIPTS else args
     pid = os.fork()
@@ -49,8 +50,7 @@ def run_one(args: list[str], output: Path) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return pid
 
 
 def main(cases_file: str, results_file: str) -> None:
@@ -64,13 +64,24 @@ def main(cases_file: str, results_file: str) -> None:
     cases = json.loads(Path(cases_file).read_text())
     results = {}
     out_dir = Path(results_file).parent
+    running: dict[int, tuple[str, Path]] = {}
+    jobs = max(1, min(4, os.cpu_count() or 1))  # cases are independent (each its own run folder): one per core
+
+    def reap() -> None:
+        pid, status = os.wait()
+        name, output = running.pop(pid)
+        results[name] = {"returncode": os.waitstatus_to_exitcode(status), "output": output.read_text(errors="replace")}
+
     for i, (name, args) in enumerate(cases.items()):
+        while len(running) >= jobs:
+            reap()
         output = out_dir / f"case{i}.txt"
         sys.stdout.flush()
         sys.stderr.flush()
-        code = run_one(args, output)
-        results[name] = {"returncode": code, "output": output.read_text(errors="replace")}
-    Path(results_file).write_text(json.dumps(results, indent=1))
+        running[start_one(args, output)] = (name, output)
+    while running:
+        reap()
+    Path(results_file).write_text(json.dumps({name: results[name] for name in cases}, indent=1))
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ DIGITS = ["experiment=digits_scratch", "data.max_train_samples=640", "data.max_e
           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.parameter_report.print_table=false"]
 
 
+@pytest.mark.slow  # the fast tier keeps the unit tests above and the bbc_distill preset smoke test
 def test_a_student_that_never_sees_a_label_learns_from_the_teacher(tmp_path: Path, cache_dir: Path) -> None:
     """Vision, a tunelab run as the teacher, alpha=1: the labels reach the student only through the teacher, so a
     teacher that was not used, or whose classes were mixed up, leaves it at chance (0.1 on 10 digits)."""

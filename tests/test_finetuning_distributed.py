@@ -15,7 +15,9 @@ from tests.conftest import ROOT, TINY_SCRATCH, run_train
 from tests.test_finetuning import GROUPS, changed, probe
 
 
-@pytest.mark.parametrize("lora", [pytest.param(False, id="full_weights"), pytest.param(True, id="lora", marks=pytest.mark.slow)])
+# slow: the fast tier keeps 2-process gradual unfreezing under FSDP2 and a 2-process DDP evaluation
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [pytest.param(False, id="full_weights"), pytest.param(True, id="lora")])
 def test_gradual_unfreezing_under_ddp_keeps_ranks_identical(lora: bool, tmp_path: Path, cache_dir: Path) -> None:
     """With LoRA the schedule switches the blocks' adapters on (their base weights stay pinned), late ones synced alike."""
     run_dir = tmp_path / "run"

@@ -327,3 +327,24 @@ def test_a_resume_refused_by_a_check_leaves_the_run_folder_untouched(tmp_path: P
     log = run / "train.log"
     assert after.pop(log, b"").startswith(before.pop(log, b""))
     assert after == before
+
+
+def test_a_loader_resumed_mid_epoch_skips_only_in_that_epoch_with_persistent_workers() -> None:
+    """2 persistent loader workers keep the DataLoader's iterator, and its index sampler, from epoch to epoch: the
+    batches skipped on resuming (already trained) must be skipped in the resumed epoch only (found by a kill at a
+    random step: the resumed vision run also skipped them in the next epoch, and ended 6 steps short)."""
+    from datamodules.sampling import EpochAwareLoader, EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(20, seed=1)
+    loader = EpochAwareLoader(list(range(20)), batch_size=4, sampler=sampler, num_workers=2, persistent_workers=True,
+                              resume_at=(0, 3))
+    whole = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        whole[epoch] = [batch.tolist() for batch in EpochAwareLoader(list(range(20)), batch_size=4, sampler=sampler)]
+    seen = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        seen[epoch] = [batch.tolist() for batch in loader]
+    assert seen[0] == whole[0][3:]  # the first 3 batches were trained before the checkpoint
+    assert seen[1] == whole[1]  # the next epoch whole

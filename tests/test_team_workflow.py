@@ -147,6 +147,7 @@ def test_local_sweep_runs_offline_is_interrupted_and_continues(tmp_path: Path) -
 
 
 # -- Optuna -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the fast tier runs one job of each search preset (tests/test_presets.py)
 def test_optuna_preset_runs_trials_and_continues_the_study(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "study"
     command = [sys.executable, str(ROOT / "train.py"), "--multirun", "hparams_search=digits_optuna", *DIGITS[1:],
