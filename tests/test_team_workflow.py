@@ -316,6 +316,7 @@ def test_cross_validation_command_aggregates_folds_and_groups_them_in_wandb(tmp_
     assert groups == {"cv-digits_scratch-cv"}, groups
 
 
+@pytest.mark.slow  # keeps the fast tier within 8 minutes; W&B logging stays in it (tests/test_training.py)
 def test_mlflow_logs_to_a_local_file_store(tmp_path: Path) -> None:
     store = tmp_path / "mlruns"
     run([sys.executable, str(ROOT / "train.py"), *DIGITS[1:], "experiment=digits_scratch", "trainer.max_epochs=1",

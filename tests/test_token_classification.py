@@ -194,7 +194,7 @@ def test_k_folds_keep_the_test_split_aside_and_cover_the_rest_once(tmp_path: Pat
     assert everything == vals[0] | vals[1] | vals[2] and not everything & set(tests[0])
 
 
-WNUT = ["experiment=wnut16_ner", "data.max_train_samples=160", "data.max_eval_samples=64", "data.max_length=48",
+WNUT = ["experiment=wnut16_ner", "data.max_train_samples=160", "data.max_eval_samples=48", "data.max_length=40",
         "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "callbacks.parameter_report.print_table=false"]
 

@@ -177,6 +177,7 @@ def test_multirun_yaml_keeps_no_secret(tmp_path: Path, cache_dir: Path) -> None:
     assert not [p for p in sweep.rglob("*") if p.is_file() and b"TOPSECRET" in p.read_bytes()]
 
 
+@pytest.mark.slow  # the fast tier exports through tests/test_trained_run.py
 def test_export_cli_writes_any_runs_backbone_in_hf_format(tmp_path: Path, cache_dir: Path) -> None:
     """``python export.py RUN --checkpoint last --format backbone``: the one backbone export (``save_backbone``), from
     any checkpoint of a run, loaded back with ``AutoModel`` and checked against the run's own backbone."""
