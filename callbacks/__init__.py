@@ -11,7 +11,7 @@ from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
 from callbacks.nonfinite import NonFiniteGuard
 from callbacks.param_report import ParameterReport
-from callbacks.preemption import Preemption, StepCheckpoint, TimedCheckpoint
+from callbacks.preemption import BestCheckpoint, Preemption, StepCheckpoint, TimedCheckpoint
 from callbacks.reproducibility import BatchSeed
 from callbacks.run_end import RunEnd
 from callbacks.step_profile import StepProfile
@@ -19,5 +19,5 @@ from callbacks.task_reports import ConfusionMatrixReport, EntityReport, Predicti
 from callbacks.wise_ft import WiseFT
 
 __all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "EntityReport", "FinetuneSchedule", "InferenceSpeed",
-           "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepCheckpoint", "StepProfile", "TimedCheckpoint",
+           "BestCheckpoint", "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepCheckpoint", "StepProfile", "TimedCheckpoint",
            "WiseFT"]

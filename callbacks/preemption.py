@@ -149,6 +149,58 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that keeps its record when a run continues from a checkpoint into a new folder
+    (``ckpt_path=`` from another run): Lightning then forgets the best score and would take the next validation's
+    checkpoint as the best, whatever its score, so the test would score another model than an uninterrupted run's.
+    The best checkpoints of the run continued from are copied into this run's folder (once, by rank 0) and the record
+    (score, top-k) carried over; if they are gone, the record starts afresh, with a warning."""
+
+    _carried: dict[str, str] | None = None
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's own key: checkpoints written before this class (and readers of best_model_path) still match
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__) :]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        before = state_dict.get("dirpath", self.dirpath)
+        if before == self.dirpath or not self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        kept = {str(path): score for path, score in (state_dict.get("best_k_models") or {}).items()}
+        if not kept or not all(os.path.exists(path) for path in kept):
+            log.warning(f"the best checkpoints of {before} are gone: this run's best-checkpoint record starts afresh")
+            self.best_model_path = ""
+            return
+        self._carried = {path: os.path.join(self.dirpath, os.path.basename(path)) for path in kept}
+        self.best_k_models = {self._carried[path]: score for path, score in kept.items()}
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_model_path = self._carried.get(str(state_dict["best_model_path"]), "")
+        self.kth_best_model_path = self._carried.get(str(state_dict.get("kth_best_model_path")), "")
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not on_fit_start: sharded strategies (FSDP2) restore the callbacks after it
+        if self._carried and trainer.is_global_zero:
+            import shutil
+
+            for old, new in self._carried.items():
+                if os.path.exists(new):
+                    continue
+                os.makedirs(os.path.dirname(new), exist_ok=True)
+                partial = new + ".partial"
+                if os.path.isdir(old):  # a sharded checkpoint folder
+                    shutil.copytree(old, partial)
+                else:
+                    shutil.copyfile(old, partial)
+                os.replace(partial, new)
+                log.info(f"carried the best checkpoint {old} over as {new}")
+        if self._carried:
+            trainer.strategy.barrier()
+            self._carried = None
+
+
 class TimedCheckpoint(StepCheckpoint):
     """``last.ckpt`` every ``minutes`` of training as well, in the middle of an epoch, so a ``kill -9`` (an OOM kill, a
     node lost) costs at most that much (at optimizer-step boundaries: ``StepCheckpoint``). Lightning's time trigger

@@ -131,6 +131,21 @@ class FSDP2Strategy(StagedShards, ModelParallelStrategy):
         for optimizer in self.optimizers:
             initialise_every_state(optimizer)
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """torch.distributed.checkpoint hands the optimizer the saved state of the parameters that require a gradient
+        *at load time* and drops the rest. A run resumed under a freezing schedule loads before the schedule re-applies
+        its groups, so the groups unfrozen since the start would restart Adam mid-run: every parameter counts as
+        trainable while the state loads, then the flags are put back."""
+        params = list(self.model.parameters()) if self.model is not None else []
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+
     def writes_shards(self) -> bool:
         return bool(self._save_distributed_checkpoint)
 
