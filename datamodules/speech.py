@@ -68,10 +68,11 @@ class SpeechDataset(Dataset):
     """
 
     def __init__(self, clips: list[Clip], rate: int, speed_factors: Sequence[float] = (), on_bad_input: str = "error",
-                 seed: int = 0) -> None:
+                 seed: int = 0, noise_snr_db: Sequence[float] | None = None) -> None:
         self.clips, self.rate, self.seed = clips, rate, seed
         self.speed_factors = [float(f) for f in speed_factors]
         self.on_bad_input = on_bad_input
+        self.noise_snr_db = tuple(noise_snr_db) if noise_snr_db else None
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -90,7 +91,18 @@ class SpeechDataset(Dataset):
             factor = random.choice(self.speed_factors)
             if factor != 1.0:  # faster speech = fewer samples at the same rate
                 wave = resample(wave, round(self.rate * factor), self.rate)
+        if self.noise_snr_db:
+            wave = add_noise(wave, random.uniform(*self.noise_snr_db), np.random)
         return {"wave": wave, "labels": clip.labels, "text": clip.text, "index": i}
+
+
+def add_noise(wave: np.ndarray, snr_db: float, rng: Any) -> np.ndarray:
+    """``wave`` plus white Gaussian noise ``snr_db`` decibels below its power (a silent clip stays silent)."""
+    power = float(np.mean(np.square(wave, dtype=np.float64)))
+    if power == 0.0:
+        return wave
+    noise = rng.standard_normal(len(wave)) * np.sqrt(power / 10 ** (snr_db / 10))
+    return (wave + noise).astype(np.float32)
 
 
 class AudioCollator:
@@ -137,6 +149,7 @@ class SpeechDataModule(DataModuleBase):
         processor: the backbone's feature extractor (``train.py`` passes it): rate, normalisation, padding.
         min_duration / max_duration: clips outside this range (seconds) are dropped and counted.
         speed_perturb: speed factors to pick from per training clip (e.g. ``[0.9, 1.0, 1.1]``).
+        noise_snr_db: ``[low, high]``: white noise added to each training clip at an SNR drawn from this range (dB).
         vocab_file: a saved ``vocab.json`` to use instead of building one from the training transcripts.
         group_by_length: batch clips of similar length together.
         **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``: unreadable or truncated
@@ -165,6 +178,7 @@ class SpeechDataModule(DataModuleBase):
         max_duration: float = 20.0,
         lowercase: bool = True,
         speed_perturb: Sequence[float] | None = None,
+        noise_snr_db: Sequence[float] | None = None,
         vocab_file: str | None = None,
         group_by_length: bool = True,
         **common: Any,
@@ -185,6 +199,9 @@ class SpeechDataModule(DataModuleBase):
         self.processor, self.rate = processor, int(processor.sampling_rate)
         self.min_duration, self.max_duration, self.lowercase = min_duration, max_duration, lowercase
         self.speed_perturb = list(speed_perturb or [])
+        if noise_snr_db is not None and (len(noise_snr_db) != 2 or not noise_snr_db[0] <= noise_snr_db[1]):
+            raise ConfigError(f"data.noise_snr_db={list(noise_snr_db)} must be [low, high] in dB with low <= high, e.g. [10, 30]")
+        self.noise_snr_db = list(noise_snr_db) if noise_snr_db is not None else None
         self.vocab_file, self.group_by_length = vocab_file, group_by_length
         self.collate = AudioCollator(processor)
         self.vocab: CharVocab | None = None
@@ -192,7 +209,7 @@ class SpeechDataModule(DataModuleBase):
     # -- what the rest of the run needs to know -------------------------------------------------
     @property
     def random_train_inputs(self) -> bool:
-        return len(set(self.speed_perturb)) > 1 or any(f != 1.0 for f in self.speed_perturb)
+        return len(set(self.speed_perturb)) > 1 or any(f != 1.0 for f in self.speed_perturb) or bool(self.noise_snr_db)
 
     def data_spec(self) -> DataSpec:
         self.setup("fit")
@@ -234,7 +251,8 @@ class SpeechDataModule(DataModuleBase):
                 log.warning(f"{role}: {counts['unknown_chars']} characters are not in the vocabulary "
                             f"(built from train); they map to <unk> and count as errors")
             speed = self.speed_perturb if role == "train" else ()
-            self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.on_bad_input, self.seed)
+            self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.on_bad_input, self.seed,
+                                                self.noise_snr_db if role == "train" else None)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"speech data at {self.rate} Hz: {sizes}; vocabulary of {len(self.vocab)}: {''.join(self.vocab.tokens[3:])}")
         for role, counts in self.counts.items():

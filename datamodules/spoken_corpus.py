@@ -1,4 +1,4 @@
-"""Synthesise a spoken corpus offline with espeak-ng + sox: digit strings (or word lists) by many voices.
+"""Synthesise a spoken corpus offline with espeak-ng + sox (and festival): digit strings (or word lists) by many voices.
 
     python -m datamodules.spoken_corpus --out ~/.cache/tunelab/speech/digits --n 2000
     python -m datamodules.spoken_corpus --out DIR --words yes,no,up,down --n 500 --jobs 4
@@ -12,7 +12,10 @@ settings, so an existing corpus is reused, not regenerated). Splits:
 
 * ``train`` / ``val`` / ``test``: utterances of the training voices;
 * ``val_heldout_voices`` / ``test_heldout_voices``: whole voices never heard in training (the
-  two held-out voice sets are disjoint), for measuring generalisation to new speakers.
+  two held-out voice sets are disjoint), for measuring generalisation to new speakers;
+* ``test_other_synthesiser`` (``--other-n N``): the same kind of utterances spoken by a whole other synthesiser,
+  festival (voices ``kal_diphone`` and ``cmu_us_slt_arctic_hts``, Debian ``festival festvox-kallpc16k
+  festvox-us-slt-hts``), at random durations and sox pitch shifts: does a model hear speech, or one synthesiser?
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from modules.errors import ConfigError
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
-SPLITS = ("train", "val", "test", "val_heldout_voices", "test_heldout_voices")
+FESTIVAL_VOICES = ("kal_diphone", "cmu_us_slt_arctic_hts")
+SPLITS = ("train", "val", "test", "val_heldout_voices", "test_heldout_voices", "test_other_synthesiser")
 INSTALL_HINT = "install them with `apt-get install -y espeak-ng sox` (Debian/Ubuntu) or `brew install espeak-ng sox`"
+FESTIVAL_HINT = "install it with `apt-get install -y festival festvox-kallpc16k festvox-us-slt-hts` (Debian/Ubuntu)"
 
 
 @dataclass
@@ -55,6 +60,9 @@ class CorpusSpec:
         val_fraction / test_fraction: shares of the training voices' utterances for val / test.
         sample_rate: output rate in Hz.
         seed: everything random is drawn from this.
+        other_n: utterances spoken by festival (``other_voices``) into ``test_other_synthesiser``; never in training.
+        other_stretch: festival's duration stretch range (1.0: its normal speed); other_pitch: sox pitch shift range
+            in cents.
     """
 
     n: int = 2000
@@ -70,8 +78,15 @@ class CorpusSpec:
     test_fraction: float = 0.1
     sample_rate: int = 16000
     seed: int = 0
+    other_n: int = 0
+    other_voices: list[str] = field(default_factory=lambda: list(FESTIVAL_VOICES))
+    other_stretch: tuple[float, float] = (0.8, 1.25)
+    other_pitch: tuple[int, int] = (-300, 300)
 
     def __post_init__(self) -> None:
+        self.other_voices, self.other_stretch, self.other_pitch = list(self.other_voices), tuple(self.other_stretch), tuple(self.other_pitch)
+        if self.other_n and not self.other_voices:
+            raise ConfigError("spoken corpus: other_n needs other_voices (festival voices, e.g. kal_diphone)")
         self.words, self.accents, self.variants = list(self.words), list(self.accents), list(self.variants)
         self.speeds, self.pitches = tuple(self.speeds), tuple(self.pitches)
         if not self.words:
@@ -91,9 +106,20 @@ class CorpusSpec:
     def voices(self) -> list[str]:
         return [f"{a}+{v}" for a in self.accents for v in self.variants]
 
+    def asdict(self) -> dict[str, Any]:
+        """The settings; the festival ones only when used (so a corpus made before them is still recognised)."""
+        spec = asdict(self)
+        if not self.other_n:
+            for key in ("other_n", "other_voices", "other_stretch", "other_pitch"):
+                spec.pop(key)
+        return spec
+
 
 @dataclass
 class Utterance:
+    """One utterance to speak. For festival voices (``festival:<voice>``) ``speed`` is the duration stretch in percent
+    and ``pitch`` the sox pitch shift in cents; for espeak-ng they are words per minute and espeak's pitch."""
+
     id: str
     text: str
     voice: str
@@ -102,11 +128,13 @@ class Utterance:
     split: str
 
 
-def require_tools() -> None:
+def require_tools(festival: bool = False) -> None:
     """One-line error naming the missing synthesis tool and how to install it."""
     missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
     if missing:
         raise ConfigError(f"spoken corpus needs {' and '.join(missing)}, not found on PATH; {INSTALL_HINT}")
+    if festival and shutil.which("text2wave") is None:
+        raise ConfigError(f"spoken corpus: other_n needs festival's text2wave, not found on PATH; {FESTIVAL_HINT}")
 
 
 def plan_corpus(spec: CorpusSpec) -> list[Utterance]:
@@ -127,14 +155,46 @@ def plan_corpus(spec: CorpusSpec) -> list[Utterance]:
             r = rng.random()
             split = "val" if r < spec.val_fraction else "test" if r < spec.val_fraction + spec.test_fraction else "train"
         plan.append(Utterance(f"{i:0{width}d}", " ".join(words), voice, rng.randint(*spec.speeds), rng.randint(*spec.pitches), split))
+    # drawn after the espeak-ng utterances: adding festival leaves those as they were
+    for i in range(spec.other_n):
+        voice = "festival:" + spec.other_voices[i % len(spec.other_voices)]
+        words = [rng.choice(spec.words) for _ in range(rng.randint(spec.min_words, spec.max_words))]
+        stretch = round(100 * rng.uniform(*spec.other_stretch))
+        plan.append(Utterance(f"f{i:0{width}d}", " ".join(words), voice, stretch, rng.randint(*spec.other_pitch),
+                              "test_other_synthesiser"))
     return plan
+
+
+def speak_festival(utt: Utterance, path: Path, sample_rate: int) -> None:
+    """festival's text2wave, then sox: the rate, mono 16-bit and the pitch shift."""
+    voice = utt.voice.split(":", 1)[1]
+    raw = path.with_suffix(".festival.wav")
+    text = path.with_suffix(".txt")
+    text.write_text(utt.text + "\n")
+    speak = subprocess.run(["text2wave", "-eval", f"(voice_{voice})", "-eval", f"(Parameter.set 'Duration_Stretch {utt.speed / 100})",
+                            str(text), "-o", str(raw)], capture_output=True, check=False)
+    text.unlink()
+    if speak.returncode != 0 or not raw.is_file() or raw.stat().st_size <= 44:
+        raw.unlink(missing_ok=True)
+        raise ConfigError(f"festival failed for voice {voice!r}: {speak.stderr.decode(errors='replace').strip()[:200]}; "
+                          f"is the voice installed? {FESTIVAL_HINT}")
+    convert = subprocess.run(["sox", str(raw), "-r", str(sample_rate), "-c", "1", "-b", "16", str(path), "pitch", str(utt.pitch)],
+                             capture_output=True, check=False)
+    raw.unlink()
+    if convert.returncode != 0:
+        raise ConfigError(f"sox failed converting {path}: {convert.stderr.decode(errors='replace').strip()[:200]}")
 
 
 def synthesise(utt: Utterance, out_dir: Path, sample_rate: int) -> dict[str, Any]:
     """Speak one utterance into ``audio/<voice>/<id>.wav``; return its manifest row."""
-    rel = Path("audio") / utt.voice.replace("+", "_") / f"{utt.id}.wav"
+    rel = Path("audio") / utt.voice.replace("+", "_").replace(":", "_") / f"{utt.id}.wav"
     path = out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
+    if utt.voice.startswith("festival:"):
+        speak_festival(utt, path, sample_rate)
+        info = sf.info(str(path))
+        return {"audio": str(rel), "text": utt.text, "duration": round(info.frames / info.samplerate, 4),
+                "voice": utt.voice, "speed": utt.speed, "pitch": utt.pitch, "id": utt.id}
     speak = subprocess.run(
         ["espeak-ng", "-v", utt.voice, "-s", str(utt.speed), "-p", str(utt.pitch), "--stdout", utt.text],
         capture_output=True, check=False,
@@ -157,9 +217,9 @@ def generate_corpus(out_dir: str | Path, spec: CorpusSpec, jobs: int | None = No
     """Synthesise ``spec`` into ``out_dir`` (reused as is when it already holds the same corpus)."""
     out = Path(out_dir).expanduser()
     marker = out / "corpus.json"
-    if marker.exists() and json.loads(marker.read_text()).get("spec") == json.loads(json.dumps(asdict(spec))):
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == json.loads(json.dumps(spec.asdict())):
         return out
-    require_tools()
+    require_tools(festival=spec.other_n > 0)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_corpus(spec)
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
@@ -179,7 +239,7 @@ def generate_corpus(out_dir: str | Path, spec: CorpusSpec, jobs: int | None = No
     counts = {s: sum(u.split == s for u in plan) for s in SPLITS}
     hours = sum(r["duration"] for r in rows) / 3600
     # written last: a folder without it is an interrupted run and gets regenerated
-    marker.write_text(json.dumps({"spec": asdict(spec), "splits": counts, "hours": round(hours, 4)}, indent=2))
+    marker.write_text(json.dumps({"spec": spec.asdict(), "splits": counts, "hours": round(hours, 4)}, indent=2))
     return out
 
 
@@ -208,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
     parser.add_argument("--sample-rate", type=int, default=defaults.sample_rate)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--other-n", type=int, default=0, help="utterances by festival voices (test_other_synthesiser)")
+    parser.add_argument("--other-voices", default=",".join(FESTIVAL_VOICES), help="festival voices")
     parser.add_argument("--jobs", type=int, default=None, help="parallel synthesis processes (default: CPU count, max 8)")
     args = parser.parse_args(argv)
     try:
@@ -216,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_words=args.max_words, accents=args.accents.split(","), variants=args.variants.split(","),
             speeds=tuple(args.speeds), pitches=tuple(args.pitches), heldout_voices=args.heldout_voices,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, sample_rate=args.sample_rate, seed=args.seed,
+            other_n=args.other_n, other_voices=args.other_voices.split(","),
         )
         out = generate_corpus(args.out, spec, jobs=args.jobs)
     except ConfigError as err:

@@ -296,6 +296,8 @@ class Exporter:
 
         backbone = self.task.backbone
         save_backbone(backbone, out)
+        if getattr(backbone, "input_time_axis", 1) == 2:  # a Whisper encoder: WhisperModel holds it, fed at real length
+            return self.whisper_backbone(out)
         loaded = AutoModel.from_pretrained(out).eval()
         pass_mask = getattr(backbone, "pass_attention_mask", True)
 
@@ -314,6 +316,21 @@ class Exporter:
         return {"loads_with": "transformers.AutoModel.from_pretrained(folder) (+ AutoTokenizer / AutoFeatureExtractor)",
                 **differences}
 
+    def whisper_backbone(self, out: Path) -> dict[str, Any]:
+        """The saved Whisper folder read back by the adapter (``backbone=whisper backbone.name_or_path=folder``)."""
+        from modules.backbones.whisper import WhisperEncoderBackbone
+
+        backbone = self.task.backbone
+        loaded = WhisperEncoderBackbone(name_or_path=str(out), pad_to_30s=backbone.pad_to_30s).eval()
+        expected = self.expected
+        self.expected = [[backbone(b).features] for b in self.batches]
+        try:
+            differences = self.check("backbone", lambda b: [loaded(b).features])
+        finally:
+            self.expected = expected
+        return {"loads_with": "transformers.WhisperModel.from_pretrained(folder).encoder, or tunelab's backbone=whisper "
+                              "backbone.name_or_path=folder (clips at their real length)", **differences}
+
     def dropout_p(self) -> float:
         head = self.task.head[self.task.target] if isinstance(self.task.head, nn.ModuleDict) else self.task.head
         return float(head.dropout.p)
@@ -327,7 +344,8 @@ class Exporter:
             return {"pixel_values": {0: batch}}
         if self.modality == "audio":
             time = Dim("time")  # the conv front end's own minimum applies (wav2vec2: 400 samples)
-            return {"input_values": {0: batch, 1: time}, "attention_mask": {0: batch, 1: time}}
+            axis = getattr(self.task.backbone, "input_time_axis", 1)  # Whisper: (batch, mel bins, frames)
+            return {"input_values": {0: batch, axis: time}, "attention_mask": {0: batch, 1: time}}
         limit = int(getattr(self.task.backbone.model.config, "max_position_embeddings", 512) or 512)
         sequence = Dim("sequence", min=2, max=limit)
         return {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}

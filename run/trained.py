@@ -96,6 +96,8 @@ def architecture_node(node: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             node.update(tokenizer=None, train_tokenizer=None)
         else:
             node.update(size=None, feature_extractor=str(saved), freeze_feature_encoder=False)
+    elif kind == "whisper_encoder" and (saved / "config.json").is_file():
+        node.update(name_or_path=str(saved), convert_from=None, from_scratch=True, size=None, config_overrides={})
     elif kind == "timm":
         node.update(pretrained=False, checkpoint_path=None, remap_keys=None)
     elif kind in ("hf_text", "hf_audio"):

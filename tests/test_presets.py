@@ -25,6 +25,8 @@ def test_experiment_preset_runs(experiment: str, tmp_path: Path, cache_dir: Path
     cfg = compose_config(tmp_path, overrides, cache_dir)
     if cfg.data.get("generate"):  # a synthesised corpus: a small one is enough for one batch (the full size is slow)
         overrides.append("data.generate.n=240")
+        if cfg.data.generate.get("other_n"):  # and a few festival clips for the other synthesiser's test split
+            overrides.append("data.generate.other_n=24")
         cfg = compose_config(tmp_path, overrides, cache_dir)
     assert cfg.trainer.fast_dev_run
     if cfg.needs_internet:

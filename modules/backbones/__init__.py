@@ -1,4 +1,5 @@
-"""Backbone adapters, found by name: ``build_backbone(kind="hf_text", ...)``, ``kind="hf_audio"``, ``kind="timm"``.
+"""Backbone adapters, found by name: ``build_backbone(kind="hf_text", ...)``, ``kind="hf_audio"``, ``kind="timm"``,
+``kind="whisper_encoder"``.
 
 Every adapter follows ``base.Backbone``: features in, ordered layer groups out (``modules.layer_groups``). This package
 also holds the two things done to any backbone: building it (with LoRA adapters injected when asked) and saving it in
@@ -15,6 +16,7 @@ from modules.backbones.base import BACKBONES, Backbone, BackboneOutput, register
 from modules.backbones.hf_audio import HFAudioBackbone
 from modules.backbones.hf_text import HFTextBackbone
 from modules.backbones.timm_backbone import TimmBackbone
+from modules.backbones.whisper import WhisperEncoderBackbone
 from modules.errors import ConfigError
 from modules.layer_groups import LayerGroup, check_layer_groups
 
@@ -55,6 +57,7 @@ __all__ = [
     "HFTextBackbone",
     "LayerGroup",
     "TimmBackbone",
+    "WhisperEncoderBackbone",
     "build_backbone",
     "check_layer_groups",
     "register_backbone",
