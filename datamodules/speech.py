@@ -11,6 +11,8 @@ import io
 import logging
 import math
 import random
+import shutil
+import subprocess
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,8 +70,9 @@ class SpeechDataset(Dataset):
     """
 
     def __init__(self, clips: list[Clip], rate: int, speed_factors: Sequence[float] = (), on_bad_input: str = "error",
-                 seed: int = 0, noise_snr_db: Sequence[float] | None = None) -> None:
+                 seed: int = 0, noise_snr_db: Sequence[float] | None = None, reverb: Reverb | None = None) -> None:
         self.clips, self.rate, self.seed = clips, rate, seed
+        self.reverb = reverb
         self.speed_factors = [float(f) for f in speed_factors]
         self.on_bad_input = on_bad_input
         self.noise_snr_db = tuple(noise_snr_db) if noise_snr_db else None
@@ -93,6 +96,8 @@ class SpeechDataset(Dataset):
                 wave = resample(wave, round(self.rate * factor), self.rate)
         if self.noise_snr_db:
             wave = add_noise(wave, random.uniform(*self.noise_snr_db), np.random)
+        if self.reverb is not None and random.random() < self.reverb.p:
+            wave = self.reverb.apply(wave, self.rate, random)
         return {"wave": wave, "labels": clip.labels, "text": clip.text, "index": i}
 
 
@@ -103,6 +108,51 @@ def add_noise(wave: np.ndarray, snr_db: float, rng: Any) -> np.ndarray:
         return wave
     noise = rng.standard_normal(len(wave)) * np.sqrt(power / 10 ** (snr_db / 10))
     return (wave + noise).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Reverb:
+    """Room reverberation by sox's ``reverb`` effect (Freeverb) on a fraction ``p`` of the training clips, with the
+    reverberance (%) and room scale (%) drawn from their ranges per clip; the clip keeps its length (the tail past
+    its end is cut) and its level (sox's headroom is reclaimed)."""
+
+    p: float = 0.5
+    reverberance: tuple[float, float] = (20.0, 80.0)
+    room_scale: tuple[float, float] = (20.0, 100.0)
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | None) -> Reverb | None:
+        if node is None:
+            return None
+        unknown = set(node) - {"p", "reverberance", "room_scale"}
+        if unknown:
+            raise ConfigError(f"data.reverb has no {sorted(unknown)}; it takes p, reverberance and room_scale, "
+                              "e.g. data.reverb={p: 0.5, reverberance: [20, 80], room_scale: [20, 100]}")
+        try:
+            fields = {k: tuple(float(x) for x in v) if k != "p" else float(v) for k, v in node.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.reverb={dict(node)} must be numbers: p in (0, 1], reverberance and room_scale as "
+                              "[low, high] in percent") from None
+        reverb = cls(**fields)
+        if not 0.0 < reverb.p <= 1.0:
+            raise ConfigError(f"data.reverb.p={reverb.p} must be in (0, 1]: the fraction of training clips reverberated")
+        for name in ("reverberance", "room_scale"):
+            low_high = getattr(reverb, name)
+            if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] <= 100:
+                raise ConfigError(f"data.reverb.{name}={list(low_high)} must be [low, high] in percent, 0 <= low <= high <= 100")
+        if shutil.which("sox") is None:
+            raise ConfigError("data.reverb needs sox (apt-get install -y sox)")
+        return reverb
+
+    def apply(self, wave: np.ndarray, rate: int, rng: random.Random | Any) -> np.ndarray:
+        reverberance, room = rng.uniform(*self.reverberance), rng.uniform(*self.room_scale)
+        raw = ["-t", "f32", "-r", str(rate), "-c", "1"]
+        out = subprocess.run(["sox", *raw, "-", *raw, "-", "gain", "-h", "reverb", f"{reverberance:.1f}", "50", f"{room:.1f}",
+                              "gain", "-r"], input=np.ascontiguousarray(wave, dtype=np.float32).tobytes(),
+                             capture_output=True, check=False)
+        if out.returncode != 0:
+            raise DataError(f"sox reverb failed: {out.stderr.decode(errors='replace').strip()}")
+        return np.frombuffer(out.stdout, dtype=np.float32)[: len(wave)].copy()
 
 
 class AudioCollator:
@@ -150,6 +200,8 @@ class SpeechDataModule(DataModuleBase):
         min_duration / max_duration: clips outside this range (seconds) are dropped and counted.
         speed_perturb: speed factors to pick from per training clip (e.g. ``[0.9, 1.0, 1.1]``).
         noise_snr_db: ``[low, high]``: white noise added to each training clip at an SNR drawn from this range (dB).
+        reverb: ``{p, reverberance: [low, high], room_scale: [low, high]}``: room reverberation (sox) on a fraction
+            ``p`` of the training clips (``Reverb``).
         vocab_file: a saved ``vocab.json`` to use instead of building one from the training transcripts.
         group_by_length: batch clips of similar length together.
         **common: ``DataModuleBase`` arguments (fractions, caps, ``on_bad_input``: unreadable or truncated
@@ -179,6 +231,7 @@ class SpeechDataModule(DataModuleBase):
         lowercase: bool = True,
         speed_perturb: Sequence[float] | None = None,
         noise_snr_db: Sequence[float] | None = None,
+        reverb: Mapping[str, Any] | None = None,
         vocab_file: str | None = None,
         group_by_length: bool = True,
         **common: Any,
@@ -202,6 +255,7 @@ class SpeechDataModule(DataModuleBase):
         if noise_snr_db is not None and (len(noise_snr_db) != 2 or not noise_snr_db[0] <= noise_snr_db[1]):
             raise ConfigError(f"data.noise_snr_db={list(noise_snr_db)} must be [low, high] in dB with low <= high, e.g. [10, 30]")
         self.noise_snr_db = list(noise_snr_db) if noise_snr_db is not None else None
+        self.reverb = Reverb.from_config(reverb)
         self.vocab_file, self.group_by_length = vocab_file, group_by_length
         self.collate = AudioCollator(processor)
         self.vocab: CharVocab | None = None
@@ -209,7 +263,8 @@ class SpeechDataModule(DataModuleBase):
     # -- what the rest of the run needs to know -------------------------------------------------
     @property
     def random_train_inputs(self) -> bool:
-        return len(set(self.speed_perturb)) > 1 or any(f != 1.0 for f in self.speed_perturb) or bool(self.noise_snr_db)
+        return len(set(self.speed_perturb)) > 1 or any(f != 1.0 for f in self.speed_perturb) or bool(self.noise_snr_db) \
+            or self.reverb is not None
 
     def data_spec(self) -> DataSpec:
         self.setup("fit")
@@ -252,7 +307,8 @@ class SpeechDataModule(DataModuleBase):
                             f"(built from train); they map to <unk> and count as errors")
             speed = self.speed_perturb if role == "train" else ()
             self.datasets[role] = SpeechDataset(clips, self.rate, speed, self.on_bad_input, self.seed,
-                                                self.noise_snr_db if role == "train" else None)
+                                                self.noise_snr_db if role == "train" else None,
+                                                self.reverb if role == "train" else None)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items())
         log.info(f"speech data at {self.rate} Hz: {sizes}; vocabulary of {len(self.vocab)}: {''.join(self.vocab.tokens[3:])}")
         for role, counts in self.counts.items():

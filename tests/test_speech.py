@@ -449,3 +449,42 @@ def test_noise_is_added_at_the_chosen_snr_and_only_to_training_clips(tmp_path: P
     assert abs(10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2)) - 10) < 0.5
     evaluated = data.datasets["val"][0]["wave"]
     assert np.array_equal(evaluated, sf.read(str(clips / Path(data.datasets["val"].clips[0].name).name), dtype="float32")[0])
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="sox is needed (apt-get install -y sox)")
+def test_reverb_spreads_a_click_into_a_decaying_tail_on_training_clips_only(tmp_path: Path) -> None:
+    """sox's reverb on an impulse: energy long after the click (none in the dry clip), decaying, the clip's length kept;
+    drawn per (seed, epoch, index) like the other augmentations; bad settings get one line each."""
+    from datamodules.speech import Reverb
+
+    rate = 16000
+    click = np.zeros(rate, dtype=np.float32)
+    click[1000] = 0.5
+    wet = Reverb(p=1.0, reverberance=(80.0, 80.0), room_scale=(100.0, 100.0)).apply(click, rate, np.random.default_rng(0))
+    assert wet.dtype == np.float32 and len(wet) == len(click)
+    early = np.sum(wet[1000 + 800 : 1000 + 2400].astype(np.float64) ** 2)  # 50-150 ms after the click
+    late = np.sum(wet[1000 + 6400 : 1000 + 8000].astype(np.float64) ** 2)  # 400-500 ms after
+    assert early > 1e-4 and 0 < late < early / 5
+    assert np.abs(wet).max() <= 1.0
+    for node, match in [({"p": 0}, r"data.reverb.p=0.0 must be in \(0, 1\]"),
+                        ({"reverberance": [80, 20]}, r"data.reverb.reverberance=\[80.0, 20.0\] must be \[low, high\]"),
+                        ({"room": [1, 2]}, r"data.reverb has no \['room'\]"),
+                        ({"room_scale": 50}, r"data.reverb=.* must be numbers")]:
+        with pytest.raises(ConfigError, match=match):
+            SpeechDataModule("x.jsonl", processor=tiny_backbone().processor, reverb=node)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(4):
+        sf.write(clips / f"{i}.wav", tone(0.5, rate, 300 + 50 * i), rate)
+    write_manifest(clips, [{"audio": f"{i}.wav", "text": "one"} for i in range(4)])
+    data = SpeechDataModule(str(clips / "train.jsonl"), processor=tiny_backbone().processor, reverb={"p": 1.0},
+                            val_fraction=0.25, test_fraction=0.25)
+    data.setup()
+    assert data.random_train_inputs
+    train = data.datasets["train"]
+    clean = sf.read(str(clips / Path(train.clips[0].name).name), dtype="float32")[0]
+    first = train[(0, 0)]["wave"]
+    assert np.array_equal(first, train[(0, 0)]["wave"]) and not np.array_equal(first, clean) and len(first) == len(clean)
+    assert not np.array_equal(first, train[(1, 0)]["wave"])  # another epoch, another room
+    assert np.array_equal(data.datasets["val"][0]["wave"],
+                          sf.read(str(clips / Path(data.datasets["val"].clips[0].name).name), dtype="float32")[0])
