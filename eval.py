@@ -4,6 +4,7 @@
     python eval.py RUN data.data_files.test=other.csv                        # another test file (same labels)
     python eval.py RUN data=csv data.data_files.train=a.csv ...              # another data config
     python eval.py RUN --split val --checkpoint last --weights raw --out DIR
+    python eval.py RUN --whisper-zero-shot                                   # baseline: the untrained Whisper it started from
 
 Writes ``metrics.json`` (the names ``train.py`` reports: ``test/acc``, ``test/wer``, ...), ``eval_info.json`` (which
 run, checkpoint, weights, split and overrides; the report's totals), ``predictions.jsonl`` /
@@ -34,6 +35,10 @@ def parse(argv: Sequence[str]) -> Any:
     parser.add_argument("--top-k", type=int, default=5, help="(label, probability) pairs per example (classifiers)")
     parser.add_argument("--save-outputs", action="store_true",
                         help="also write outputs.npz: each example's logits (classifiers) or frame log-probabilities (CTC)")
+    parser.add_argument("--whisper-zero-shot", action="store_true",
+                        help="a baseline: the pretrained Whisper (encoder and decoder) the run started from, untrained, "
+                             "greedy decoding on the same split and scored the same way (Whisper-encoder CTC runs)")
+    parser.add_argument("--language", default="en", help="the language token for --whisper-zero-shot (default en)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
     if args.top_k < 1:
@@ -57,7 +62,25 @@ def evaluate(args: Any) -> dict[str, Any]:
     from run.trained import load_run
 
     run = load_run(args.run, args.overrides, args.checkpoint, args.weights, args.trust_checkpoint)
-    datamodule = run.datamodule()
+    model, weights = run.model, run.weights
+    if args.whisper_zero_shot:
+        from omegaconf import OmegaConf
+
+        from modules.whisper_zero_shot import (
+            WhisperZeroShot,
+            alphabet_of,
+            whisper_source,
+            zero_shot_processor,
+        )
+
+        if run.kind != "ctc":
+            raise ConfigError(f"--whisper-zero-shot evaluates speech recognition; {run.run_dir} is a {run.kind} run")
+        source = whisper_source(OmegaConf.to_container(run.cfg.backbone, resolve=True))
+        model = WhisperZeroShot(source, alphabet_of(run.model.vocab.tokens), language=args.language)
+        weights = f"zero-shot Whisper ({source}), greedy"
+        datamodule = run.datamodule(processor=zero_shot_processor(source))
+    else:
+        datamodule = run.datamodule()
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
@@ -65,14 +88,15 @@ def evaluate(args: Any) -> dict[str, Any]:
     if not datamodule.has_split(args.split):
         raise ConfigError(f"the data has no {args.split} split; give one (e.g. data.data_files.{args.split}=FILE)"
                           + (" or evaluate the validation split with --split val" if args.split == "test" else ""))
-    out = Path(args.out or run.run_dir / "eval" / f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
+    name = f"{args.split}{'-whisper-zero-shot' if args.whisper_zero_shot else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out or run.run_dir / "eval" / name).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     trainer = inference_trainer(args.device, out, [ConfusionMatrixReport(dirname=".")],
                                 args.precision or run.cfg.trainer.get("precision", "32-true"), not args.no_progress)
     check = trainer.test if args.split == "test" else trainer.validate
-    metrics = {k: float(v) for k, v in check(run.model, datamodule=datamodule, verbose=False)[0].items()}
-    run.model.predict_top_k, run.model.predict_outputs = args.top_k, args.save_outputs
-    rows = collect_predictions(trainer, run.model, datamodule, args.split)
+    metrics = {k: float(v) for k, v in check(model, datamodule=datamodule, verbose=False)[0].items()}
+    model.predict_top_k, model.predict_outputs = args.top_k, args.save_outputs
+    rows = collect_predictions(trainer, model, datamodule, args.split)
     if args.save_outputs:
         import numpy as np
 
@@ -82,13 +106,13 @@ def evaluate(args: Any) -> dict[str, Any]:
     write_predictions(rows, out)
     report: dict[str, Any] = {}
     if run.kind in ("classification", "joint_classification"):
-        report = class_report(rows, run.model.label_names, out)
+        report = class_report(rows, model.label_names, out)
     elif run.kind == "ctc":
         report = speech_report(rows, out)
     elif run.kind == "token_classification":
-        report = entity_report(rows, run.model.label_names, out)
+        report = entity_report(rows, model.label_names, out)
     result = {"metrics": metrics, "report": report, "run": str(run.run_dir), "checkpoint": str(run.checkpoint),
-              "weights": run.weights, "split": args.split, "examples": len(rows), "overrides": list(args.overrides),
+              "weights": weights, "split": args.split, "examples": len(rows), "overrides": list(args.overrides),
               "skipped": sum("error" in r for r in rows)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (out / "eval_info.json").write_text(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))

@@ -12,6 +12,7 @@ training, tested on festival's voices (``test_other_synthesiser``) and on the he
   whisper_frozen   Whisper base's encoder frozen, a CTC head on top (finetune=linear_probe)
   whisper_gradual  the preset experiment=speech_digits_whisper: head first, then the blocks from the top, LLRD
   whisper_30s      the preset with every clip padded to Whisper's 30 s window (backbone.pad_to_30s=true)
+  whisper_zero_shot  no training: the whole Whisper base (its decoder too), greedy (eval.py --whisper-zero-shot)
 Writes results.json, results.md and results.png (WER per arm and test set) to --out.
 """
 
@@ -33,7 +34,9 @@ ARMS = {
     "whisper_frozen": ["experiment=speech_digits_whisper", "finetune=linear_probe"],
     "whisper_gradual": ["experiment=speech_digits_whisper"],
     "whisper_30s": ["experiment=speech_digits_whisper", "backbone.pad_to_30s=true"],
+    "whisper_zero_shot": ["experiment=speech_digits_whisper"],  # a one-step run only carries the data and the model
 }
+ZERO_SHOT = "whisper_zero_shot"
 
 
 def shared_data(train_samples: int, epochs: int) -> list[str]:
@@ -57,14 +60,19 @@ def train(run_dir: Path, overrides: list[str]) -> dict[str, float]:
     return metrics
 
 
-def heldout_voices_wer(run_dir: Path) -> dict[str, float]:
-    """The same run scored on the held-out espeak-ng voices' test file (eval.py on the best checkpoint)."""
-    out = run_dir / "eval_heldout_voices"
-    done = subprocess.run([sys.executable, "eval.py", str(run_dir), "--out", str(out), "--no-progress", "--split", "test",
-                           "data.data_files.test=test_heldout_voices.jsonl"], cwd=ROOT, capture_output=True, text=True)
+def evaluate(run_dir: Path, name: str, *args: str) -> dict[str, float]:
+    """eval.py on the run's best checkpoint (or, with --whisper-zero-shot, on the untrained Whisper), into run_dir/name."""
+    out = run_dir / name
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    done = subprocess.run([sys.executable, "eval.py", str(run_dir), "--out", str(out), "--no-progress", *args], cwd=ROOT,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"bench: error: eval of {run_dir.name} failed:\n{done.stderr[-2000:]}")
     return json.loads((out / "metrics.json").read_text())
+
+
+HELDOUT_VOICES = "data.data_files.test=test_heldout_voices.jsonl"
 
 
 def pad_cost(seconds: float = 2.0, batch: int = 8, repeats: int = 3) -> dict[str, float]:
@@ -119,8 +127,16 @@ def main() -> None:
     for arm in args.arms:
         print(f"bench: {arm} ...", file=sys.stderr, flush=True)
         run_dir = args.out / arm
-        metrics = train(run_dir, [*ARMS[arm], *shared_data(args.train_samples, args.epochs)])
-        held = heldout_voices_wer(run_dir)
+        if arm == ZERO_SHOT:
+            start = time.time()
+            train(run_dir, [*ARMS[arm], *shared_data(args.train_samples, 1), "trainer.limit_train_batches=1",
+                            "trainer.limit_val_batches=1", "test_after_fit=false"])
+            metrics = evaluate(run_dir, "eval_festival", "--whisper-zero-shot")
+            held = evaluate(run_dir, "eval_heldout_voices", "--whisper-zero-shot", HELDOUT_VOICES)
+            metrics = {**metrics, "best/val/wer": float("nan"), "wall_s": time.time() - start}
+        else:
+            metrics = train(run_dir, [*ARMS[arm], *shared_data(args.train_samples, args.epochs)])
+            held = evaluate(run_dir, "eval_heldout_voices", HELDOUT_VOICES)
         rows.append({"arm": arm, "val_wer_heldout_espeak_voices": metrics.get("best/val/wer"),
                      "test_wer_heldout_espeak_voices": held.get("test/wer"), "test_wer_festival": metrics.get("test/wer"),
                      "test_cer_festival": metrics.get("test/cer"), "wall_s": round(metrics.get("wall_s", float("nan")), 1)})
@@ -129,8 +145,11 @@ def main() -> None:
                                                        "rows": rows}, indent=2))
     lines = ["| arm | val WER (unseen espeak voices) | test WER unseen espeak voices | test WER festival | "
              "test CER festival | wall s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['val_wer_heldout_espeak_voices']:.3f} | {r['test_wer_heldout_espeak_voices']:.3f} | "
-              f"**{r['test_wer_festival']:.3f}** | {r['test_cer_festival']:.3f} | {r['wall_s']:.0f} |" for r in rows]
+    def cell(x: float | None) -> str:
+        return "—" if x is None or x != x else f"{x:.3f}"
+
+    lines += [f"| {r['arm']} | {cell(r['val_wer_heldout_espeak_voices'])} | {cell(r['test_wer_heldout_espeak_voices'])} | "
+              f"**{cell(r['test_wer_festival'])}** | {cell(r['test_cer_festival'])} | {r['wall_s']:.0f} |" for r in rows]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib

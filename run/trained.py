@@ -141,8 +141,9 @@ class TrainedRun:
             return data.datasets[data.target]
         return data
 
-    def datamodule(self) -> Any:
-        """The run's data (with the overrides given), labelled with the model's label set."""
+    def datamodule(self, processor: Any = None) -> Any:
+        """The run's data (with the overrides given), labelled with the model's label set; ``processor``: another
+        feature extractor than the model's (zero-shot Whisper's 30 s window)."""
         node = OmegaConf.to_container(self.cfg.data, resolve=True)
         extra: dict[str, Any] = {}
         labels = getattr(self.model, "label_names", None)
@@ -150,7 +151,7 @@ class TrainedRun:
             extra["label_names"] = list(labels)
         if self.kind == "ctc" and (self.run_dir / "vocab.json").is_file() and not node.get("vocab_file"):
             extra["vocab_file"] = str(self.run_dir / "vocab.json")
-        datamodule = build(OmegaConf.create(node), processor=self.model.backbone.processor, **extra)
+        datamodule = build(OmegaConf.create(node), processor=processor or self.model.backbone.processor, **extra)
         spec = datamodule.data_spec()
         if self.kind == "ctc" and list(spec.vocab) != list(self.model.vocab.tokens):
             raise DataError(f"the data's character vocabulary ({len(spec.vocab)} tokens) is not the model's "

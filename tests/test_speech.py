@@ -384,8 +384,7 @@ def test_whisper_base_converted_from_ctranslate2_matches_ctranslate2_on_a_real_c
         ours = model.model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
     # the decoder's first step: CTranslate2's language probabilities (embeddings, cross-attention, feed-forward, output
-    # projection). Later steps are not compared: CTranslate2's greedy transcript differs from transformers' from the
-    # second token on (open question, see docs/speech.md), so no zero-shot baseline is built on this decoder yet
+    # projection); then every step of greedy decoding (eval.py --whisper-zero-shot) against CTranslate2's greedy search
     inputs = ctranslate2.StorageView.from_array(np.ascontiguousarray(features))
     languages = json.loads((folder.with_name(folder.name + "-ct2") / "config.json").read_text())["lang_ids"]
     with torch.no_grad():
@@ -393,6 +392,39 @@ def test_whisper_base_converted_from_ctranslate2_matches_ctranslate2_on_a_real_c
     ours_languages = torch.softmax(logits[languages], -1)
     for token, probability in reference.detect_language(inputs)[0][:3]:
         assert abs(float(ours_languages[languages.index(token_id(folder, token))]) - probability) < 1e-4
+    from modules.whisper_zero_shot import WhisperZeroShot, spoken_form
+
+    zero = WhisperZeroShot(str(folder), alphabet=set("abcdefghijklmnopqrstuvwxyz "))
+    ours_tokens = zero.generate(torch.from_numpy(features))[0]
+    theirs = reference.generate(inputs, [zero.prompt], beam_size=1, max_length=96)[0].sequences_ids[0]
+    assert ours_tokens == list(theirs) and len(theirs) >= 3
+    assert spoken_form(zero.tokenizer.decode(ours_tokens), zero.alphabet) == "three seven one"
+
+
+def test_whisper_text_is_scored_in_the_runs_spoken_form() -> None:
+    from modules.whisper_zero_shot import alphabet_of, spoken_form
+
+    letters = alphabet_of(["<pad>", "<unk>", "|", *"abcdefghijklmnopqrstuvwxyz'"])
+    assert "|" not in letters and " " in letters
+    assert spoken_form(" 3, 7, 1.", letters) == "three seven one"
+    assert spoken_form("94428", letters) == "nine four four two eight"
+    assert spoken_form("Twenty-one / it's OK!", letters) == "twenty one it's ok"
+    assert spoken_form("café", letters) == "caf"  # outside the run's alphabet: the run could not have written it either
+
+
+def test_whisper_zero_shot_needs_a_pretrained_whisper_with_its_tokenizer(tmp_path: Path) -> None:
+    """Where the whole Whisper comes from: refused in one line for a scratch or non-Whisper backbone, and for a folder
+    holding an encoder without the tokenizer the decoder needs."""
+    from modules.whisper_zero_shot import whisper_source
+
+    for backbone, kind in [({"kind": "whisper_encoder", "from_scratch": True, "name_or_path": None}, "whisper_encoder from scratch"),
+                           ({"kind": "hf_audio", "name_or_path": "facebook/wav2vec2-base"}, "hf_audio")]:
+        with pytest.raises(ConfigError, match=f"needs a run whose backbone is a pretrained Whisper encoder .*this run's is {kind}$"):
+            whisper_source(backbone)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds no Whisper tokenizer"):
+        whisper_source({"kind": "whisper_encoder", "name_or_path": str(tmp_path)})
+    assert whisper_source({"kind": "whisper_encoder", "name_or_path": "openai/whisper-small"}) == "openai/whisper-small"
 
 
 def token_id(folder: Path, token: str) -> int:

