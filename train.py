@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.preemption import preempted
-    from run import checks, results
+    from run import checks, lr_find, results
     from run.build import build, build_callbacks, build_parts
     from run.checkpoints import check_checkpoint
     from run.resume import resume_config
@@ -52,8 +52,11 @@ def train(cfg: DictConfig) -> RunMetrics:
     ckpt = check_checkpoint(cfg.get("ckpt_path"), parts.task, cfg.get("trust_checkpoint", False))
     callbacks = build_callbacks(cfg)
     checks.check_callbacks(cfg, callbacks)
+    range_test = lr_find.run(cfg, parts, ckpt)  # tune=lr: the suggestion becomes optimizer.lr before config.yaml
 
     resolved = results.write_config(cfg, run_dir)  # every check passed: only now is the run folder written
+    if range_test is not None:
+        lr_find.save(*range_test, run_dir)
     loggers = start_loggers(cfg, run_dir, resolved, ckpt)
     del ckpt
     failed = True

@@ -143,6 +143,8 @@ CASES: dict[str, tuple[list[str], str]] = {
                                       "backbone.lora.targets: 'qkv' match no linear or convolution of BertModel; its module "
                                       "names end in: dense, key, query, value"),
     "LoRA under FSDP2": ([*TINY, "finetune=lora", "trainer=fsdp2", "trainer.accelerator=cpu"], "finetune=lora with trainer=fsdp2"),
+    "LR range test on two processes": ([*TINY, "tune=lr", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+                                       "tune=lr runs the range test on one process, not trainer.devices=2"),
     "distillation without a teacher": ([*TINY, "task=distillation"], "task=distillation needs a teacher: task.teacher="),
     "teacher with other labels": ([*TINY, *CSV, "data.data_files.train={tmp}/reviews.csv", "task=distillation",
                                    "task.teacher={tmp}/run"], "task.teacher='{tmp}/run' predicts other labels than the data has"),

@@ -83,6 +83,65 @@ def test_layerwise_decay_and_schedule_formula_at_every_step(tmp_path: Path, cach
             assert lr == pytest.approx(1e-3 * scale[group] * factor, rel=1e-9), (t, group)
 
 
+def test_lr_range_test_sweeps_every_group_then_the_run_trains_as_if_given_its_suggestion(
+        tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tune=lr: the swept LR multiplies every group's scale (layer-wise decay, the head's 4x) at every step, the freezing
+    schedule runs inside the range test as in training, and afterwards the run trains bit for bit as a run given
+    optimizer.lr=<the suggestion> (weights, buffers, random streams and epoch metrics put back)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from run import lr_find
+
+    seen: list[tuple[int, dict[str, float], list[str]]] = []
+    sweep = lr_find.LRRangeTest.on_train_batch_start
+
+    def spy(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        sweep(self, trainer, pl_module, batch, batch_idx)
+        groups = trainer.optimizers[0].param_groups
+        seen.append((trainer.global_step, {g["layer_group"]: g["lr"] for g in groups},
+                     sorted({g["layer_group"] for g in groups if g["params"][0].requires_grad})))
+
+    monkeypatch.setattr(lr_find.LRRangeTest, "on_train_batch_start", spy)
+    common = ["task.lr_decay=0.5", "task.head_lr_scale=4", "scheduler=linear", "finetune=gradual", "finetune.unit=step",
+              "finetune.every=10", "trainer.max_steps=12"]
+    tuned = tiny_run(tmp_path / "tuned", cache_dir, *common, "tune=lr", "tune.lr_find.steps=30", "tune.lr_find.max_lr=10")
+    test = lr_find.RangeTest(steps=30, max_lr=10.0)
+    scale = {"embeddings": 0.125, "block_0": 0.25, "block_1": 0.5, "block_2": 1.0, "head": 4.0}
+    assert [step for step, _, _ in seen] == list(range(len(seen))) and len(seen) >= 10
+    for step, lrs, trainable in seen:
+        assert lrs == pytest.approx({g: test.lr_at(step) * k for g, k in scale.items()}, rel=1e-12), step
+        assert trainable == (["head"] if step < 10 else ["block_2", "head"] if step < 20 else ["block_1", "block_2", "head"])
+    found = json.loads((tmp_path / "tuned" / "lr_find.json").read_text())
+    assert [c["lr"] for c in found["curve"]] == pytest.approx([test.lr_at(i) for i in range(len(found["curve"]))])
+    applied = OmegaConf.load(tmp_path / "tuned" / "config.yaml").optimizer.lr
+    assert found["suggested_lr"] == applied == found["applied_lr"] and test.min_lr < applied < test.max_lr
+    assert (tmp_path / "tuned" / "lr_find.png").stat().st_size > 1000
+    given = tiny_run(tmp_path / "given", cache_dir, *common, f"optimizer.lr={applied!r}")
+    assert [s["lr"] for s in tuned["steps"]] == [s["lr"] for s in given["steps"]]
+    for group in GROUPS:
+        assert torch.equal(tuned["start"][group], given["start"][group]), group
+        assert torch.equal(tuned["end"][group], given["end"][group]), group
+    metrics = [{k: v for k, v in json.loads((tmp_path / run / "metrics.json").read_text()).items() if not k.startswith("time/")}
+               for run in ("tuned", "given")]
+    assert metrics[0] == metrics[1] and "val/acc" in metrics[0]
+
+
+def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> None:
+    from run.lr_find import RangeTest, suggest
+
+    lrs = [1e-6 * 10 ** (i / 10) for i in range(61)]  # 1e-6 .. 1
+    falling = [2 - math.tanh(2 * (math.log10(lr) + 3)) for lr in lrs]  # falls fastest at 1e-3
+    rising = falling[:50] + [falling[49] + 0.5 * (i - 49) for i in range(50, 61)]
+    assert suggest(lrs, rising) == pytest.approx(1e-3, rel=0.3)
+    assert suggest(lrs, [1.0 + 0.01 * i for i in range(61)]) is None  # never falls: no suggestion
+    for node, message in [({"steps": 5}, "needs at least 10 optimizer steps"), ({"min_lr": 1, "max_lr": 0.1}, "0 < min_lr < max_lr"),
+                          ({"max_steps": 10}, r"tune.lr_find has no \['max_steps'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            RangeTest.from_config(node)
+
+
 def test_unfrozen_groups_get_their_own_lr_and_warmup(tmp_path: Path, cache_dir: Path) -> None:
     state = tiny_run(tmp_path, cache_dir, "finetune=freeze_then_unfreeze", "finetune.unit=step", "finetune.at=2",
                      "finetune.unfreeze_lr=1e-5", "finetune.unfreeze_warmup=4", "scheduler=constant", "optimizer.lr=1e-3",
