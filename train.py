@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.preemption import preempted
-    from run import checks, lr_find, results
+    from run import budget, checks, lr_find, results
     from run.build import build, build_callbacks, build_parts
     from run.checkpoints import check_checkpoint
     from run.resume import resume_config
@@ -42,6 +42,8 @@ def train(cfg: DictConfig) -> RunMetrics:
         hydra_cfg = HydraConfig.get()
         cfg = resume_config(cfg, list(hydra_cfg.overrides.task), list(hydra_cfg.runtime.choices))
     checks.check_config(cfg)
+    budget.check(cfg)
+    lr_find.check(cfg)
     cfg = checks.complete_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     exports = checks.export_targets(cfg, run_dir)
@@ -52,6 +54,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     ckpt = check_checkpoint(cfg.get("ckpt_path"), parts.task, cfg.get("trust_checkpoint", False))
     callbacks = build_callbacks(cfg)
     checks.check_callbacks(cfg, callbacks)
+    budget.resolve(cfg, parts.datamodule)  # trainer.max_epochs=auto, budget.minutes: from the data's size
     range_test = lr_find.run(cfg, parts, ckpt)  # tune=lr: the suggestion becomes optimizer.lr before config.yaml
 
     resolved = results.write_config(cfg, run_dir)  # every check passed: only now is the run folder written

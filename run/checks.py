@@ -43,7 +43,7 @@ def check_config(cfg: DictConfig) -> None:
             extra = f" (or {', '.join(map(str, allow))})" if allow else ""
             raise ConfigError(f"{key}={value!r} must be {kind}{bound}{extra}")
 
-    number("trainer.max_epochs", 1, integer=True, allow=(-1,))
+    number("trainer.max_epochs", 1, integer=True, allow=(-1, "auto"))
     number("trainer.max_steps", 1, integer=True, allow=(-1,))
     number("trainer.accumulate_grad_batches", 1, integer=True)
     number("trainer.gradient_clip_val", 0)

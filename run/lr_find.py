@@ -138,6 +138,20 @@ class LRRangeTest(pl.Callback):
             trainer.should_stop = True
 
 
+def check(cfg: Any) -> None:
+    """``tune=lr``'s settings and where it can run, before anything is built."""
+    node = (cfg.get("tune") or {}).get("lr_find")
+    if node is None:
+        return
+    RangeTest.from_config(node)
+    from run.budget import processes
+
+    devices = cfg.trainer.get("devices", 1)
+    if processes(cfg) != 1:
+        raise ConfigError(f"tune=lr runs the range test on one process, not trainer.devices={devices}; find the LR with "
+                          "trainer.devices=1 (same global batch), then pass optimizer.lr=<the suggestion>")
+
+
 def run(cfg: Any, parts: Any, checkpoint: Any) -> tuple[RangeResult, RangeTest, float, float] | None:
     """``tune=lr`` in ``train.py``: the range test, its suggestion applied; None when the run has no ``tune=lr``, or
     continues a run whose LR was found already, or starts from a checkpoint's training state (its optimizer and
@@ -164,10 +178,6 @@ def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest
     from run.build import build
 
     test = RangeTest.from_config(cfg.tune.get("lr_find"))
-    devices = cfg.trainer.get("devices", 1)
-    if devices not in (1, "1", None, "auto") or cfg.trainer.get("num_nodes", 1) != 1:
-        raise ConfigError(f"tune=lr runs the range test on one process, not trainer.devices={devices}; find the LR with "
-                          "trainer.devices=1 (same global batch), then pass optimizer.lr=<the suggestion>")
     task = parts.task
     saved = [(t, t.detach().clone()) for t in (*task.parameters(), *task.buffers())]
     requires_grad = [(p, p.requires_grad) for p in task.parameters()]

@@ -37,7 +37,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unknown trainer": (["trainer=tpu"], "trainer=tpu is not an option of trainer"),
     "unparsable override": (["optimizer.lr=[1"], "cannot parse the override 'optimizer.lr=[1'"),
     # values
-    "epochs not a number": (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number >= 1 (or -1)"),
+    "epochs not a number": (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number >= 1 (or -1, auto)"),
     "lr not a number": (["optimizer.lr=fast"], "optimizer.lr='fast' must be a number > 0"),
     "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be a number > 0"),
     "devices not a number": (["trainer.devices=two"], "trainer.devices='two' must be a whole number >= 1, -1 (all), auto"),

@@ -142,6 +142,58 @@ def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> 
             RangeTest.from_config(node)
 
 
+def test_max_epochs_auto_gives_small_data_enough_steps_and_the_schedule_spans_them(tmp_path: Path, cache_dir: Path) -> None:
+    """96 training texts in batches of 16, accumulation 2: 3 optimizer steps per epoch, so budget.min_steps=20 is 7
+    epochs (21 steps); the linear decay runs over exactly those steps for every group (layer-wise decay on top)."""
+    from omegaconf import OmegaConf
+
+    state = tiny_run(tmp_path, cache_dir, "trainer.max_epochs=auto", "budget.min_steps=20", "trainer.accumulate_grad_batches=2",
+                     "callbacks.early_stopping=null", "scheduler=linear", "scheduler.warmup=0", "task.lr_decay=0.5",
+                     "optimizer.lr=1e-3")
+    cfg = OmegaConf.load(tmp_path / "config.yaml")
+    assert cfg.trainer.max_epochs == 7
+    assert cfg.budget.chosen.steps_per_epoch == 3 and cfg.budget.chosen.optimizer_steps == 21
+    assert [s["step"] for s in state["steps"]] == list(range(21)) and state["steps"][-1]["epoch"] == 6
+    for s in state["steps"]:
+        decay = 1 - s["step"] / 21
+        assert s["lr"]["block_2"] == pytest.approx(1e-3 * decay, rel=1e-9) and s["lr"]["block_1"] == pytest.approx(0.5e-3 * decay, rel=1e-9)
+
+
+def test_budget_counts_processes_accumulation_and_limits_and_caps_the_epochs_and_the_time() -> None:
+    from omegaconf import OmegaConf
+
+    from run import budget
+
+    def cfg(**trainer: object) -> object:
+        base = {"max_epochs": "auto", "max_steps": -1, "devices": 2, "num_nodes": 1, "accelerator": "cpu",
+                "accumulate_grad_batches": 2, "limit_train_batches": None}
+        return OmegaConf.create({"trainer": {**base, **trainer}, "monitor": "val/acc",
+                                 "budget": {"min_steps": 300, "max_epochs": 100, "minutes": None}})
+
+    class Data:
+        def train_dataloader(self) -> list:
+            return [None] * 101  # 51 batches on each of 2 processes, 26 optimizer steps with accumulation 2
+
+    run = cfg()
+    assert budget.resolve(run, Data())["steps_per_epoch"] == 26 and run.trainer.max_epochs == 12  # ceil(300 / 26)
+    run = cfg(limit_train_batches=0.5)
+    assert budget.resolve(run, Data())["steps_per_epoch"] == 13 and run.trainer.max_epochs == 24
+    run = cfg(limit_train_batches=4, devices=1)
+    run.budget.max_epochs, run.budget.minutes = 50, 1.5
+    chosen = budget.resolve(run, Data())
+    assert chosen["steps_per_epoch"] == 2 and run.trainer.max_epochs == 50 and run.trainer.max_time == {"seconds": 90.0}
+    run = cfg(max_epochs=3)
+    assert budget.resolve(run, Data()) is None and run.trainer.max_epochs == 3  # a number stays a number
+    for key, value, message in [("budget.min_steps", 0, r"budget.min_steps=0 must be a whole number >= 1"),
+                                ("budget.minutes", -1, r"budget.minutes=-1 must be a number of minutes > 0"),
+                                ("trainer.max_steps", 10, r"trainer.max_epochs=auto derives the epochs from the data, but "
+                                                          r"trainer.max_steps=10 fixes the length too")]:
+        run = cfg()
+        OmegaConf.update(run, key, value)
+        with pytest.raises(ConfigError, match=message):
+            budget.check(run)
+
+
 def test_unfrozen_groups_get_their_own_lr_and_warmup(tmp_path: Path, cache_dir: Path) -> None:
     state = tiny_run(tmp_path, cache_dir, "finetune=freeze_then_unfreeze", "finetune.unit=step", "finetune.at=2",
                      "finetune.unfreeze_lr=1e-5", "finetune.unfreeze_warmup=4", "scheduler=constant", "optimizer.lr=1e-3",
