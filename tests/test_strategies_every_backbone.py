@@ -60,3 +60,31 @@ def test_strategy_on_backbone(family: str, strategy: str, tmp_path: Path, cache_
         if group not in ever_trained:
             assert not changed(state, group), f"{group} was frozen throughout but moved"
     assert changed(state, names[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [*sorted(BACKBONES), "mlm", "joint"])
+def test_lr_range_test_on_every_task(family: str, tmp_path: Path, cache_dir: Path) -> None:
+    """tune=lr on every task and backbone family: a curve, a suggestion inside the swept range (or the configured LR
+    kept, said so), the applied LR in config.yaml and in the run's first optimizer step (every group scaled from it)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from tests.test_joint import FAST_JOINT
+    from tests.test_resume import TINY_MLM
+
+    tasks = {**BACKBONES, "mlm": [*TINY_MLM, PROBE], "joint": [*(a for a in FAST_JOINT if "datasets_seen" not in a), PROBE]}
+    if family == "speech" and not (shutil.which("espeak-ng") and shutil.which("sox")):
+        pytest.skip("the speech corpus needs espeak-ng and sox (apt-get install -y espeak-ng sox)")
+    run_train(tmp_path, [*tasks[family], "tune=lr", "tune.lr_find.steps=12", "trainer.max_steps=2", "trainer.max_epochs=50",
+                         "test_after_fit=false", "callbacks.early_stopping=null", "scheduler=constant"], cache_dir)
+    found = json.loads((tmp_path / "lr_find.json").read_text())
+    assert len(found["curve"]) >= 5 and all(c["loss"] == c["loss"] for c in found["curve"][:5])
+    cfg = OmegaConf.load(tmp_path / "config.yaml")
+    assert cfg.optimizer.lr == found["applied_lr"] == cfg.tune.lr_find.applied
+    if found["suggested_lr"] is not None:
+        assert 1e-7 <= found["suggested_lr"] <= 1.0 and found["applied_lr"] == found["suggested_lr"]
+    first = probe(tmp_path)["steps"][0]["lr"]
+    head = list(first)[-1]
+    assert first[head] == pytest.approx(cfg.optimizer.lr * float(cfg.task.get("head_lr_scale", 1.0)), rel=1e-9), first
