@@ -166,6 +166,10 @@ def run(cfg: Any, parts: Any, checkpoint: Any) -> tuple[RangeResult, RangeTest, 
         log.warning("LR range test skipped: the run starts from a checkpoint's training state (ckpt_path=); its optimizer "
                     f"continues at optimizer.lr={cfg.optimizer.lr:g}")
         return None
+    smoke = [key for key in ("fast_dev_run", "overfit_batches") if (cfg.get("trainer") or {}).get(key)]
+    if smoke:
+        log.warning(f"LR range test skipped: trainer.{smoke[0]} is a smoke run (a few batches say nothing about the LR)")
+        return None
     from run.build import build
 
     result, test = find_lr(cfg, parts, build(cfg.finetune) if cfg.get("finetune") else None)

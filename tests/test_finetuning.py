@@ -136,6 +136,12 @@ def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> 
     rising = falling[:50] + [falling[49] + 0.5 * (i - 49) for i in range(50, 61)]
     assert suggest(lrs, rising) == pytest.approx(1e-3, rel=0.3)
     assert suggest(lrs, [1.0 + 0.01 * i for i in range(61)]) is None  # never falls: no suggestion
+    from omegaconf import OmegaConf
+
+    from run import lr_find
+
+    smoke = OmegaConf.create({"tune": {"lr_find": {}}, "trainer": {"fast_dev_run": True}, "optimizer": {"lr": 1e-4}})
+    assert lr_find.run(smoke, parts=None, checkpoint=None) is None  # a smoke run is not swept (nothing is built)
     for node, message in [({"steps": 5}, "needs at least 10 optimizer steps"), ({"min_lr": 1, "max_lr": 0.1}, "0 < min_lr < max_lr"),
                           ({"max_steps": 10}, r"tune.lr_find has no \['max_steps'\]")]:
         with pytest.raises(ConfigError, match=message):
