@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -185,7 +187,7 @@ def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest
     task = parts.task
     saved = [(t, t.detach().clone()) for t in (*task.parameters(), *task.buffers())]
     requires_grad = [(p, p.requires_grad) for p in task.parameters()]
-    states = torch.random.get_rng_state(), _numpy_state(), _python_state()
+    states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     scheduler, task.scheduler_factory = task.scheduler_factory, None  # the range test owns the LR
     probe = LRRangeTest(test, int(cfg.trainer.get("accumulate_grad_batches", 1) or 1))
@@ -210,8 +212,8 @@ def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest
         torch.random.set_rng_state(states[0])
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
-        _numpy_state(states[1])
-        _python_state(states[2])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
     result = probe.result
     if len(result.losses) < 5:
         raise ConfigError(f"the LR range test took {len(result.losses)} optimizer steps ({result.stopped}); it needs more "
@@ -267,20 +269,3 @@ def save(result: RangeResult, test: RangeTest, configured: float, applied: float
     fig.savefig(run_dir / "lr_find.png", dpi=120)
     plt.close(fig)
 
-
-def _numpy_state(state: Any = None) -> Any:
-    import numpy as np
-
-    if state is None:
-        return np.random.get_state()
-    np.random.set_state(state)
-    return None
-
-
-def _python_state(state: Any = None) -> Any:
-    import random
-
-    if state is None:
-        return random.getstate()
-    random.setstate(state)
-    return None
