@@ -38,11 +38,13 @@ def parse(argv: Sequence[str]) -> Any:
     parser.add_argument("--whisper-zero-shot", action="store_true",
                         help="a baseline: the pretrained Whisper (encoder and decoder) the run started from, untrained, "
                              "greedy decoding on the same split and scored the same way (Whisper-encoder CTC runs)")
-    parser.add_argument("--language", default="en", help="the language token for --whisper-zero-shot (default en)")
+    parser.add_argument("--language", default=None, help="the language token for --whisper-zero-shot (default en)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k {args.top_k} must be >= 1")
+    if args.language is not None and not args.whisper_zero_shot:
+        parser.error(f"--language {args.language} only applies to --whisper-zero-shot (a CTC run has no language token)")
     return args
 
 
@@ -76,7 +78,7 @@ def evaluate(args: Any) -> dict[str, Any]:
         if run.kind != "ctc":
             raise ConfigError(f"--whisper-zero-shot evaluates speech recognition; {run.run_dir} is a {run.kind} run")
         source = whisper_source(OmegaConf.to_container(run.cfg.backbone, resolve=True))
-        model = WhisperZeroShot(source, alphabet_of(run.model.vocab.tokens), language=args.language)
+        model = WhisperZeroShot(source, alphabet_of(run.model.vocab.tokens), language=args.language or "en")
         weights = f"zero-shot Whisper ({source}), greedy"
         datamodule = run.datamodule(processor=zero_shot_processor(source))
     else:

@@ -156,6 +156,8 @@ def test_whisper_zero_shot_is_refused_in_one_line_for_a_run_that_is_not_speech(r
 
     with pytest.raises(ConfigError, match="--whisper-zero-shot evaluates speech recognition; .* is a classification run"):
         evaluate(runs["text"], tmp_path, "--whisper-zero-shot")
+    with pytest.raises(SystemExit):  # argparse's one line: --language means nothing without --whisper-zero-shot
+        eval_script.parse([str(runs["text"]), "--language", "de"])
 
 
 @pytest.mark.slow
