@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.preemption import preempted
-    from run import budget, checks, lr_find, results
+    from run import budget, checks, elastic, lr_find, results
     from run.build import build, build_callbacks, build_parts
     from run.checkpoints import check_checkpoint
     from run.resume import resume_config
@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     ckpt = check_checkpoint(cfg.get("ckpt_path"), parts.task, cfg.get("trust_checkpoint", False))
     callbacks = build_callbacks(cfg)
     checks.check_callbacks(cfg, callbacks)
+    elastic.plan(cfg, ckpt)  # the global batch on this many processes; this segment recorded in config.yaml
     budget.resolve(cfg, parts.datamodule)  # trainer.max_epochs=auto, budget.minutes: from the data's size
     range_test = lr_find.run(cfg, parts, ckpt)  # tune=lr: the suggestion becomes optimizer.lr before config.yaml
 

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from run.build import build, build_parts
+from run.build import build, build_parts, data_config
 from run.config import compose_config
 
 config = compose_config  # the config ``python train.py <overrides>`` composes
@@ -21,7 +21,7 @@ def default_task(overrides: list[str] = ()) -> tuple[Any, DictConfig]:
 
 
 def data_module(cfg: DictConfig, processor: Any) -> Any:
-    datamodule = build(cfg.data, processor=processor)
+    datamodule = build(data_config(cfg), processor=processor)
     datamodule.setup()
     return datamodule
 

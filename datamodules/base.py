@@ -15,12 +15,14 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.eval_shards import sharded_eval_loader
+from datamodules.eval_shards import Batches, as_is, sharded_eval_loader
 from datamodules.sampling import (
     EpochAwareLoader,
     EpochShuffleSampler,
     EpochTaggedSampler,
+    TrainShards,
     batches_trained,
+    position_for,
     training_position,
 )
 from datamodules.sources import TextEncoding, stratified_split
@@ -179,7 +181,7 @@ class DataModuleBase(pl.LightningDataModule):
         self.fixed_labels = [str(n) for n in label_names] if label_names else None
         self.counts: dict[str, Counter] = {}  # role -> what was dropped, resampled, ... (the data report)
         self.parsed_rows: dict[str, int] = {}  # role -> rows the source gave, before anything was dropped
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) from a mid-epoch checkpoint
+        self._resume_at: tuple[int, int, int] | None = None  # (epoch, batches trained, processes): a mid-epoch checkpoint
 
     # -- the contract -----------------------------------------------------------------------------
     @property
@@ -324,33 +326,34 @@ class DataModuleBase(pl.LightningDataModule):
         return None
 
     def loader(self, role: str) -> DataLoader:
-        """The loader of one split: training shuffles (seeded per epoch) and tags items with the epoch
-        when they are augmented; evaluation keeps the order."""
+        """The loader of one split: training shuffles (seeded per epoch), tags items with the epoch when they are
+        augmented, and deals the epoch's micro-batches to the processes (``TrainShards``); evaluation keeps the order."""
         self.setup()
         if role not in self.datasets:
             raise ConfigError(f"the data has no {role} split; name one (data.{role}_split or data.data_files.{role}) "
                               f"or carve it (data.{role}_fraction > 0)")
         dataset, training = self.datasets[role], role == "train"
-        kwargs: dict[str, Any] = {"collate_fn": self.collate_for(role), "num_workers": self.num_workers,
-                                  "persistent_workers": self.num_workers > 0, "pin_memory": self.feeds_cuda()}
+        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                                  "pin_memory": self.feeds_cuda()}
         trainer = getattr(self, "trainer", None)
-        world_size = int(getattr(trainer, "world_size", 1) or 1)
-        if not training and world_size > 1:  # every example scored once, none repeated to even out the processes
-            return sharded_eval_loader(dataset, kwargs.pop("collate_fn"), self.eval_batch_size, world_size,
-                                       int(trainer.global_rank), self.eval_lengths(role), **kwargs)
-        batch_sampler = self.batch_sampler_for(role, training)
-        if batch_sampler is not None:
-            kwargs["batch_sampler"] = batch_sampler
-        else:
-            kwargs["batch_size"] = self.batch_size if training else self.eval_batch_size
-            kwargs["drop_last"] = training and self.drop_last_for(role)
-            if training:
-                tagged = getattr(dataset, "tagged", True)
-                kwargs["sampler"] = (EpochTaggedSampler if tagged else EpochShuffleSampler)(len(dataset), self.seed)
-        if training:  # resumable at any step: see state_dict below
-            return EpochAwareLoader(dataset, progress=lambda: batches_trained(getattr(self, "trainer", None)),
+        world_size, rank = int(getattr(trainer, "world_size", 1) or 1), int(getattr(trainer, "global_rank", 0) or 0)
+        if training:  # resumable at any step, on any number of processes: see state_dict below
+            tagged = getattr(dataset, "tagged", True)
+            grouped = self.batch_sampler_for(role, True)
+            order = grouped.sampler if grouped is not None else (EpochTaggedSampler if tagged else EpochShuffleSampler)(
+                len(dataset), self.seed)
+            shards = TrainShards(order, self.batch_size, self.drop_last_for(role), world_size, rank,
+                                 int(getattr(trainer, "accumulate_grad_batches", 1) or 1), grouped)
+            return EpochAwareLoader(Batches(dataset, self.collate_for(role)), sampler=shards, batch_size=None,
+                                    collate_fn=as_is, progress=lambda: batches_trained(getattr(self, "trainer", None)),
                                     resume_at=self.take_resume_position, **kwargs)
-        return DataLoader(dataset, **kwargs)
+        if world_size > 1:  # every example scored once, none repeated to even out the processes
+            return sharded_eval_loader(dataset, self.collate_for(role), self.eval_batch_size, world_size, rank,
+                                       self.eval_lengths(role), **kwargs)
+        batch_sampler = self.batch_sampler_for(role, False)
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collate_for(role), **kwargs)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=self.collate_for(role), **kwargs)
 
     def feeds_cuda(self) -> bool:
         """Whether the batches go to a CUDA device: then they are built in pinned memory, so the copy to the device
@@ -372,22 +375,28 @@ class DataModuleBase(pl.LightningDataModule):
                               "checkpoint); give a test file/split or carve one with data.test_fraction > 0")
         return self.loader("test")
 
-    # -- exact resume at any step -----------------------------------------------------------------
+    # -- exact resume at any step, on any number of processes ----------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the epoch and how many of its training batches were trained."""
-        return training_position(getattr(self, "trainer", None))
+        """Saved in every checkpoint: the epoch, how many of its training batches each process trained, and how many
+        processes there were, and the micro-batch size the count is in."""
+        return {**training_position(getattr(self, "trainer", None)), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The training loader skips the batches already trained when it starts its next epoch."""
+        """The training loader skips the micro-batches already trained when it starts its next epoch."""
         if state.get("batches_done"):
-            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+            self._resume_at = (int(state["epoch"]), int(state["batches_done"]), int(state.get("world_size", 0)))
 
     def take_resume_position(self) -> tuple[int, int] | None:
-        """The restored (epoch, batches trained), once: asked by the training loader when its epoch starts, so it
-        holds whether the checkpoint was restored before the loader was built (DDP) or after (FSDP2's strategy
-        restores after setup), and through Lightning's re-instantiation of the loader with a distributed sampler."""
+        """The restored (epoch, batches this process skips), once: asked by the training loader when its epoch starts,
+        so it holds whether the checkpoint was restored before the loader was built (DDP) or after (FSDP2's strategy
+        restores after setup). Saved on another number of processes, the position is the same global cursor dealt to
+        this run's processes."""
         position, self._resume_at = self._resume_at, None
-        return position
+        if position is None:
+            return None
+        epoch, done, saved_world = position
+        world = int(getattr(getattr(self, "trainer", None), "world_size", 1) or 1)
+        return position_for(epoch, done, saved_world or world, world)
 
     # -- the report written with the run ----------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Samplers whose order is a pure function of (seed, epoch), and a training loader that resumes at any step:
-resumed runs replay exactly the batches (and augmentation) of an uninterrupted run."""
+resumed runs replay exactly the batches (and augmentation) of an uninterrupted run, on the same number of processes
+or on another (``TrainShards``: the epoch's micro-batches are one list whatever the world size, dealt to the
+processes from a global cursor)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
+
+from modules.errors import ConfigError
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -76,9 +80,90 @@ def batches_trained(trainer: Any) -> int | None:
 
 
 def training_position(trainer: Any) -> dict[str, int]:
-    """Where training is: the current epoch and how many of its batches were trained (for checkpoints)."""
+    """Where training is (for checkpoints): the current epoch, how many of its batches this process trained, and how
+    many processes there were (so a run resumed on another number of processes finds the same global position)."""
     done = batches_trained(trainer)
-    return {"epoch": int(getattr(trainer, "current_epoch", 0) or 0), "batches_done": done or 0}
+    return {"epoch": int(getattr(trainer, "current_epoch", 0) or 0), "batches_done": done or 0,
+            "world_size": int(getattr(trainer, "world_size", 1) or 1)}
+
+
+def position_for(epoch: int, batches_done: int, saved_world: int, world: int) -> tuple[int, int]:
+    """A saved position (each of ``saved_world`` processes trained ``batches_done`` batches of ``epoch``) as this
+    process's count under ``world`` processes: the same micro-batches of the epoch's one list were consumed
+    (``TrainShards`` deals micro-batch ``j`` to process ``j % world``)."""
+    consumed = batches_done * saved_world
+    if consumed % world:
+        raise ConfigError(f"the checkpoint was saved after {consumed} micro-batches of epoch {epoch} on {saved_world} "
+                          f"process(es), which {world} processes cannot share evenly (not at an optimizer-step boundary); "
+                          f"resume on {saved_world} process(es), or from a checkpoint saved at a step boundary")
+    return epoch, consumed // world
+
+
+class TrainShards(DistributedSampler):
+    """One process's training micro-batches, the same optimizer steps on any number of processes.
+
+    The epoch's micro-batches are one list, a pure function of (seed, epoch): cut from the epoch's permutation
+    (``order``) or grouped by length over all of it (``grouped``), never per process. It is padded to whole optimizer
+    steps (``per_step`` = processes x accumulation micro-batches) by repeating its first micro-batches, and micro-batch
+    ``j`` goes to process ``j % world_size``. So optimizer step ``s`` consumes micro-batches ``s * per_step`` to
+    ``(s + 1) * per_step - 1`` whether 2 processes train one micro-batch each or 1 process accumulates two: a run
+    killed on N processes continues on M from the same global cursor, each micro-batch with the same samples (and,
+    seeded by its global index, the same dropout: ``callbacks.BatchSeed``).
+
+    A ``DistributedSampler`` (Lightning leaves it in place) that yields whole micro-batches (lists of keys), for a loader
+    with ``batch_size=None`` over ``Batches``.
+
+    Args:
+        order: the epoch's sample order (``EpochShuffleSampler`` / ``EpochTaggedSampler``), ``set_epoch`` forwarded.
+        batch_size: samples per micro-batch (``data.batch_size``).
+        drop_last: drop the epoch's last micro-batch when it is short.
+        num_replicas, rank: the world size and this process's rank.
+        accumulate: micro-batches each process accumulates per optimizer step.
+        grouped: a batch sampler over ``order`` that makes the epoch's micro-batches itself (length grouping).
+    """
+
+    def __init__(self, order: Any, batch_size: int, drop_last: bool = False, num_replicas: int = 1, rank: int = 0,
+                 accumulate: int = 1, grouped: BatchSampler | None = None) -> None:
+        size = len(order)
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.order, self.grouped, self.batch_size = order, grouped, batch_size
+        self.drop_last = drop_last and size > batch_size
+        self.per_step = num_replicas * accumulate
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for sampler in (self.order, getattr(self.grouped, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+    @property
+    def global_size(self) -> int:
+        """Micro-batches in the epoch's list before padding."""
+        if self.grouped is not None:
+            return len(self.grouped)
+        size = len(self.order)
+        return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
+
+    def padded_size(self) -> int:
+        return math.ceil(self.global_size / self.per_step) * self.per_step
+
+    def global_batches(self) -> list[list[Any]]:
+        """The epoch's micro-batches, every process's, padded to whole optimizer steps."""
+        if self.grouped is not None:
+            batches = [list(b) for b in self.grouped]
+        else:
+            keys = list(self.order)
+            batches = [keys[i : i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+            if self.drop_last and len(batches[-1]) < self.batch_size:
+                batches.pop()
+        return batches + [batches[i % len(batches)] for i in range(self.padded_size() - len(batches))]
+
+    def __iter__(self) -> Iterator[list[Any]]:  # type: ignore[override]
+        return iter(self.global_batches()[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.padded_size() // self.num_replicas
 
 
 class _SkipFirst:
@@ -175,14 +260,19 @@ class EpochAwareLoader(DataLoader):
                 return int(sampler.epoch)
         return 0
 
+    @property
+    def world_size(self) -> int:
+        return int(getattr(self.sampler, "num_replicas", 1) or 1)
+
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else None
         if done is None:  # outside a Trainer: what this loader yielded
             done = self._current.yielded if self._current is not None else 0
-        return {"epoch": self.epoch, "batches_done": done}
+        return {"epoch": self.epoch, "batches_done": done, "world_size": self.world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+        self._resume_at = position_for(int(state["epoch"]), int(state["batches_done"]),
+                                       int(state.get("world_size", self.world_size)), self.world_size)
 
 
 class LengthGroupedBatchSampler(BatchSampler):

@@ -197,24 +197,31 @@ class TaskModule(pl.LightningModule):
                 states[name] = {"state": state, "updates": int(getattr(metric, "_update_count", 0)), "aggregate": kind}
         return states
 
-    def load_metric_states(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+    def load_metric_states(self, states: Mapping[str, Mapping[str, Any]] | list[Mapping[str, Mapping[str, Any]]]) -> None:
         """Put back what ``metric_states`` saved (aggregates made as needed; metrics the task no longer has are
-        ignored)."""
+        ignored). A list (several processes' states, a run resumed on fewer or more processes) is combined as the
+        processes' states are at the epoch's end (each state by its metric's own reduction: sums added, lists joined):
+        the epoch's figure then counts every batch trained before the checkpoint once."""
+        every = list(states) if isinstance(states, list) else [states]
         modules = dict(self.named_modules())
-        for name, saved in states.items():
+        for name in dict.fromkeys(n for s in every for n in s):
+            parts = [s[name] for s in every if name in s]
             metric = modules.get(name)
             prefix = "epoch_aggregates."
-            if metric is None and name.startswith(prefix) and saved.get("aggregate"):
-                metric = self.epoch_aggregate(name[len(prefix):], saved["aggregate"], self.device)
+            if metric is None and name.startswith(prefix) and parts[0].get("aggregate"):
+                metric = self.epoch_aggregate(name[len(prefix):], parts[0]["aggregate"], self.device)
             if not isinstance(metric, Metric):
                 continue
-            for key, value in saved["state"].items():
+            for key, value in parts[0]["state"].items():
+                values = [p["state"][key] for p in parts]
                 if isinstance(value, list):
-                    setattr(metric, key, [t.to(self.device) for t in value])
-                else:
-                    setattr(metric, key, value.to(self.device))
+                    setattr(metric, key, [t.to(self.device) for v in values for t in v])
+                    continue
+                reduce = metric._reductions.get(key)
+                combined = reduce(torch.stack(values)) if len(values) > 1 and callable(reduce) else value
+                setattr(metric, key, combined.to(self.device))
             if hasattr(metric, "_update_count"):
-                metric._update_count = saved.get("updates", 0)
+                metric._update_count = sum(p.get("updates", 0) for p in parts)
             if hasattr(metric, "_computed"):
                 metric._computed = None
 
@@ -222,6 +229,8 @@ class TaskModule(pl.LightningModule):
         if self._trainer is not None:  # what the run has logged so far: the final metrics of a run resumed at its end
             checkpoint["callback_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                                               if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+            checkpoint["world_size"] = self.trainer.world_size  # Lightning's batch counts are per process
+            checkpoint["accumulate"] = self.trainer.accumulate_grad_batches
         states = self.metric_states()
         if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * self.trainer.world_size  # each process's own running state
@@ -236,16 +245,19 @@ class TaskModule(pl.LightningModule):
         # the metrics logged before the checkpoint: what the resumed run does not log again stays in its final metrics
         self.resumed_callback_metrics = dict(checkpoint.get("callback_metrics") or {})
         saved = checkpoint.get("metric_states")
+        world = self.trainer.world_size
+        saved_world = int(checkpoint.get("world_size") or (len(saved) if saved else world))
+        if saved_world != world:  # resumed on another number of processes: the same global position, dealt anew
+            rescale_batch_progress(checkpoint, saved_world, world)
         if not saved:
             return
-        if len(saved) != self.trainer.world_size:
-            warnings.warn(f"the checkpoint holds the running epoch metrics of {len(saved)} process(es), this run has "
-                          f"{self.trainer.world_size}: the resumed epoch's train figures cover only the batches after the "
-                          "resume", stacklevel=2)
-            return
         # put back once the loop shows where it resumes: Lightning starts the next epoch afresh when the checkpoint was
-        # saved after the last batch of one (then the saved state belongs to a finished epoch, and is dropped)
-        self._resumed_metric_states = saved[self.trainer.global_rank]
+        # saved after the last batch of one (then the saved state belongs to a finished epoch, and is dropped). On
+        # another number of processes, rank 0 takes every saved process's state, combined; the others start empty
+        if len(saved) == world:
+            self._resumed_metric_states = saved[self.trainer.global_rank]
+        elif self.trainer.global_rank == 0:
+            self._resumed_metric_states = list(saved)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         saved = self.__dict__.pop("_resumed_metric_states", None)
@@ -332,3 +344,24 @@ class WeightedMean(Metric):
 def aggregate_key(name: str) -> str:
     """A logged name as a module key (``train/loss`` -> ``train/loss``; a module name cannot hold a dot)."""
     return name.replace(".", "_")
+
+
+def rescale_batch_progress(checkpoint: dict[str, Any], saved_world: int, world: int) -> None:
+    """Lightning's training-batch counters of a checkpoint saved on ``saved_world`` processes, as ``world`` processes
+    count the same position: each process's share of the micro-batches consumed (the datamodule deals the rest from
+    there). Optimizer steps, the schedule and epochs are global and stay as they are."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    current = (progress or {}).get("current")
+    if not current:
+        return
+    consumed = int(current["ready"]) * saved_world
+    if consumed % world:
+        raise ConfigError(f"the checkpoint was saved after {consumed} micro-batches of the epoch on {saved_world} "
+                          f"process(es), which {world} processes cannot share evenly (not at an optimizer-step boundary); "
+                          f"resume on {saved_world} process(es)")
+    shift = consumed // world - int(current["ready"])
+    for part in ("current", "total"):
+        counts = progress.get(part) or {}
+        for key in ("ready", "started", "processed", "completed"):
+            if key in counts:
+                counts[key] = int(counts[key]) + shift

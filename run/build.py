@@ -10,7 +10,7 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from modules.errors import UserInputError
 
@@ -67,9 +67,17 @@ def build_parts(cfg: DictConfig) -> Parts:
 
     backbone = build(cfg.backbone)
     check_backbone(cfg, backbone)
-    datamodule = build(cfg.data, processor=backbone.processor)
+    datamodule = build(data_config(cfg), processor=backbone.processor)
     task = build_task(cfg, backbone, datamodule.data_spec().task_kwargs())
     return Parts(backbone, datamodule, task)
+
+
+def data_config(cfg: DictConfig) -> dict[str, Any]:
+    """The data node as the datamodule is built from it: resolved, without ``global_batch_size`` (a run-level setting
+    ``run.elastic`` turns into the trainer's accumulation)."""
+    node = OmegaConf.to_container(cfg.data, resolve=True)
+    node.pop("global_batch_size", None)
+    return node
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:

@@ -69,9 +69,13 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
     checkpoint = newest_checkpoint(run_dir, resume)
     saved = OmegaConf.load(run_dir / "config.yaml")
     upgrade(saved)
-    apply_overrides(saved, [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "resume"], groups, "resume",
-                    "a resumed run keeps its own config, so give only key=value changes (e.g. trainer.max_epochs=5), "
-                    "or start a new run")
+    given = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "resume"]
+    placement = [o for o in given if o.split("=", 1)[0] == "trainer"]
+    if placement:  # trainer=ddp|fsdp2|cpu|gpu...: where it runs now; how long and how it trains stay the run's
+        place_trainer(saved, cfg)
+    apply_overrides(saved, [o for o in given if o not in placement], groups, "resume",
+                    "a resumed run keeps its own config, so give only key=value changes (e.g. trainer.max_epochs=5, "
+                    "trainer.devices=1) or trainer=<option>, or start a new run")
     for key in redacted_keys(OmegaConf.to_container(saved, resolve=False)):
         fresh = OmegaConf.select(cfg, key, default=None)
         if fresh in (None, REDACTED):
@@ -84,6 +88,22 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], groups: Sequence[st
         saved.paths.output_dir = str(run_dir)
     log.info(f"resuming the run in {run_dir} from {saved.ckpt_path}")
     return saved
+
+
+# what a trainer option (configs/trainer/) decides: where and on how many processes the run trains
+PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy", "sync_batchnorm", "precision")
+
+
+def place_trainer(saved: DictConfig, cfg: DictConfig) -> None:
+    """A resumed run moved to the trainer option this command picked (``resume=<run> trainer=fsdp2``): its placement
+    keys (``PLACEMENT``) from the option, everything else (epochs, accumulation, clipping, limits) the run's own."""
+    with open_dict(saved):
+        for key in PLACEMENT:
+            if key in cfg.trainer:
+                saved.trainer[key] = copy.deepcopy(cfg.trainer[key])
+            elif key in saved.trainer:
+                del saved.trainer[key]
+    log.info(f"resume: trainer placement now {', '.join(f'{k}={saved.trainer.get(k)}' for k in PLACEMENT if k in saved.trainer)}")
 
 
 def redacted_keys(config: Any, prefix: str = "") -> list[str]:

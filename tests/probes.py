@@ -192,3 +192,20 @@ class CrashAtStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"crash at step {trainer.global_step} (tests.probes.CrashAtStep)")
+
+
+class SampleLog(pl.Callback):
+    """Which samples each training micro-batch held, per optimizer step: one JSON line per micro-batch appended to
+    ``<run>/samples_rank<r>.jsonl`` as it starts (epoch, the optimizer step it adds to, rank, and each sample's
+    identity: a digest of its unpadded tokens, so the log is read off the batch itself, not off a sampler)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+        import json
+
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        rows = [row[mask[i].bool()] if mask is not None else row for i, row in enumerate(ids)]
+        digests = [hashlib.sha1(r.cpu().numpy().tobytes()).hexdigest()[:12] for r in rows]
+        line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "rank": trainer.global_rank, "samples": digests}
+        with open(Path(trainer.default_root_dir) / f"samples_rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(line) + "\n")

@@ -383,3 +383,82 @@ def test_a_run_continued_into_a_new_folder_keeps_its_best_checkpoint_record(tmp_
     fresh = BestCheckpoint(dirpath=str(tmp_path / "third"), monitor="val/acc", mode="max", save_top_k=1)
     fresh.load_state_dict(before.state_dict())
     assert fresh.best_model_score is None and fresh.best_model_path == ""
+
+
+# -- elastic resume: killed on N processes, continued on M ------------------------------------------------------------
+# 93 training texts (odd) in micro-batches of 5: 19 per epoch, the last short, padded to whole steps of 10 samples
+ELASTIC_DATA = [*TINY_TEXT, "data.max_train_samples=93", "data.batch_size=5", "data.global_batch_size=10",
+                "+callbacks.samples._target_=tests.probes.SampleLog"]
+ON_2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+# name: (how the run starts, what the resume changes)
+ELASTIC = {
+    "ddp_2_to_1": (ON_2, ["trainer.devices=1"]),
+    "single_1_to_ddp_2": ([], ON_2),
+    # sharded folders resharded at load; gradual unfreezing (a group joins every 3 steps) carried over
+    "fsdp2_2_to_1": (["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "finetune=gradual",
+                      "finetune.unit=step", "finetune.every=3"], ["trainer.devices=1"]),
+}
+# weights after a resume on another number of processes: the same gradients summed in another order (an all-reduce
+# over 2 processes vs accumulation in 1), float32 rounding of ~1e-7 relative per step, grown by AdamW's normalisation
+# over the run's ~20 steps; a real difference (one micro-batch other, or one step more) moves weights by ~1e-3
+ELASTIC_TOLERANCE = {"rtol": 1e-4, "atol": 2e-5}
+
+
+def sample_steps(run_dir: Path, pattern: str = "samples_rank*.jsonl", before: int | None = None) -> dict:
+    """(epoch, optimizer step) -> the sorted micro-batches (each a sorted tuple of sample digests) it trained on."""
+    steps: dict = {}
+    for path in run_dir.glob(pattern):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if before is None or row["step"] < before:
+                steps.setdefault((row["epoch"], row["step"]), []).append(tuple(sorted(row["samples"])))
+    return {key: sorted(batches) for key, batches in steps.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(ELASTIC))
+def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case: str, tmp_path: Path, cache_dir: Path) -> None:
+    """kill -9 mid-epoch, then ``resume=<run>`` on another number of processes: every optimizer step trains the same
+    micro-batches as the uninterrupted run's (read off the batches), the global batch and the schedule stay, and the
+    final weights and metrics match within float rounding; ``config.yaml`` records both segments."""
+    start, change = ELASTIC[case]
+    whole = train(tmp_path / "whole", cache_dir, *ELASTIC_DATA, *start)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    total = step_of(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+    kill_at = kill_step(case, total)
+    run = tmp_path / "run"
+    killed = train(run, cache_dir, *ELASTIC_DATA, *start, "+callbacks.kill._target_=tests.probes.KillAtStep",
+                   f"+callbacks.kill.step={kill_at}")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    saved_at = step_of(run / "checkpoints" / "last.ckpt")
+    for path in run.glob("samples_rank*.jsonl"):
+        path.rename(path.with_suffix(".killed"))
+    resumed = train(run, cache_dir, f"resume={run}", "+callbacks.kill=null", *change)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    what = f"{case}: killed at step {kill_at}, resumed from step {saved_at}"
+
+    expected = sample_steps(tmp_path / "whole")
+    got = {**sample_steps(run, "samples_rank*.killed", before=saved_at), **sample_steps(run)}
+    assert len(expected) == total and sorted(got) == sorted(expected), what
+    assert got == expected, what
+    assert all(len(batches) == 2 for batches in expected.values())  # 10 samples a step: 2 micro-batches of 5
+
+    a, b = final_weights(tmp_path / "whole"), final_weights(run)
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, **ELASTIC_TOLERANCE, msg=f"{what}: {name}")
+    x, y = (json.loads((r / "metrics.json").read_text()) for r in (tmp_path / "whole", run))
+    assert x.keys() == y.keys()
+    # every epoch figure (all processes' batches); not a "_step" value: that is one micro-batch's, rank 0's on 2
+    # processes and the step's last on 1
+    for key in (k for k in x if not k.startswith("time/") and not k.endswith("_step")):
+        assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-4), f"{what}: {key}"
+
+    from omegaconf import OmegaConf
+
+    segments = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").segments)
+    worlds = [2, 1] if case.endswith("_to_1") else [1, 2]
+    assert [s["world_size"] for s in segments] == worlds
+    assert [s["accumulate_grad_batches"] for s in segments] == [2 // w for w in worlds]
+    assert [s["global_batch_size"] for s in segments] == [10, 10]
+    assert [s["from_step"] for s in segments] == [0, saved_at]

@@ -199,12 +199,12 @@ def test_folds_of_digits_partition_the_training_pool_stratified_and_keep_the_tes
     (a plain run's train + val); each fold trains on the rest; the test split is a plain run's; stratified."""
     from collections import Counter
 
-    from run.build import build
+    from run.build import build, data_config
     from tests.conftest import compose_config
 
     def setup(*overrides: str) -> object:
         cfg = compose_config(tmp_path, ["experiment=digits_scratch", *overrides])
-        dm = build(cfg.data, processor=build(cfg.backbone).processor)
+        dm = build(data_config(cfg), processor=build(cfg.backbone).processor)
         dm.setup()
         return dm
 
