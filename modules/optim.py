@@ -62,10 +62,11 @@ def initialise_every_state(optimizer: torch.optim.Optimizer) -> None:
     A sharded checkpoint is saved and loaded key by key: a parameter frozen when it was saved has no state there, and
     one frozen when it is loaded has none in the model, so a freezing schedule would make save and load disagree.
     One step with zero gradients, no learning rate and no weight decay creates the state; its step counters are
-    reset, so a group unfrozen later starts exactly as it would have (Adam's bias correction from step 1)."""
-    if optimizer.state:
+    reset, so a group unfrozen later starts exactly as it would have (Adam's bias correction from step 1). Parameters
+    that have a state already (loaded from a checkpoint) keep it."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p not in optimizer.state]
+    if not params:
         return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     for p in params:
         p.grad = torch.zeros_like(p)
     saved = [(group["lr"], group.get("weight_decay")) for group in optimizer.param_groups]
@@ -80,7 +81,7 @@ def initialise_every_state(optimizer: torch.optim.Optimizer) -> None:
             group["weight_decay"] = decay
     for p in params:
         p.grad = None
-    for state in optimizer.state.values():
+    for state in (optimizer.state[p] for p in params):
         step = state.get("step")
         if isinstance(step, torch.Tensor):
             step.zero_()

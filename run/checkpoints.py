@@ -40,7 +40,9 @@ def staging_path(target: Path, shared: bool = False) -> Path:
 
 def commit(staged: Path, target: Path) -> None:
     """Move a fully written file or folder over ``target`` by renames, then drop staging left by killed writers."""
-    if staged.is_dir() and target.exists():  # a folder cannot be renamed over a folder: set the old one aside first
+    if target.exists() and (staged.is_dir() or target.is_dir()):
+        # a folder cannot be renamed over a folder, nor a file over one (a sharded run continued under DDP writes a
+        # file where its folder was): set the old one aside first
         old = target.with_name(f".{target.name}.old")
         remove(old)
         os.replace(target, old)
@@ -77,12 +79,21 @@ def save_file(obj: Any, target: str | Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O with ``save_file``'s staged write. (Lightning's own save stages the bytes in the
-    system temp folder and *moves* them, which is a copy, not a rename, whenever that folder is on another file system.)"""
+    system temp folder and *moves* them, which is a copy, not a rename, whenever that folder is on another file system.)
+    It also reads a sharded (FSDP2) checkpoint folder as one full checkpoint, so a run sharded on N processes resumes
+    under DDP or on one process (``resume=<run> trainer=ddp``)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote storage: Lightning's transaction-based save
             return super().save_checkpoint(checkpoint, path, storage_options)
         save_file(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" not in str(path) and is_sharded_checkpoint(Path(path)):
+            return full_checkpoint(Path(path), weights_only=weights_only is not False)
+        # onto the CPU first (Lightning's default keeps each tensor where it was saved): a checkpoint written on a GPU
+        # resumes on a machine without one, and the strategy moves the state to this run's device either way
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=weights_only)
 
 
 class StagedShards:
@@ -141,10 +152,37 @@ class FSDP2Strategy(StagedShards, ModelParallelStrategy):
         for p in params:
             p.requires_grad_(True)
         try:
+            path = Path(self.broadcast(str(checkpoint_path)))
+            if path.is_file():  # a full checkpoint (DDP, one process): resharded onto this run's processes
+                return self.load_full_checkpoint(path, weights_only)
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         finally:
             for p, flag in zip(params, flags, strict=True):
                 p.requires_grad_(flag)
+
+    def load_full_checkpoint(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        """A checkpoint file written by DDP, one process, or FSDP2 gathering, into the sharded model and optimizer: each
+        process takes its shards of the full tensors. Lightning's own path would key the optimizer's state by the
+        model's parameter order; the task's optimizer lists its parameters by layer group, so it is keyed by the
+        optimizer's own order here."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only is not False)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                   strict=self.lightning_module.strict_loading)
+        set_model_state_dict(self.model, checkpoint["state_dict"], options=options)
+        # a parameter frozen so far has no state in a DDP checkpoint (Adam makes it at its first step): it gets the
+        # zero state of that first step, as every parameter has one under this strategy (``initialise_every_state``)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=by_name(state, optimizer, self.model),
+                                     options=options)
+            initialise_every_state(optimizer)
+        return checkpoint
 
     def writes_shards(self) -> bool:
         return bool(self._save_distributed_checkpoint)
@@ -193,6 +231,46 @@ def gather_shards(path: Path) -> dict[str, torch.Tensor]:
     _load_state_dict(state, storage_reader=FileSystemReader(str(path)), no_dist=True,
                      planner=_EmptyStateDictLoadPlanner(keys=set(SHARDED_MODEL_KEYS)))
     return next((state[k] for k in SHARDED_MODEL_KEYS if k in state), {})
+
+
+def full_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    """A sharded checkpoint folder as the one full checkpoint a DDP or single-process run loads: the model's tensors
+    gathered, and each optimizer's state from its parameter-name keys (torch.distributed.checkpoint's layout) to the
+    parameter positions ``Optimizer.load_state_dict`` takes, in the order of its parameter groups (the task builds
+    them in the same order on any strategy). Needs no process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=weights_only)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), no_dist=True, planner=_EmptyStateDictLoadPlanner())
+    full = {**meta, "state_dict": next((state[k] for k in SHARDED_MODEL_KEYS if k in state), {})}
+    optimizers = [by_position(state[f"optimizer_{i}"]) for i in range(len(state)) if f"optimizer_{i}" in state]
+    if optimizers:
+        full["optimizer_states"] = optimizers
+    return full
+
+
+def by_position(named: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names (``{"state": {name: ...}, "param_groups": [{"params": [name, ...]}]}``)
+    keyed by positions instead, numbered through the groups in order as ``Optimizer.state_dict`` numbers them."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in named["param_groups"]:
+        groups.append({**group, "params": [index.setdefault(name, len(index)) for name in group["params"]]})
+    return {"state": {index[name]: value for name, value in named["state"].items()}, "param_groups": groups}
+
+
+def by_name(state: Mapping[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Any]:
+    """``by_position`` reversed: an optimizer state keyed by positions (``Optimizer.state_dict``) keyed by the names of
+    ``model``'s parameters, read off ``optimizer``'s groups in order. One keyed by names already is returned as is."""
+    if not state.get("state") or not all(isinstance(k, int) for k in state["state"]):
+        return dict(state)
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
+    return {"state": {order[i]: value for i, value in state["state"].items()}, "param_groups": groups}
 
 
 def read_checkpoint(path: str | Path, trust: bool = False, how_to_trust: str = "--trust-checkpoint",

@@ -390,13 +390,17 @@ def test_a_run_continued_into_a_new_folder_keeps_its_best_checkpoint_record(tmp_
 ELASTIC_DATA = [*TINY_TEXT, "data.max_train_samples=93", "data.batch_size=5", "data.global_batch_size=10",
                 "+callbacks.samples._target_=tests.probes.SampleLog"]
 ON_2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-# name: (how the run starts, what the resume changes)
+FSDP2_ON_2 = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2"]
+GRADUAL = ["finetune=gradual", "finetune.unit=step", "finetune.every=3"]  # a group joins every 3 steps
+# name: (how the run starts, what the resume changes, (processes, strategy) of the two segments)
 ELASTIC = {
-    "ddp_2_to_1": (ON_2, ["trainer.devices=1"]),
-    "single_1_to_ddp_2": ([], ON_2),
-    # sharded folders resharded at load; gradual unfreezing (a group joins every 3 steps) carried over
-    "fsdp2_2_to_1": (["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "finetune=gradual",
-                      "finetune.unit=step", "finetune.every=3"], ["trainer.devices=1"]),
+    "ddp_2_to_1": (ON_2, ["trainer.devices=1"], ((2, "ddp"), (1, "ddp"))),
+    "single_1_to_ddp_2": ([], ON_2, ((1, "single"), (2, "ddp"))),
+    # sharded folders resharded at load, with the unfreezing schedule carried over
+    "fsdp2_2_to_1": ([*FSDP2_ON_2, *GRADUAL], ["trainer.devices=1"], ((2, "fsdp2"), (1, "fsdp2"))),
+    # a sharded folder read as one full checkpoint by a single process; a DDP file sharded onto FSDP2
+    "fsdp2_2_to_single_1": ([*FSDP2_ON_2, *GRADUAL], ["trainer=cpu"], ((2, "fsdp2"), (1, "single"))),
+    "ddp_2_to_fsdp2_2": ([*ON_2, *GRADUAL], FSDP2_ON_2, ((2, "ddp"), (2, "fsdp2"))),
 }
 # weights after a resume on another number of processes: the same gradients summed in another order (an all-reduce
 # over 2 processes vs accumulation in 1), float32 rounding of ~1e-7 relative per step, grown by AdamW's normalisation
@@ -421,7 +425,7 @@ def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case:
     """kill -9 mid-epoch, then ``resume=<run>`` on another number of processes: every optimizer step trains the same
     micro-batches as the uninterrupted run's (read off the batches), the global batch and the schedule stay, and the
     final weights and metrics match within float rounding; ``config.yaml`` records both segments."""
-    start, change = ELASTIC[case]
+    start, change, placements = ELASTIC[case]
     whole = train(tmp_path / "whole", cache_dir, *ELASTIC_DATA, *start)
     assert whole.returncode == 0, whole.stderr[-3000:]
     total = step_of(tmp_path / "whole" / "checkpoints" / "last.ckpt")
@@ -457,8 +461,7 @@ def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case:
     from omegaconf import OmegaConf
 
     segments = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").segments)
-    worlds = [2, 1] if case.endswith("_to_1") else [1, 2]
-    assert [s["world_size"] for s in segments] == worlds
-    assert [s["accumulate_grad_batches"] for s in segments] == [2 // w for w in worlds]
+    assert [(s["world_size"], s["strategy"]) for s in segments] == list(placements)
+    assert [s["accumulate_grad_batches"] for s in segments] == [2 // world for world, _ in placements]
     assert [s["global_batch_size"] for s in segments] == [10, 10]
     assert [s["from_step"] for s in segments] == [0, saved_at]
