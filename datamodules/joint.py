@@ -1,15 +1,19 @@
-"""Joint training data: several datasets, one batch from one of them per step, then the target alone.
+"""Joint training data: several datasets, one of them per optimizer step, then the target alone.
 
 Design:
-  * Which dataset a step draws from is a pure function of (seed, epoch, step), the same on every
-    process: under DDP all ranks train the same head at each step (a head no rank used keeps
-    ``grad=None``, so the optimizer leaves it alone).
-  * Every epoch has ``steps_per_epoch`` steps, joint or target-only, so the LR schedule's total
-    (``trainer.estimated_stepping_batches``) is exact and a target-only run with ``joint_epochs=0``
-    spends the same budget.
-  * Each child's batches come from a seeded permutation per (epoch, pass), sharded by rank, and the
-    train loader saves how far into the epoch it got: a run resumed from any checkpoint sees the
-    batches an uninterrupted one would.
+  * Which dataset an optimizer step draws from is a pure function of (seed, epoch, step), the same on
+    every process: under DDP all ranks train the same head at each step (a head no rank used keeps
+    ``grad=None``, so the optimizer leaves it alone), and with gradient accumulation every micro-batch
+    of a step comes from the same dataset.
+  * Every epoch has ``steps_per_epoch`` optimizer steps, joint or target-only, so the LR schedule's
+    total (``trainer.estimated_stepping_batches``) is exact and a target-only run with
+    ``joint_epochs=0`` spends the same budget.
+  * Each dataset is one endless stream of micro-batches per epoch: pass after pass, each a
+    permutation seeded by (epoch, pass), never cut per process. A step takes the next
+    processes x accumulation micro-batches of its dataset's stream and deals them as
+    ``datamodules.sampling.TrainShards`` does, so the same step trains the same micro-batches on any
+    number of processes; the train loader saves how far into the epoch it got, and a run resumed on
+    the same or another number of processes sees the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from datamodules.base import DataModuleBase, DataSpec, check_folds
-from datamodules.sampling import batches_trained
+from datamodules.sampling import batches_trained, position_for
 from modules.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -101,70 +106,77 @@ class JointSampler:
         return self.steps
 
 
-class CyclingBatchSampler(Sampler[list[int]]):
-    """Endless batches of ``(tag, index)`` pairs: pass after pass, each a permutation seeded by (seed, epoch, pass),
-    sharded by rank. The tag (epoch and pass) lets the child dataset seed each item's random augmentation,
-    so resumed runs augment exactly like uninterrupted ones.
+class BatchStream:
+    """One dataset's micro-batches of ``(tag, index)`` pairs in an epoch, endless and addressable: pass after pass,
+    each a permutation of the whole dataset seeded by (seed, epoch, pass), cut into micro-batches. The tag (epoch and
+    pass) lets the child dataset seed each item's random augmentation, so resumed runs augment exactly like
+    uninterrupted ones. The same on every process: ``JointLoader`` deals its micro-batches."""
 
-    ``skip`` batches at the start of the epoch are left out without loading anything (resuming mid-epoch).
-    """
-
-    def __init__(self, size: int, batch_size: int, drop_last: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
-        self.per_rank = size // world_size  # equal on every rank
-        if self.per_rank == 0:
-            raise DataError(f"a training set of {size} examples cannot be shared by {world_size} processes")
-        self.drop_last = drop_last and self.per_rank > batch_size
-        self.epoch, self.skip = 0, 0
+    def __init__(self, size: int, batch_size: int, drop_last: bool, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.drop_last = drop_last and size > batch_size
+        self._pass: tuple[int, int, list[int]] | None = None  # (epoch, pass, its permutation): the last one drawn
 
     def batches_per_pass(self) -> int:
-        return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
+        return self.size // self.batch_size if self.drop_last else math.ceil(self.size / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        skip, done, pass_index = self.skip, 0, 0
-        while True:
-            generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 10_007 + pass_index)
-            mine = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size][: self.per_rank].tolist()
-            for start in range(0, self.batches_per_pass() * self.batch_size, self.batch_size):
-                if done >= skip:
-                    tag = self.epoch * 10_007 + pass_index
-                    yield [(tag, i) for i in mine[start : start + self.batch_size]]
-                done += 1
-            pass_index += 1
+    def batch(self, epoch: int, n: int) -> list[tuple[int, int]]:
+        """Micro-batch ``n`` (counted from the epoch's start) of ``epoch``."""
+        pass_index, start = divmod(n, self.batches_per_pass())
+        if self._pass is None or self._pass[:2] != (epoch, pass_index):
+            generator = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 10_007 + pass_index)
+            self._pass = (epoch, pass_index, torch.randperm(self.size, generator=generator).tolist())
+        tag = epoch * 10_007 + pass_index
+        return [(tag, i) for i in self._pass[2][start * self.batch_size : (start + 1) * self.batch_size]]
 
 
 class JointLoader:
-    """The training loader: ``steps_per_epoch`` batches, each from the dataset ``sampler`` chose, with a ``dataset`` key.
+    """The training loader: ``steps_per_epoch`` optimizer steps of ``accumulate`` micro-batches on each process, every
+    micro-batch of a step from the dataset ``sampler`` chose for it, with a ``dataset`` key.
 
-    Stateful (Lightning saves ``state_dict`` in checkpoints): resuming mid-epoch skips the steps done.
+    Step ``s`` takes micro-batches ``k * per_step ... (k + 1) * per_step - 1`` of its dataset's stream (``k``: how
+    many earlier steps drew that dataset; ``per_step`` = processes x accumulation), and process ``r`` trains slot
+    ``a * world_size + r`` of them at its ``a``-th micro-batch of the step: the same micro-batches per step on any
+    number of processes. Stateful (Lightning saves ``state_dict`` in checkpoints): resuming mid-epoch skips the
+    micro-batches done, on the same or another number of processes.
     """
 
-    def __init__(self, sampler: JointSampler, loaders: Mapping[str, DataLoader], progress: Any = None,
+    def __init__(self, sampler: JointSampler, streams: Mapping[str, BatchStream], loader_for: Any, world_size: int = 1,
+                 rank: int = 0, accumulate: int = 1, progress: Any = None,
                  resume_at: tuple[int, int] | Any = None) -> None:
-        self.sampler, self.loaders = sampler, dict(loaders)
+        self.sampler, self.streams, self.loader_for = sampler, dict(streams), loader_for
+        self.world_size, self.rank, self.accumulate = world_size, rank, accumulate
         self.progress = progress  # batches of the epoch trained, Lightning's count
         self._yielded, self._resume_at = 0, resume_at
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.sampler) * self.accumulate
+
+    def plan(self, epoch: int) -> list[tuple[str, list[tuple[int, int]]]]:
+        """This process's micro-batches of ``epoch``, in order: (dataset, its keys)."""
+        per_step, drawn = self.world_size * self.accumulate, dict.fromkeys(self.streams, 0)
+        mine = []
+        for name in self.sampler.choices(epoch):
+            for a in range(self.accumulate):
+                mine.append((name, self.streams[name].batch(epoch, drawn[name] * per_step + a * self.world_size + self.rank)))
+            drawn[name] += 1
+        return mine
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # a generator: the body runs at the first next(), after Lightning's set_epoch
         epoch = self.sampler.epoch
-        choices = self.sampler.choices(epoch)
         skip = 0
         position = self._resume_at() if callable(self._resume_at) else self._resume_at
         if position is not None and position[0] == epoch:
             skip = position[1]
         if not callable(self._resume_at):
             self._resume_at = None
+        plan = self.plan(epoch)
         iterators: dict[str, Iterator] = {}
-        for step in range(skip, len(choices)):
-            name = choices[step]
+        for step in range(skip, len(plan)):
+            name = plan[step][0]
             if name not in iterators:  # lazily: a dataset not drawn this epoch costs nothing
-                batch_sampler = self.loaders[name].batch_sampler
-                batch_sampler.epoch, batch_sampler.skip = epoch, choices[:skip].count(name)
-                iterators[name] = iter(self.loaders[name])
+                iterators[name] = iter(self.loader_for(name, [keys for n, keys in plan[skip:] if n == name]))
             batch = dict(next(iterators[name]))
             batch["dataset"] = name
             self._yielded = step + 1
@@ -172,10 +184,12 @@ class JointLoader:
 
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else None
-        return {"epoch": self.sampler.epoch, "yielded": self._yielded if done is None else done}
+        return {"epoch": self.sampler.epoch, "yielded": self._yielded if done is None else done,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self._resume_at = (int(state["epoch"]), int(state["yielded"]))
+        self._resume_at = position_for(int(state["epoch"]), int(state["yielded"]),
+                                       int(state.get("world_size", self.world_size)), self.world_size)
 
 
 class TaggedLoaders:
@@ -191,6 +205,23 @@ class TaggedLoaders:
         for name, loader in self.loaders:
             for batch in loader:
                 yield {**batch, "dataset": name}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What joint training takes from a child datamodule's training split."""
+
+    dataset: Any
+    batch_size: int
+    drop_last: bool
+    collate_fn: Any
+    num_workers: int
+
+    @classmethod
+    def of(cls, child: Any) -> TrainSpec:
+        child.setup("fit")
+        return cls(child.datasets["train"], child.batch_size, child.drop_last_for("train"), child.collate_for("train"),
+                   child.num_workers)
 
 
 class JointDataModule(DataModuleBase):
@@ -262,7 +293,7 @@ class JointDataModule(DataModuleBase):
             datasets = {**datasets, target: {**spec, "num_folds": num_folds, "fold": fold}}
         self.children = {name: self._build(name, spec, processor) for name, spec in datasets.items()}
         self.probabilities: dict[str, float] = {}
-        self.train_specs: dict[str, DataLoader] = {}
+        self.train_specs: dict[str, TrainSpec] = {}
 
     @staticmethod
     def _build(name: str, spec: Any, processor: Any) -> Any:
@@ -329,7 +360,7 @@ class JointDataModule(DataModuleBase):
             "sampling": self.sampling,
             "probabilities": self.probabilities,
             "joint_epochs": self.joint_epochs,
-            "steps_per_epoch": self._steps_per_epoch(self._rank()[1]),
+            "steps_per_epoch": self._steps_per_epoch(),
         }
         (Path(run_dir) / "labels.json").write_text(json.dumps(info, indent=2))
 
@@ -339,50 +370,57 @@ class JointDataModule(DataModuleBase):
             return
         for child in self.children.values():
             child.setup(stage)
-        self.train_specs = {name: child.train_dataloader() for name, child in self.children.items()}
+        self.train_specs = {name: TrainSpec.of(child) for name, child in self.children.items()}
         self._check_batch_formats()
-        sizes = {name: len(loader.dataset) for name, loader in self.train_specs.items()}
+        sizes = {name: len(spec.dataset) for name, spec in self.train_specs.items()}
         self.probabilities = sampling_probabilities(sizes, self.sampling, self.ratios, self.temperature)
         shares = ", ".join(f"{name} {p:.3f} (n={sizes[name]})" for name, p in self.probabilities.items())
         log.info(f"joint data: {self.joint_epochs} joint epoch(s) drawing {shares}, then {self.target} alone; "
-                 f"{self._steps_per_epoch(self._rank()[1])} steps per epoch")
+                 f"{self._steps_per_epoch()} optimizer steps per epoch")
 
     def _check_batch_formats(self) -> None:
         """One backbone reads every batch: all datasets must give the same input fields."""
-        fields = {name: sorted(set(loader.dataset[0]) - {"labels"}) for name, loader in self.train_specs.items()}
+        fields = {name: sorted(set(spec.dataset[0]) - {"labels"}) for name, spec in self.train_specs.items()}
         first = fields[self.target]
         for name, keys in fields.items():
             if keys != first:
                 raise DataError(f"data.datasets.{name} gives inputs {', '.join(keys)} but {self.target} gives "
                                 f"{', '.join(first)}; one backbone needs datasets of one modality")
 
-    def _steps_per_epoch(self, world_size: int) -> int:
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: ``data.steps_per_epoch``, or one pass over every dataset (all processes' and
+        accumulated micro-batches together)."""
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
-        return sum(self._batch_sampler(name, 0, world_size).batches_per_pass() for name in self.train_specs)
+        _, world_size, accumulate = self._placement()
+        return math.ceil(sum(self._stream(name).batches_per_pass() for name in self.train_specs) / (world_size * accumulate))
 
-    def _batch_sampler(self, name: str, rank: int, world_size: int) -> CyclingBatchSampler:
+    def _stream(self, name: str) -> BatchStream:
         spec = self.train_specs[name]
         # a different stream per dataset, so two same-sized datasets are not shuffled alike
-        return CyclingBatchSampler(len(spec.dataset), spec.batch_size, spec.drop_last,
-                                   self.seed + 7919 * list(self.train_specs).index(name), rank, world_size)
+        return BatchStream(len(spec.dataset), spec.batch_size, spec.drop_last,
+                           self.seed + 7919 * list(self.train_specs).index(name))
 
-    def _rank(self) -> tuple[int, int]:
+    def _placement(self) -> tuple[int, int, int]:
+        """(rank, processes, accumulation) of this run's trainer."""
         trainer = getattr(self, "trainer", None)
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1, 1
+        return trainer.global_rank, trainer.world_size, int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
     def train_dataloader(self) -> JointLoader:
         self.setup()
-        rank, world_size = self._rank()
-        loaders = {}
-        for name, spec in self.train_specs.items():
-            # the child's dataset and collate (mixup, padding...), our order: seeded, sharded, endless
-            loaders[name] = DataLoader(spec.dataset, batch_sampler=self._batch_sampler(name, rank, world_size),
-                                       collate_fn=spec.collate_fn, num_workers=spec.num_workers)
-        sampler = JointSampler(self.probabilities, self.target, self.joint_epochs, self._steps_per_epoch(world_size), self.seed)
-        return JointLoader(sampler, loaders, progress=lambda: batches_trained(getattr(self, "trainer", None)),
-                           resume_at=self.take_resume_position)
+        rank, world_size, accumulate = self._placement()
 
+        def loader_for(name: str, batches: list[list[tuple[int, int]]]) -> DataLoader:
+            # the child's dataset and collate (mixup, padding...), our order: the micro-batches this process trains
+            spec = self.train_specs[name]
+            return DataLoader(spec.dataset, batch_sampler=batches, collate_fn=spec.collate_fn, num_workers=spec.num_workers)
+
+        sampler = JointSampler(self.probabilities, self.target, self.joint_epochs, self._steps_per_epoch(), self.seed)
+        return JointLoader(sampler, {name: self._stream(name) for name in self.train_specs}, loader_for, world_size, rank,
+                           accumulate, progress=lambda: batches_trained(getattr(self, "trainer", None)),
+                           resume_at=self.take_resume_position)
 
     def share_trainer(self) -> None:
         """The children build their evaluation loaders for this run's processes (``DataModuleBase.loader``)."""

@@ -249,6 +249,12 @@ class TaskModule(pl.LightningModule):
         saved_world = int(checkpoint.get("world_size") or (len(saved) if saved else world))
         if saved_world != world:  # resumed on another number of processes: the same global position, dealt anew
             rescale_batch_progress(checkpoint, saved_world, world)
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()):
+                warnings.warn(f"resumed on {world} process(es) after {saved_world}: every optimizer step trains the same "
+                              "samples, but BatchNorm normalises each forward pass (across processes with "
+                              "trainer.sync_batchnorm) and DDP keeps rank 0's running statistics, so those statistics "
+                              "(and with sync_batchnorm the weights) now follow another grouping of the samples",
+                              stacklevel=2)
         if not saved:
             return
         # put back once the loop shows where it resumes: Lightning starts the next epoch afresh when the checkpoint was

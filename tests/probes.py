@@ -197,13 +197,15 @@ class CrashAtStep(pl.Callback):
 class SampleLog(pl.Callback):
     """Which samples each training micro-batch held, per optimizer step: one JSON line per micro-batch appended to
     ``<run>/samples_rank<r>.jsonl`` as it starts (epoch, the optimizer step it adds to, rank, and each sample's
-    identity: a digest of its unpadded tokens, so the log is read off the batch itself, not off a sampler)."""
+    identity: a digest of its unpadded tokens or its pixels, so the log is read off the batch itself, not off a
+    sampler)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import hashlib
         import json
 
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        ids = batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]  # images: the augmented pixels
+        mask = batch.get("attention_mask")
         rows = [row[mask[i].bool()] if mask is not None else row for i, row in enumerate(ids)]
         digests = [hashlib.sha1(r.cpu().numpy().tobytes()).hexdigest()[:12] for r in rows]
         line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "rank": trainer.global_rank, "samples": digests}

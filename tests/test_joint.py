@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from datamodules import JointDataModule, TextDataModule, VisionDataModule
-from datamodules.joint import CyclingBatchSampler, JointSampler, sampling_probabilities
+from datamodules.joint import BatchStream, JointLoader, JointSampler, sampling_probabilities
 from modules import MultiHeadClassifier
 from modules.backbones import build_backbone, check_layer_groups
 from modules.backbones.base import resolve_local_source
@@ -103,15 +103,29 @@ def test_temperature_sampling_goes_from_proportional_to_uniform() -> None:
     assert abs(counts["small"] / 20_000 - 0.25) < 0.012, counts
 
 
-def test_each_dataset_order_is_seeded_sharded_and_endless() -> None:
-    ranks = [CyclingBatchSampler(101, 10, drop_last=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
-    first_pass = [[i for batch, _ in zip(iter(s), range(5), strict=False) for _, i in batch] for s in ranks]
-    assert len(first_pass[0]) == len(first_pass[1]) == 50 and not set(first_pass[0]) & set(first_pass[1])
-    batches = list(zip(iter(ranks[0]), range(12), strict=False))  # past the end of a pass: a new permutation
-    assert sorted(i for b, _ in batches[:5] for _, i in b) != sorted(i for b, _ in batches[5:10] for _, i in b)
-    assert {t for b, _ in batches[:5] for t, _ in b} != {t for b, _ in batches[5:10] for t, _ in b}  # new augmentation seeds
-    ranks[0].skip = 3
-    assert [b for b, _ in zip(iter(ranks[0]), range(2), strict=False)] == [b for b, _ in batches[3:5]]
+def test_each_dataset_stream_is_seeded_endless_and_dealt_alike_on_any_number_of_processes() -> None:
+    stream = BatchStream(101, 10, drop_last=True, seed=3)
+    assert stream.batches_per_pass() == 10
+    first_pass = [i for n in range(10) for _, i in stream.batch(0, n)]
+    assert len(first_pass) == len(set(first_pass)) == 100  # one permutation, the short tail dropped
+    assert [i for n in range(10, 20) for _, i in stream.batch(0, n)] != first_pass  # past a pass: a new permutation
+    assert {t for t, _ in stream.batch(0, 0)} != {t for t, _ in stream.batch(0, 10)}  # new augmentation seeds
+    assert stream.batch(1, 0) != stream.batch(0, 0) and BatchStream(101, 10, True, seed=3).batch(0, 4) == stream.batch(0, 4)
+
+    # 2 processes x 1 micro-batch or 1 process accumulating 2: each optimizer step trains the same micro-batches,
+    # all from the dataset drawn for that step
+    sampler = JointSampler({"a": 0.5, "b": 0.5}, target="b", joint_epochs=2, steps_per_epoch=7, seed=1)
+    streams = {"a": BatchStream(50, 4, False, seed=1), "b": BatchStream(30, 3, False, seed=2)}
+
+    def steps(world_size: int, accumulate: int) -> list[list[tuple[str, list]]]:
+        plans = [JointLoader(sampler, streams, None, world_size, rank, accumulate).plan(epoch=1) for rank in range(world_size)]
+        assert {len(p) for p in plans} == {7 * accumulate}
+        return [sorted(p[s * accumulate + a] for p in plans for a in range(accumulate)) for s in range(7)]
+
+    one, two = steps(1, 2), steps(2, 1)
+    assert one == two
+    assert all(len({name for name, _ in step}) == 1 for step in one)
+    assert {name for step in one for name, _ in step} == {"a", "b"}
 
 
 def test_train_loader_resumes_mid_epoch_with_the_same_batches() -> None:
@@ -131,7 +145,7 @@ def test_train_loader_resumes_mid_epoch_with_the_same_batches() -> None:
     it = iter(first)
     head = [key(next(it)) for _ in range(5)]
     state = first.state_dict()
-    assert state == {"epoch": 1, "yielded": 5}
+    assert state == {"epoch": 1, "yielded": 5, "world_size": 1}
     resumed = loader()
     resumed.load_state_dict(state)
     assert head + [key(b) for b in resumed] == whole

@@ -386,22 +386,31 @@ def test_a_run_continued_into_a_new_folder_keeps_its_best_checkpoint_record(tmp_
 
 
 # -- elastic resume: killed on N processes, continued on M ------------------------------------------------------------
+SAMPLE_LOG = "+callbacks.samples._target_=tests.probes.SampleLog"
 # 93 training texts (odd) in micro-batches of 5: 19 per epoch, the last short, padded to whole steps of 10 samples
-ELASTIC_DATA = [*TINY_TEXT, "data.max_train_samples=93", "data.batch_size=5", "data.global_batch_size=10",
-                "+callbacks.samples._target_=tests.probes.SampleLog"]
+ELASTIC_TEXT = [*TINY_TEXT, "data.max_train_samples=93", "data.batch_size=5", "data.global_batch_size=10", SAMPLE_LOG]
+# two image datasets (random crops), one drawn per optimizer step, each with its own batch size: no global batch in
+# samples; the micro-batches per step (processes x accumulation) carry over
+ELASTIC_JOINT = [*CASES["joint"], SAMPLE_LOG]
 ON_2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 FSDP2_ON_2 = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2"]
 GRADUAL = ["finetune=gradual", "finetune.unit=step", "finetune.every=3"]  # a group joins every 3 steps
 # name: (how the run starts, what the resume changes, (processes, strategy) of the two segments)
 ELASTIC = {
-    "ddp_2_to_1": (ON_2, ["trainer.devices=1"], ((2, "ddp"), (1, "ddp"))),
-    "single_1_to_ddp_2": ([], ON_2, ((1, "single"), (2, "ddp"))),
+    "ddp_2_to_1": ([*ELASTIC_TEXT, *ON_2], ["trainer.devices=1"], ((2, "ddp"), (1, "ddp"))),
+    "single_1_to_ddp_2": (ELASTIC_TEXT, ON_2, ((1, "single"), (2, "ddp"))),
     # sharded folders resharded at load, with the unfreezing schedule carried over
-    "fsdp2_2_to_1": ([*FSDP2_ON_2, *GRADUAL], ["trainer.devices=1"], ((2, "fsdp2"), (1, "fsdp2"))),
+    "fsdp2_2_to_1": ([*ELASTIC_TEXT, *FSDP2_ON_2, *GRADUAL], ["trainer.devices=1"], ((2, "fsdp2"), (1, "fsdp2"))),
     # a sharded folder read as one full checkpoint by a single process; a DDP file sharded onto FSDP2
-    "fsdp2_2_to_single_1": ([*FSDP2_ON_2, *GRADUAL], ["trainer=cpu"], ((2, "fsdp2"), (1, "single"))),
-    "ddp_2_to_fsdp2_2": ([*ON_2, *GRADUAL], FSDP2_ON_2, ((2, "ddp"), (2, "fsdp2"))),
+    "fsdp2_2_to_single_1": ([*ELASTIC_TEXT, *FSDP2_ON_2, *GRADUAL], ["trainer=cpu"], ((2, "fsdp2"), (1, "single"))),
+    "ddp_2_to_fsdp2_2": ([*ELASTIC_TEXT, *ON_2, *GRADUAL], FSDP2_ON_2, ((2, "ddp"), (2, "fsdp2"))),
+    "joint_ddp_2_to_1": ([*ELASTIC_JOINT, *ON_2, "trainer.strategy=ddp_find_unused_parameters_true"], ["trainer.devices=1"],
+                         ((2, "ddp"), (1, "ddp"))),
 }
+# BatchNorm models (the joint preset's CNN): each forward pass normalises its micro-batch, as on one process, so the
+# parameters match as closely as any; the running statistics do not: under DDP they follow rank 0's micro-batches
+# (DDP broadcasts its buffers), on one process every micro-batch, so they (and the evaluation figures) differ
+BATCHNORM = {"joint_ddp_2_to_1"}
 # weights after a resume on another number of processes: the same gradients summed in another order (an all-reduce
 # over 2 processes vs accumulation in 1), float32 rounding of ~1e-7 relative per step, grown by AdamW's normalisation
 # over the run's ~20 steps; a real difference (one micro-batch other, or one step more) moves weights by ~1e-3
@@ -426,15 +435,16 @@ def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case:
     micro-batches as the uninterrupted run's (read off the batches), the global batch and the schedule stay, and the
     final weights and metrics match within float rounding; ``config.yaml`` records both segments."""
     start, change, placements = ELASTIC[case]
-    whole = train(tmp_path / "whole", cache_dir, *ELASTIC_DATA, *start)
+    whole = train(tmp_path / "whole", cache_dir, *start)
     assert whole.returncode == 0, whole.stderr[-3000:]
     total = step_of(tmp_path / "whole" / "checkpoints" / "last.ckpt")
     kill_at = kill_step(case, total)
     run = tmp_path / "run"
-    killed = train(run, cache_dir, *ELASTIC_DATA, *start, "+callbacks.kill._target_=tests.probes.KillAtStep",
+    killed = train(run, cache_dir, *start, "+callbacks.kill._target_=tests.probes.KillAtStep",
                    f"+callbacks.kill.step={kill_at}")
     assert killed.returncode == -9, killed.stderr[-3000:]
     saved_at = step_of(run / "checkpoints" / "last.ckpt")
+    at_kill = final_weights(run)  # the weights the resumed steps start from
     for path in run.glob("samples_rank*.jsonl"):
         path.rename(path.with_suffix(".killed"))
     resumed = train(run, cache_dir, f"resume={run}", "+callbacks.kill=null", *change)
@@ -449,10 +459,21 @@ def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case:
 
     a, b = final_weights(tmp_path / "whole"), final_weights(run)
     assert a.keys() == b.keys()
-    for name, tensor in a.items():
-        torch.testing.assert_close(b[name], tensor, **ELASTIC_TOLERANCE, msg=f"{what}: {name}")
+    params = [k for k in a if "running_" not in k and "num_batches_tracked" not in k and k != "global_step"]
+
+    def apart(x: dict, y: dict) -> float:
+        return max(float((x[k].float() - y[k].float()).norm() / y[k].float().norm().clamp_min(1e-12)) for k in params)
+
+    assert apart(at_kill, a) > 1e-3, f"{what}: the resumed steps hardly move the weights: the comparison would not tell"
     x, y = (json.loads((r / "metrics.json").read_text()) for r in (tmp_path / "whole", run))
     assert x.keys() == y.keys()
+    if case in BATCHNORM:
+        assert "BatchNorm normalises each forward pass" in resumed.stderr
+        for name in params:
+            torch.testing.assert_close(b[name], a[name], **ELASTIC_TOLERANCE, msg=f"{what}: {name}")
+        return
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, **ELASTIC_TOLERANCE, msg=f"{what}: {name}")
     # every epoch figure (all processes' batches); not a "_step" value: that is one micro-batch's, rank 0's on 2
     # processes and the step's last on 1
     for key in (k for k in x if not k.startswith("time/") and not k.endswith("_step")):
@@ -463,5 +484,5 @@ def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case:
     segments = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").segments)
     assert [(s["world_size"], s["strategy"]) for s in segments] == list(placements)
     assert [s["accumulate_grad_batches"] for s in segments] == [2 // world for world, _ in placements]
-    assert [s["global_batch_size"] for s in segments] == [10, 10]
+    assert [s["global_batch_size"] for s in segments] == [None if case.startswith("joint") else 10] * 2
     assert [s["from_step"] for s in segments] == [0, saved_at]
