@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from modules.backbones.base import resolve_local_source
 from modules.distillation import Teacher, check_same_inputs, file_identity, label_order
 from modules.errors import ConfigError, DataError, UserInputError
-from run.build import build, build_task
+from run.build import build, build_task, data_config
 from run.checkpoints import is_checkpoint, read_checkpoint, state_mismatch
 from run.checks import complete_config
 from run.config import apply_overrides, config_groups, swap_data, upgrade
@@ -144,7 +144,7 @@ class TrainedRun:
     def datamodule(self, processor: Any = None) -> Any:
         """The run's data (with the overrides given), labelled with the model's label set; ``processor``: another
         feature extractor than the model's (zero-shot Whisper's 30 s window)."""
-        node = OmegaConf.to_container(self.cfg.data, resolve=True)
+        node = data_config(self.cfg)
         extra: dict[str, Any] = {}
         labels = getattr(self.model, "label_names", None)
         if labels and "datasets" not in node:

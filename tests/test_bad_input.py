@@ -145,6 +145,18 @@ CASES: dict[str, tuple[list[str], str]] = {
     "LoRA under FSDP2": ([*TINY, "finetune=lora", "trainer=fsdp2", "trainer.accelerator=cpu"], "finetune=lora with trainer=fsdp2"),
     "LR range test on two processes": ([*TINY, "tune=lr", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
                                        "tune=lr runs the range test on one process, not trainer.devices=2"),
+    # elastic runs: the global batch, and what a resume cannot change
+    "global batch not a multiple": ([*TINY, "data.global_batch_size=20"],
+                                    "data.global_batch_size=20 is not a multiple of data.batch_size=16 x 1 process(es) = 16"),
+    "global batch and accumulation both": ([*TINY, "data.global_batch_size=32", "trainer.accumulate_grad_batches=3"],
+                                           "data.global_batch_size=32 derives trainer.accumulate_grad_batches=2, but it is "
+                                           "set to 3; drop one of them"),
+    # {tmp}/mid_epoch.ckpt: the tiny BBC run's weights, saved mid-epoch by 1 process accumulating 3 micro-batches of 16
+    "continue with another micro-batch": ([*TINY, "ckpt_path={tmp}/mid_epoch.ckpt", "data.batch_size=8"],
+                                          "the checkpoint was trained with data.batch_size=16 (samples per micro-batch"),
+    "continue on processes that cannot share a step": (
+        [*TINY, "ckpt_path={tmp}/mid_epoch.ckpt", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+        "the run trained 3 micro-batches per optimizer step on 1 process(es), which 2 processes cannot share evenly"),
     "distillation without a teacher": ([*TINY, "task=distillation"], "task=distillation needs a teacher: task.teacher="),
     "teacher with other labels": ([*TINY, *CSV, "data.data_files.train={tmp}/reviews.csv", "task=distillation",
                                    "task.teacher={tmp}/run"], "task.teacher='{tmp}/run' predicts other labels than the data has"),
@@ -289,6 +301,9 @@ def fake_runs(tmp: Path, cache_dir: Path) -> None:
     (tmp / "broken_run" / "checkpoints" / "best.ckpt").write_bytes(b"PK\x03\x04 half of a zip file")
     state = torch.load(tmp / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     torch.save({**state, "args": argparse.Namespace(lr=1)}, tmp / "pickled.ckpt")  # an object: weights_only refuses it
+    position = {"epoch": 0, "batches_done": 6, "world_size": 1, "batch_size": 16}
+    torch.save({**state, "global_step": 2, "world_size": 1, "accumulate": 3, "TextDataModule": position},
+               tmp / "mid_epoch.ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -486,3 +486,112 @@ def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case:
     assert [s["accumulate_grad_batches"] for s in segments] == [2 // world for world, _ in placements]
     assert [s["global_batch_size"] for s in segments] == [None if case.startswith("joint") else 10] * 2
     assert [s["from_step"] for s in segments] == [0, saved_at]
+
+
+# -- elastic resume, the parts (fast) ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("size", "batch", "drop_last", "grouped"),
+                         [(93, 5, False, False), (93, 5, True, False), (41, 4, False, True), (7, 5, False, False)])
+def test_train_shards_deal_the_same_micro_batches_per_step_on_any_number_of_processes(size: int, batch: int,
+                                                                                      drop_last: bool, grouped: bool) -> None:
+    """4 processes, 2 accumulating 2, or 1 accumulating 4: every optimizer step trains the same micro-batches (an odd
+    split, a short last micro-batch, length grouping, fewer micro-batches than a step takes); every process gets as
+    many; every sample is trained, and only the last step repeats some (from the epoch's start) to fill it."""
+    from datamodules.sampling import EpochTaggedSampler, LengthGroupedBatchSampler, TrainShards
+
+    lengths = [float(i * 7 % 13) for i in range(size)]
+
+    def steps(world_size: int, accumulate: int) -> list[list[tuple]]:
+        mine = []
+        for rank in range(world_size):
+            order = EpochTaggedSampler(size, seed=3)
+            source = LengthGroupedBatchSampler(order, lengths, batch, shuffle=True, seed=3, pool=2) if grouped else None
+            shards = TrainShards(order, batch, drop_last, world_size, rank, accumulate, source)
+            shards.set_epoch(2)
+            mine.append(list(shards))
+            assert len(mine[-1]) == len(shards)
+        assert len({len(m) for m in mine}) == 1
+        return [sorted(tuple(b) for m in mine for b in m[s * accumulate:(s + 1) * accumulate])
+                for s in range(len(mine[0]) // accumulate)]
+
+    one = steps(1, 4)
+    assert steps(2, 2) == one and steps(4, 1) == one
+    keys = [k for step in one for micro in step for k in micro]
+    assert {e for e, _ in keys} == {2}  # tagged with the epoch: augmentation seeded per (epoch, sample)
+    trained = {i for _, i in keys}
+    assert len(trained) == size - (size % batch if drop_last and size > batch else 0)  # drop_last: the short one
+    per_step = 4 * batch
+    assert len(keys) - len(trained) < per_step  # repeats only to fill the last step
+    assert all(len(micro) == batch for step in one for micro in step) or not drop_last
+    # one process, no accumulation: the epoch's order in plain chunks, as the loader always cut it
+    order = EpochTaggedSampler(size, seed=3)
+    plain = TrainShards(order, batch, drop_last, 1, 0, 1)
+    plain.set_epoch(2)
+    keys = list(order)
+    chunks = [keys[i:i + batch] for i in range(0, size, batch)]
+    assert list(plain) == (chunks[:-1] if drop_last and size % batch and size > batch else chunks)
+
+
+def test_a_position_saved_on_n_processes_is_the_same_global_cursor_on_m() -> None:
+    from datamodules.sampling import position_for
+    from modules.errors import ConfigError
+    from modules.task import rescale_batch_progress
+
+    assert position_for(1, 6, 2, 1) == (1, 12) and position_for(1, 6, 2, 4) == (1, 3) and position_for(0, 5, 1, 1) == (0, 5)
+    with pytest.raises(ConfigError, match="12 micro-batches of epoch 1 on 2 process"):
+        position_for(1, 6, 2, 5)
+    # Lightning's per-process counters: 6 micro-batches each on 2 processes -> 12 on one (the epoch's part of the total)
+    counts = {"ready": 6, "started": 6, "processed": 6, "completed": 5}
+    ckpt = {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"current": dict(counts), "total": {
+        k: v + 19 for k, v in counts.items()}, "is_last_batch": False}}}}
+    rescale_batch_progress(ckpt, 2, 1)
+    progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["current"] == {"ready": 12, "started": 12, "processed": 12, "completed": 11}
+    assert progress["total"] == {"ready": 31, "started": 31, "processed": 31, "completed": 30}
+
+
+def test_epoch_metrics_of_several_processes_combine_into_one_on_resume(tmp_path: Path) -> None:
+    """A checkpoint of 2 processes resumed on 1: its running train metrics (accuracy, a weighted loss mean, a sum) hold
+    every batch both trained, as if one process had seen them all."""
+    from run.build import build, build_task
+    from tests.conftest import compose_config
+
+    cfg = compose_config(tmp_path, TINY_TEXT)
+    labels = ["a", "b", "c", "d", "e"]
+
+    def task():
+        return build_task(cfg, build(cfg.backbone), {"num_classes": 5, "label_names": labels}, schedule=False)
+
+    generator = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(40, 5, generator=generator), torch.randint(0, 5, (40,), generator=generator)
+    losses, sizes = torch.rand(6, generator=generator), [7, 7, 7, 7, 7, 5]
+    ranks, whole = [task(), task()], task()
+    for module, part in zip([*ranks, whole], [slice(0, 13), slice(13, 40), slice(0, 40)], strict=True):
+        module.train_metrics.update(logits[part], target[part])
+    for i, (loss, n) in enumerate(zip(losses, sizes, strict=True)):
+        for module in (ranks[i % 2], whole):
+            module.epoch_aggregate("train/loss", "mean", "cpu").update(loss, weight=torch.tensor(float(n)))
+            module.epoch_aggregate("train/seen", "sum", "cpu").update(torch.tensor(float(n)))
+    resumed = task()
+    resumed.load_metric_states([r.metric_states() for r in ranks])
+    for name, value in whole.train_metrics.compute().items():
+        assert float(resumed.train_metrics.compute()[name]) == pytest.approx(float(value)), name
+    for key in ("train/loss", "train/seen"):
+        assert float(resumed.epoch_aggregates[key].compute()) == pytest.approx(float(whole.epoch_aggregates[key].compute()))
+
+
+def test_the_global_batch_derives_the_accumulation_and_a_resume_keeps_it(tmp_path: Path) -> None:
+    from run.elastic import plan
+    from tests.conftest import compose_config
+
+    cfg = compose_config(tmp_path, [*TINY_TEXT, "data.global_batch_size=64"])
+    segment = plan(cfg, None)
+    assert cfg.trainer.accumulate_grad_batches == 4 and segment["global_batch_size"] == 64 and len(cfg.segments) == 1
+    # saved by 2 processes with no accumulation (16 x 2 = 32 a step), continued on 1: 2 micro-batches a step
+    ckpt = {"global_step": 7, "world_size": 2, "accumulate": 1, "TextDataModule": {"batches_done": 3, "batch_size": 16}}
+    cfg = compose_config(tmp_path, [*TINY_TEXT, "ckpt_path=x.ckpt"])
+    segment = plan(cfg, ckpt)
+    assert cfg.trainer.accumulate_grad_batches == 2 and segment["global_batch_size"] == 32 and segment["from_step"] == 7
+    plan(cfg, ckpt)  # the same segment again (a DDP process re-reading config.yaml): recorded once
+    assert len(cfg.segments) == 1
+    cfg = compose_config(tmp_path, [*TINY_TEXT, "ckpt_path=x.ckpt", "trainer.devices=2"])
+    assert plan(cfg, ckpt)["accumulate_grad_batches"] == 1  # the same world: nothing to derive
