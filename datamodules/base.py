@@ -344,7 +344,7 @@ class DataModuleBase(pl.LightningDataModule):
                 len(dataset), self.seed)
             shards = TrainShards(order, self.batch_size, self.drop_last_for(role), world_size, rank,
                                  int(getattr(trainer, "accumulate_grad_batches", 1) or 1), grouped)
-            return EpochAwareLoader(Batches(dataset, self.collate_for(role)), sampler=shards, batch_size=None,
+            return EpochAwareLoader(Batches(dataset, self.collate_for(role), self.batch_size), sampler=shards, batch_size=None,
                                     collate_fn=as_is, progress=lambda: batches_trained(getattr(self, "trainer", None)),
                                     resume_at=self.take_resume_position, **kwargs)
         if world_size > 1:  # every example scored once, none repeated to even out the processes

@@ -62,15 +62,20 @@ class EvalShards(DistributedSampler):
 
 
 class Batches(Dataset):
-    """``dataset`` read a batch at a time: item ``[i, j, ...]`` is the collated batch of those samples."""
+    """``dataset`` read a batch at a time: item ``[i, j, ...]`` is the collated batch of those samples.
 
-    def __init__(self, dataset: Any, collate_fn: Callable | None) -> None:
-        self.dataset, self.collate_fn = dataset, collate_fn or default_collate
+    Item ``n`` (a number, with ``batch_size``) is the ``n``-th batch of the data in its order: what a loader whose
+    sampler Lightning replaced by a sequential one asks for (``trainer.overfit_batches``: the first batches, fixed)."""
+
+    def __init__(self, dataset: Any, collate_fn: Callable | None, batch_size: int | None = None) -> None:
+        self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn or default_collate, batch_size
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, indices: list[int]) -> Any:
+    def __getitem__(self, indices: list[Any] | int) -> Any:
+        if isinstance(indices, int) and self.batch_size:
+            indices = range(indices * self.batch_size, min((indices + 1) * self.batch_size, len(self.dataset)))
         return self.collate_fn([self.dataset[i] for i in indices])
 
 

@@ -305,8 +305,12 @@ def test_resume_config_is_the_runs_own_with_key_overrides_and_secrets_given_agai
     cfg = resume("trainer.max_epochs=4", "+hf_token=s3cret")
     assert cfg.optimizer.lr == 3e-4 and cfg.trainer.max_epochs == 4 and cfg.hf_token == "s3cret"  # the default lr is 1e-4
     assert cfg.ckpt_path == str(run / "checkpoints" / "last.ckpt") and cfg.paths.output_dir == str(run)
-    with pytest.raises(ConfigError, match="'trainer=ddp' picks another config option"):
-        resume("trainer=ddp", "+hf_token=s3cret")
+    with pytest.raises(ConfigError, match="'backbone=bert_scratch' picks another config option"):
+        resume("backbone=bert_scratch", "+hf_token=s3cret")
+    # trainer=: where the run continues (its placement keys), how long and how it trains stay the run's own
+    moved = resume("trainer=ddp", "trainer.devices=3", "+hf_token=s3cret", "trainer.max_epochs=4")
+    assert moved.trainer.strategy == "ddp" and moved.trainer.devices == 3 and moved.trainer.sync_batchnorm
+    assert moved.trainer.max_epochs == 4 and moved.optimizer.lr == 3e-4 and "gradient_clip_val" not in moved.trainer
     with pytest.raises(ConfigError, match="'trainer.gradient_clip_val=1.0': trainer.gradient_clip_val is not in the run's"):
         resume("+hf_token=s3cret", "trainer.gradient_clip_val=1.0")
 
@@ -469,9 +473,12 @@ def test_killed_on_n_processes_resumes_on_m_with_the_same_samples_per_step(case:
     assert x.keys() == y.keys()
     if case in BATCHNORM:
         assert "BatchNorm normalises each forward pass" in resumed.stderr
+        print(f"{what}: parameters {apart(b, a):.3g} apart, after moving {apart(at_kill, a):.3g}")
         for name in params:
             torch.testing.assert_close(b[name], a[name], **ELASTIC_TOLERANCE, msg=f"{what}: {name}")
         return
+    print(f"{what}: weights {apart(b, a):.3g} apart (largest relative difference of a tensor), after moving "
+          f"{apart(at_kill, a):.3g}")
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, **ELASTIC_TOLERANCE, msg=f"{what}: {name}")
     # every epoch figure (all processes' batches); not a "_step" value: that is one micro-batch's, rank 0's on 2
