@@ -10,6 +10,7 @@ from callbacks.cost_report import InferenceSpeed, StepCost
 from callbacks.finetune import STRATEGIES, FinetuneSchedule
 from callbacks.lr_report import LRReport
 from callbacks.nonfinite import NonFiniteGuard
+from callbacks.optuna_pruning import OptunaPruning
 from callbacks.param_report import ParameterReport
 from callbacks.preemption import BestCheckpoint, Preemption, StepCheckpoint, TimedCheckpoint
 from callbacks.reproducibility import BatchSeed
@@ -19,5 +20,5 @@ from callbacks.task_reports import ConfusionMatrixReport, EntityReport, Predicti
 from callbacks.wise_ft import WiseFT
 
 __all__ = ["STRATEGIES", "BatchSeed", "CompileReport", "ConfusionMatrixReport", "EntityReport", "FinetuneSchedule", "InferenceSpeed",
-           "BestCheckpoint", "LRReport", "NonFiniteGuard", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepCheckpoint", "StepProfile", "TimedCheckpoint",
+           "BestCheckpoint", "LRReport", "NonFiniteGuard", "OptunaPruning", "ParameterReport", "Preemption", "PredictionSamples", "RunEnd", "StepCost", "StepCheckpoint", "StepProfile", "TimedCheckpoint",
            "WiseFT"]

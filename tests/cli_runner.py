@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
 
-SCRIPTS = ("train.py", "eval.py", "predict.py", "export.py", "sweep.py")
+SCRIPTS = ("train.py", "eval.py", "predict.py", "export.py", "sweep.py", "auto.py")
 
 
 def start_one(args: list[str], output: Path) -> int:

@@ -138,6 +138,10 @@ CASES: dict[str, tuple[list[str], str]] = {
                                   "Could not override 'optimizer.lrr'"),
     "sweep: another sweep's folder": (["sweep.py", "{tmp}/sweep_misspelt.yaml", "--dir", "{tmp}/sweeps/other"],
                                       "holds a sweep of another spec"),
+    # auto: the search's own arguments
+    "auto: unknown knob": (["auto.py", "--minutes", "1", "--dir", "{tmp}/auto_study", "--knobs", "lr,dropout", *TINY],
+                           "--knobs dropout: not a knob of this run; choose from lr, lr_decay, label_smoothing"),
+    "auto: no budget": (["auto.py", "--minutes", "0", "--dir", "{tmp}/auto_study", *TINY], "--minutes=0 must be > 0"),
     # LoRA and distillation ({tmp}/run: a tiny BBC text classifier; {tmp}/broken_run: the same with a corrupt checkpoint)
     "LoRA targets matching nothing": ([*TINY, "finetune=lora", "backbone.lora.targets=[qkv]"],
                                       "backbone.lora.targets: 'qkv' match no linear or convolution of BertModel; its module "

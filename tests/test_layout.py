@@ -11,7 +11,7 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_SCRIPTS = ("train", "eval", "predict", "export", "sweep")
+ENTRY_SCRIPTS = ("train", "eval", "predict", "export", "sweep", "auto")
 # a file imports its own package and the floors below it: callbacks and datamodules never import each other; search
 # (studies over many runs) may use the run lifecycle; the entry scripts, Hydra's plugin shim and the benchmarks sit on top
 FLOOR = {"modules": 1, "datamodules": 2, "callbacks": 2, "run": 3, "search": 4, "hydra_plugins": 5, "bench": 6}

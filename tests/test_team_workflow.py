@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,95 @@ def test_mlflow_logs_to_a_local_file_store(tmp_path: Path) -> None:
     reports = {a.path for a in client.list_artifacts(run_info.info.run_id, "reports")}
     assert {"config.yaml", "metrics.json"} <= artifacts
     assert {"reports/confusion_matrix.png", "reports/parameter_report.png", "reports/lr.png"} <= reports
+
+
+# -- auto: a short search within a budget, then the winner tested --------------------------------------------------
+def test_auto_offers_the_knobs_the_run_has_and_its_preset_reruns_the_winner(tmp_path: Path) -> None:
+    from modules.errors import ConfigError
+    from run.config import compose_config
+    from search.auto import chosen_knobs, defaults_of, knob_space, write_preset
+
+    pretrained, scratch = compose_config([]), compose_config(["experiment=digits_scratch"])
+    assert list(knob_space(pretrained)) == ["lr", "finetune", "lr_decay", "label_smoothing"]
+    assert list(knob_space(scratch)) == ["lr", "lr_decay", "label_smoothing"]  # nothing to freeze in a random network
+    with pytest.raises(ConfigError, match="--knobs finetune: not a knob of this run; choose from lr, lr_decay"):
+        chosen_knobs(scratch, ["lr", "finetune"])
+    knobs = chosen_knobs(pretrained, None)
+    lr = knobs["lr"][1]
+    assert lr.log and lr.low == pytest.approx(1e-5) and lr.high == pytest.approx(1e-3)  # a decade around the preset's
+    assert defaults_of(pretrained, knobs) == {"lr": pytest.approx(1e-4), "finetune": "full", "lr_decay": 1.0,
+                                              "label_smoothing": 0.0}  # trial 0: the configuration as given
+    # the winner as a preset: the base preset included, group choices as overrides, values nested
+    write_preset(tmp_path, ["experiment=digits_scratch", "data.max_train_samples=200"],
+                 ["optimizer.lr=0.002", "task.label_smoothing=0.1"])
+    rerun = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "experiment=auto_winner"])
+    assert (rerun.optimizer.lr, rerun.task.label_smoothing, rerun.data.max_train_samples) == (0.002, 0.1, 200)
+    assert rerun.backbone == scratch.backbone and rerun.trainer.max_epochs == scratch.trainer.max_epochs
+    write_preset(tmp_path, ["data.max_train_samples=300"], ["finetune=gradual", "optimizer.lr=3e-5"])
+    rerun = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "experiment=auto_winner"])
+    assert (rerun.finetune.strategy, rerun.optimizer.lr, rerun.data.max_train_samples) == ("gradual", 3e-5, 300)
+
+
+def test_a_trial_behind_the_median_at_an_epoch_is_pruned_and_says_so(tmp_path: Path) -> None:
+    """``callbacks.OptunaPruning`` in a trial's own process: it reports each validation to the study through the
+    journal file and stops the run when the median pruner prunes it."""
+    from types import SimpleNamespace
+
+    import optuna
+    import torch
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from callbacks import OptunaPruning
+
+    journal = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="auto", storage=JournalStorage(JournalFileBackend(journal)), direction="maximize")
+    for value in (0.9, 0.8):  # two finished trials: 0.9 and 0.8 at epoch 0
+        trial = study.ask()
+        trial.report(value, step=0)
+        study.tell(trial, value)
+
+    def validate(value: float) -> SimpleNamespace:
+        trial = study.ask()
+        trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, state=SimpleNamespace(fn="fit"),
+                                  callback_metrics={"val/acc": torch.tensor(value)}, current_epoch=0, global_step=5,
+                                  default_root_dir=str(tmp_path / f"trial_{trial.number}"), should_stop=False)
+        Path(trainer.default_root_dir).mkdir()
+        OptunaPruning(journal, "auto", trial._trial_id, "val/acc").on_validation_end(trainer, None)
+        return trainer
+
+    ahead, behind = validate(0.95), validate(0.3)
+    assert not ahead.should_stop and not (Path(ahead.default_root_dir) / "pruned.json").exists()
+    assert behind.should_stop
+    assert json.loads((Path(behind.default_root_dir) / "pruned.json").read_text()) == {"epoch": 0, "value": pytest.approx(0.3),
+                                                                                      "step": 5}
+    assert [t.intermediate_values for t in study.trials][-2:] == [{0: pytest.approx(0.95)}, {0: pytest.approx(0.3)}]
+
+
+@pytest.mark.slow
+def test_auto_searches_within_its_budget_prunes_tests_the_winner_once_and_continues(tmp_path: Path) -> None:
+    """``auto.py`` on a small digits set: trial 0 is the preset as given, the trials never see the test split, the
+    winner is tested once, the table / plot / preset are written, and the same command continues the study."""
+    folder = tmp_path / "study"
+    base = ["experiment=digits_scratch", "data.max_train_samples=400", "data.max_eval_samples=100", "budget.min_steps=40",
+            "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    command = [sys.executable, str(ROOT / "auto.py"), "--minutes", "6", "--max-trials", "4", "--dir", str(folder), *base]
+    started = time.time()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.time() - started < 6 * 60 + 180  # the search's budget, plus the winner's test and start-up
+    rows = json.loads((folder / "trials.json").read_text())
+    assert [r["trial"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["lr"] == pytest.approx(3e-3) and rows[0]["label_smoothing"] == 0.0  # the preset as given
+    for row in rows:
+        metrics = json.loads((folder / row["folder"] / "metrics.json").read_text())
+        assert not [k for k in metrics if k.startswith("test/")], row  # the search never touches the test split
+    result = json.loads((folder / "auto_result.json").read_text())
+    assert result["winner"]["trial"] in {r["trial"] for r in rows if r["state"] == "complete"}
+    assert 0.0 < result["test"]["test/acc"] <= 1.0
+    assert {p.name for p in folder.iterdir()} >= {"trials.csv", "trials.md", "trials.png", "experiment", "winner_test"}
+    assert "rerun it with: python train.py hydra.searchpath=" in done.stdout
+    # the same command, one trial more: the study continues from its journal
+    again = subprocess.run([*command[:5], "5", *command[6:]], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["trial"] for r in json.loads((folder / "trials.json").read_text())] == [0, 1, 2, 3, 4]

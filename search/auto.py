@@ -1,0 +1,257 @@
+"""``auto``: a short search over the knobs that matter for fine-tuning, within a wall-time budget, then the winner tested.
+
+Each trial is ``python train.py`` in a process of its own (a crash fails that trial, not the study), on the run's own
+validation split, never its test split (``test_after_fit=false``). Trial 0 is the configuration as given (the
+defaults); Optuna's TPE proposes the rest, and its median pruner stops a trial whose validation figure after an
+epoch is behind the median of the earlier trials at that epoch (``callbacks.OptunaPruning``). Every trial trains
+``trainer.max_epochs=auto`` (enough epochs for ``budget.min_steps`` optimizer steps, early stopping on the monitor)
+and is capped by the time left, so the study ends within ``minutes``. The study is an Optuna journal in its folder:
+the same command continues it.
+
+Then the winner - the trial with the best validation figure - is tested once (its best checkpoint, on the test
+split), and the folder holds ``trials.csv`` / ``trials.md`` / ``trials.png`` (every trial: knobs, state, figure,
+minutes) and ``experiment/auto_winner.yaml``, a preset that reruns the winner:
+``python train.py hydra.searchpath=[file://<folder>] experiment=auto_winner``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.optuna_pruning import PRUNED_FILE, median_pruner
+from modules.errors import ConfigError
+from search.tables import plot_bars, write_table
+
+log = logging.getLogger("tunelab")
+
+JOURNAL = "optuna_journal.log"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def knob_space(cfg: DictConfig) -> dict[str, tuple[str, Callable[[], Any]]]:
+    """The knobs ``auto`` can search on this config: name -> (config key or group, Optuna distribution maker).
+    A knob the config has no place for (label smoothing without a ``task.label_smoothing``, freezing on a backbone
+    trained from scratch) is not offered."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    lr = float(OmegaConf.select(cfg, "optimizer.lr"))
+    pretrained = not (OmegaConf.select(cfg, "backbone.from_scratch", default=False)
+                      or OmegaConf.select(cfg, "backbone.pretrained", default=True) is False)
+    space: dict[str, tuple[str, Callable[[], Any]]] = {
+        "lr": ("optimizer.lr", lambda: FloatDistribution(lr / 10, lr * 10, log=True)),
+    }
+    if pretrained:
+        space["finetune"] = ("finetune", lambda: CategoricalDistribution(["full", "gradual", "partial"]))
+    if OmegaConf.select(cfg, "task.lr_decay") is not None:
+        space["lr_decay"] = ("task.lr_decay", lambda: FloatDistribution(0.6, 1.0))
+    if OmegaConf.select(cfg, "task.label_smoothing") is not None:
+        space["label_smoothing"] = ("task.label_smoothing", lambda: FloatDistribution(0.0, 0.2))
+    return space
+
+
+def chosen_knobs(cfg: DictConfig, names: Sequence[str] | None) -> dict[str, tuple[str, Any]]:
+    """The knobs asked for (all this config offers when None): name -> (key, distribution); one line for a name that
+    is not a knob of this config."""
+    space = knob_space(cfg)
+    names = list(names) if names else list(space)
+    unknown = [n for n in names if n not in space]
+    if unknown:
+        raise ConfigError(f"--knobs {','.join(unknown)}: not a knob of this run; choose from {', '.join(space)}")
+    return {name: (space[name][0], space[name][1]()) for name in names}
+
+
+def defaults_of(cfg: DictConfig, knobs: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Trial 0: every knob at the configuration's own value (clipped into its range)."""
+    from optuna.distributions import CategoricalDistribution
+
+    values = {}
+    for name, (key, dist) in knobs.items():
+        if key == "finetune":
+            value = OmegaConf.select(cfg, "finetune.strategy", default="full")
+            values[name] = value if value in dist.choices else dist.choices[0]
+        elif isinstance(dist, CategoricalDistribution):
+            values[name] = dist.choices[0]
+        else:
+            values[name] = min(max(float(OmegaConf.select(cfg, key)), dist.low), dist.high)
+    return values
+
+
+def overrides_of(knobs: Mapping[str, tuple[str, Any]], params: Mapping[str, Any]) -> list[str]:
+    return [f"{key}={params[name]:.6g}" if isinstance(params[name], float) else f"{key}={params[name]}"
+            for name, (key, _) in knobs.items()]
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Study:
+    """One ``auto`` study in ``folder`` over ``base`` (the user's overrides) and ``knobs``."""
+
+    def __init__(self, folder: Path, base: Sequence[str], knobs: Mapping[str, tuple[str, Any]], monitor: str,
+                 direction: str, seed: int = 0) -> None:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.folder, self.base, self.knobs, self.monitor, self.direction = folder, list(base), dict(knobs), monitor, direction
+        folder.mkdir(parents=True, exist_ok=True)
+        self.journal = folder / JOURNAL
+        self.study = optuna.create_study(
+            study_name="auto", storage=JournalStorage(JournalFileBackend(str(self.journal))), direction=direction,
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+            pruner=median_pruner(), load_if_exists=True)
+        spec = {"base": self.base, "knobs": {n: k for n, (k, _) in self.knobs.items()}, "monitor": monitor}
+        saved = read_json(folder / "auto.json")
+        if saved is not None and saved != spec:
+            raise ConfigError(f"{folder} holds an auto study of other overrides or knobs ({saved}); give another --dir")
+        (folder / "auto.json").write_text(json.dumps(spec, indent=2))
+
+    def run_trial(self, minutes_left: float) -> dict[str, Any]:
+        """Ask for a trial, train it in a process of its own (capped by the time left), tell the study."""
+        import optuna
+
+        trial = self.study.ask({name: dist for name, (_, dist) in self.knobs.items()})
+        run_dir = self.folder / f"trial_{trial.number:03d}"
+        overrides = overrides_of(self.knobs, trial.params)
+        command = [sys.executable, str(ROOT / "train.py"), *self.base, *overrides, "trainer.max_epochs=auto",
+                   f"budget.minutes={max(minutes_left, 0.05):.3f}", "test_after_fit=false", f"hydra.run.dir={run_dir}",
+                   "+callbacks.auto_pruning._target_=callbacks.OptunaPruning", f"+callbacks.auto_pruning.storage={self.journal}",
+                   "+callbacks.auto_pruning.study_name=auto", f"+callbacks.auto_pruning.trial_id={trial._trial_id}",
+                   f"+callbacks.auto_pruning.monitor={self.monitor}"]
+        log.info(f"auto: trial {trial.number}: {' '.join(overrides)}")
+        started = time.time()
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+        minutes = (time.time() - started) / 60
+        metrics, pruned = read_json(run_dir / "metrics.json"), read_json(run_dir / PRUNED_FILE)
+        value = (metrics or {}).get(f"best/{self.monitor}")
+        row = {"trial": trial.number, **trial.params, "minutes": round(minutes, 2), "folder": run_dir.name}
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.warning(f"auto: trial {trial.number} failed: {tail}")
+            return {**row, "state": "failed", self.monitor: None, "error": tail}
+        if value is None:  # the time cap ended it before its first validation
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return {**row, "state": "out of time", self.monitor: None}
+        if pruned is not None:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return {**row, "state": f"pruned after epoch {pruned['epoch']}", self.monitor: value}
+        self.study.tell(trial, float(value))
+        return {**row, "state": "complete", self.monitor: value}
+
+
+def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequence[str] | None = None,
+             max_trials: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """The whole study: trials until the budget would be overrun, then the winner's test. Returns the summary."""
+    from run.config import compose_config
+
+    if not minutes > 0:
+        raise ConfigError(f"--minutes={minutes:g} must be > 0")
+    cfg = compose_config(list(base))
+    from run.checks import complete_config
+
+    cfg = complete_config(cfg)
+    monitor, mode = str(cfg.monitor), str(cfg.monitor_mode)
+    knobs = chosen_knobs(cfg, knob_names)
+    study = Study(folder, base, knobs, monitor, "maximize" if mode == "max" else "minimize", seed)
+    if not study.study.trials:
+        study.study.enqueue_trial(defaults_of(cfg, knobs))
+    started, rows = time.time(), load_rows(folder)
+    durations = [r["minutes"] for r in rows if r.get("minutes")]
+    while max_trials is None or len(rows) < max_trials:
+        left = minutes - (time.time() - started) / 60
+        expected = sorted(durations)[len(durations) // 2] if durations else 0.0
+        if left <= 0 or (durations and left < 0.5 * expected):
+            break
+        row = study.run_trial(left)
+        rows.append(row)
+        durations.append(row["minutes"])
+        save_rows(rows, folder, monitor, list(knobs))
+        if row["trial"] == 0 and row["state"] == "failed":
+            raise ConfigError(f"auto: the configuration as given failed as trial 0 ({row['error']}); fix it first "
+                              f"(python train.py {' '.join(base)})")
+    finished = [r for r in rows if r.get(monitor) is not None]
+    if not finished:
+        raise ConfigError(f"--minutes={minutes:g} is too small for one trial: trial 0 validated nothing in that time; "
+                          "give more minutes (or less data: data.max_train_samples)")
+    sign = 1 if mode == "max" else -1
+    winner = max((r for r in finished if r["state"] == "complete"), key=lambda r: sign * r[monitor], default=None)
+    winner = winner or max(finished, key=lambda r: sign * r[monitor])
+    overrides = overrides_of(knobs, {k: winner[k] for k in knobs})
+    write_preset(folder, base, overrides)
+    tested = test_winner(folder / winner["folder"], folder / "winner_test")
+    summary = {"trials": len(rows), "minutes": round((time.time() - started) / 60, 2), "winner": winner,
+               "overrides": overrides, "test": tested,
+               "rerun": f"python train.py hydra.searchpath=[file://{folder.resolve()}] experiment=auto_winner"}
+    (folder / "auto_result.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def load_rows(folder: Path) -> list[dict[str, Any]]:
+    table = folder / "trials.json"
+    return json.loads(table.read_text()) if table.is_file() else []
+
+
+def save_rows(rows: list[dict[str, Any]], folder: Path, monitor: str, knobs: list[str]) -> None:
+    (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    headers = ["trial", *knobs, "state", monitor, "minutes"]
+    write_table(rows, headers, folder, "trials", f"auto: {len(rows)} trials")
+    values = [r.get(monitor) if r.get(monitor) is not None else math.nan for r in rows]
+    plot_bars([f"{r['trial']} {r['state'].split()[0]}" for r in rows], values, f"auto: {monitor} per trial",
+              folder / "trials.png")
+
+
+def write_preset(folder: Path, base: Sequence[str], overrides: Sequence[str]) -> Path:
+    """``experiment/auto_winner.yaml``: the base overrides and the winner's knobs as a preset (group choices as
+    ``override /group: option`` defaults, the base experiment included, values nested)."""
+    defaults: list[Any] = []
+    values: dict[str, Any] = {}
+    for item in [*base, *overrides]:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+")
+        if key == "experiment":
+            defaults.insert(0, value)  # the preset this run started from, in the same group
+        elif "." not in key:
+            defaults.append({f"override /{key}": value})
+        else:
+            node = values
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+    path = folder / "experiment" / "auto_winner.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({"defaults": [*defaults, "_self_"], **values}, sort_keys=False)
+    path.write_text("# @package _global_\n# written by auto.py: the winning trial, as a preset\n" + text)
+    return path
+
+
+def test_winner(run_dir: Path, out: Path) -> dict[str, Any]:
+    """The winner's best checkpoint on the test split, once (``eval.py``, its report into ``out``)."""
+    done = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run_dir), "--split", "test", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"auto: testing the winner ({run_dir}) failed: {tail}")
+    return read_json(out / "metrics.json") or {}
+
+
+def study_name(overrides: Sequence[str]) -> str:
+    """The default study folder's name: the preset, else the data, the overrides gave (``study`` if neither)."""
+    found = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
+    return str(found.get("experiment") or found.get("data") or "study").replace("/", "_")
