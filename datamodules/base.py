@@ -127,6 +127,9 @@ class DataModuleBase(pl.LightningDataModule):
         on_bad_input: ``error`` (stop with one line naming the file and row) or ``skip`` (leave bad
             examples out and count them in the log and ``data_report.json``).
         batch_size / eval_batch_size / num_workers / seed: loaders and every seeded choice.
+        train_on_val: train on the carved validation share too (the same capped train and val a run without it has,
+            joined; validation still runs on that share, so its figures are no longer held out). ``auto.py``'s final
+            run: the winner of a search on the validation split, retrained on everything but the test split.
     """
 
     modality: ClassVar[str] = ""
@@ -154,9 +157,14 @@ class DataModuleBase(pl.LightningDataModule):
         seed: int = 42,
         num_folds: int | None = None,
         fold: int | None = None,
+        train_on_val: bool = False,
     ) -> None:
         super().__init__()
         check_folds(num_folds, fold)
+        if train_on_val and (num_folds or not val_fraction > 0):
+            raise ConfigError("data.train_on_val trains on the validation share too, which needs one carved from the "
+                              "training data (data.val_fraction > 0) and no data.num_folds")
+        self.train_on_val = bool(train_on_val)
         self.num_folds, self.fold = num_folds, (fold or 0) if num_folds else None
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
@@ -262,12 +270,32 @@ class DataModuleBase(pl.LightningDataModule):
             for role, idx in zip(wanted, parts, strict=False):
                 splits[role] = train.take(idx)
             splits["train"] = train.take(parts[-1])
+            if self.train_on_val:
+                if "val" not in wanted:
+                    raise DataError("data.train_on_val: this data has a validation split of its own, not one carved from "
+                                    "the training data; drop data.train_on_val, or carve one (data.val_fraction)")
+                # the same capped train and val a run without it trains and validates on, trained on together
+                kept = {role: self._capped(train, idx, cap, labels_of) for role, idx, cap in
+                        (("train", parts[-1], self.max_train_samples), ("val", parts[wanted.index("val")], self.max_eval_samples))}
+                splits["val"] = train.take(kept["val"])
+                splits["train"] = train.take(sorted(kept["train"] + kept["val"]))
         caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
         for role, cap in caps.items():
+            if self.train_on_val and role in ("train", "val"):
+                continue  # capped above, before they were joined
             if cap and role in splits and len(splits[role]) > cap:
                 keep, rest = self._split_indices(splits[role], labels_of, [cap / len(splits[role])])
                 splits[role] = splits[role].take(exactly(keep, rest, cap, self.seed))
         return splits
+
+    def _capped(self, pool: S, indices: list[int], cap: int | None, labels_of: Callable[[S], Sequence[Any] | None] | None
+                ) -> list[int]:
+        """``indices`` of ``pool`` cut to ``cap`` as the caps cut a split (the same seeded, stratified pick)."""
+        part = pool.take(indices)
+        if not cap or len(part) <= cap:
+            return list(indices)
+        keep, rest = self._split_indices(part, labels_of, [cap / len(part)])
+        return [indices[i] for i in exactly(keep, rest, cap, self.seed)]
 
     def _take_fold(self, splits: dict[str, S], labels_of: Callable[[S], Sequence[Any] | None] | None,
                    wanted: list[str]) -> dict[str, S]:

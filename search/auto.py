@@ -8,10 +8,13 @@ epoch is behind the median of the earlier trials at that epoch (``callbacks.Optu
 and is capped by the time left, so the study ends within ``minutes``. The study is an Optuna journal in its folder:
 the same command continues it.
 
-Then the winner - the trial with the best validation figure - is tested once (its best checkpoint, on the test
-split), and the folder holds ``trials.csv`` / ``trials.md`` / ``trials.png`` (every trial: knobs, state, figure,
-minutes) and ``experiment/auto_winner.yaml``, a preset that reruns the winner:
-``python train.py hydra.searchpath=[file://<folder>] experiment=auto_winner``.
+Then the winner - the trial with the best validation figure - is trained again on the training and validation data
+together (``data.train_on_val``) for the epochs its best checkpoint had, and tested once; the test split is touched
+by that run alone. (Data whose validation split is its own, not carved from the training data: the winning trial's
+best checkpoint is tested instead.) The folder holds ``trials.csv`` / ``trials.md`` / ``trials.png`` (every trial:
+knobs, state, figure, minutes), ``auto_result.json`` and ``experiment/auto_winner.yaml``, a preset that reruns the
+winner: ``python train.py hydra.searchpath=[file://<folder>] experiment=auto_winner`` (add ``+data.train_on_val=true``
+for the final run's data). ``minutes`` bounds the search; the final run, about one trial long, comes on top.
 """
 
 from __future__ import annotations
@@ -192,12 +195,13 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
     sign = 1 if mode == "max" else -1
     winner = max((r for r in finished if r["state"] == "complete"), key=lambda r: sign * r[monitor], default=None)
     winner = winner or max(finished, key=lambda r: sign * r[monitor])
-    overrides = overrides_of(knobs, {k: winner[k] for k in knobs})
+    epochs = best_epoch(folder / winner["folder"]) + 1
+    overrides = [*overrides_of(knobs, {k: winner[k] for k in knobs}), f"trainer.max_epochs={epochs}"]
     write_preset(folder, base, overrides)
-    tested = test_winner(folder / winner["folder"], folder / "winner_test")
-    summary = {"trials": len(rows), "minutes": round((time.time() - started) / 60, 2), "winner": winner,
-               "overrides": overrides, "test": tested,
-               "rerun": f"python train.py hydra.searchpath=[file://{folder.resolve()}] experiment=auto_winner"}
+    searched = round((time.time() - started) / 60, 2)
+    final, tested = final_run(folder, base, overrides, folder / winner["folder"])
+    summary = {"trials": len(rows), "minutes": searched, "winner": winner, "overrides": overrides, "final": final,
+               "test": tested, "rerun": f"python train.py hydra.searchpath=[file://{folder.resolve()}] experiment=auto_winner"}
     (folder / "auto_result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -239,6 +243,36 @@ def write_preset(folder: Path, base: Sequence[str], overrides: Sequence[str]) ->
     text = yaml.safe_dump({"defaults": [*defaults, "_self_"], **values}, sort_keys=False)
     path.write_text("# @package _global_\n# written by auto.py: the winning trial, as a preset\n" + text)
     return path
+
+
+def best_epoch(run_dir: Path) -> int:
+    """The epoch of a trial's best checkpoint (``best-epochNN-stepS.ckpt``): how long the winner trains again."""
+    found = sorted(run_dir.glob("checkpoints/best-epoch*-step*.ckpt"))
+    if not found:
+        raise ConfigError(f"auto: the winning trial {run_dir} saved no best checkpoint")
+    return int(found[-1].name.split("-epoch", 1)[1].split("-", 1)[0])
+
+
+def final_run(folder: Path, base: Sequence[str], overrides: Sequence[str], winner_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The winner trained again on the training and validation data together (``data.train_on_val``: the search is
+    over, nothing is held out but the test split), for the winner's epochs, its last weights tested once. Data with a
+    validation split of its own (not carved from the training data): the winning trial's best checkpoint is tested
+    instead. Returns what was tested and the test figures."""
+    run_dir = folder / "final"
+    command = [sys.executable, str(ROOT / "train.py"), *base, *overrides, "+data.train_on_val=true",
+               "callbacks.early_stopping=null", "callbacks.model_checkpoint.monitor=null", f"hydra.run.dir={run_dir}"]
+    log.info(f"auto: the winner on train + val: {' '.join(overrides)}")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    if done.returncode == 0:
+        metrics = read_json(run_dir / "metrics.json") or {}
+        return "the winner retrained on train + val (final/)", {k: v for k, v in metrics.items() if k.startswith("test/")}
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    if "validation split of its own" not in tail and "needs one carved" not in tail:
+        raise ConfigError(f"auto: the final run failed: {tail}")
+    log.info(f"auto: {tail.removeprefix('tunelab: error: ')}: the winning trial's best checkpoint is tested instead")
+    return (f"the winning trial's best checkpoint ({winner_dir.name}; the data has a validation split of its own)",
+            test_winner(winner_dir, folder / "winner_test"))
 
 
 def test_winner(run_dir: Path, out: Path) -> dict[str, Any]:

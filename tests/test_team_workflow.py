@@ -228,6 +228,39 @@ def test_folds_of_digits_partition_the_training_pool_stratified_and_keep_the_tes
     assert sorted(v for fold in vals for v in fold) == pool, "the folds' validation sets partition the pool"
 
 
+def test_train_on_val_trains_on_exactly_a_plain_runs_train_and_val(tmp_path: Path) -> None:
+    """``data.train_on_val`` (auto's final run): the training split is a plain run's training split and its validation
+    split together, caps included; the test split is untouched; where it cannot hold, one line."""
+    from modules.errors import ConfigError, DataError
+    from run.build import build, data_config
+    from tests.conftest import compose_config
+
+    def setup(*overrides: str) -> object:
+        cfg = compose_config(tmp_path, ["experiment=digits_scratch", "data.max_train_samples=300",
+                                        "data.max_eval_samples=60", *overrides])
+        dm = build(data_config(cfg), processor=build(cfg.backbone).processor)
+        dm.setup()
+        return dm
+
+    def names(dm: object, role: str) -> list[str]:
+        return sorted(dm.datasets[role].split.names)
+
+    plain, joined = setup(), setup("+data.train_on_val=true")
+    assert len(names(plain, "train")) == 300 and len(names(plain, "val")) == 60
+    assert names(joined, "train") == sorted(names(plain, "train") + names(plain, "val"))
+    assert names(joined, "test") == names(plain, "test") and names(joined, "val") == names(plain, "val")
+    with pytest.raises(ConfigError, match="data.train_on_val trains on the validation share too"):
+        setup("+data.train_on_val=true", "data.val_fraction=0")
+    with pytest.raises(DataError, match="has a validation split of its own"):
+        from datamodules.base import DataModuleBase
+
+        class OwnVal(DataModuleBase):
+            pass
+
+        OwnVal(train_on_val=True).carve({"train": plain.datasets["train"].split, "val": plain.datasets["val"].split},
+                                        None)
+
+
 def test_folds_of_unlabelled_data_and_of_a_source_with_its_own_test_split() -> None:
     """The shared carving every datamodule uses, without labels (a corpus, speech sentences): random folds; and a
     source that brings its own test split keeps it whole."""
@@ -427,8 +460,14 @@ def test_auto_searches_within_its_budget_prunes_tests_the_winner_once_and_contin
         assert not [k for k in metrics if k.startswith("test/")], row  # the search never touches the test split
     result = json.loads((folder / "auto_result.json").read_text())
     assert result["winner"]["trial"] in {r["trial"] for r in rows if r["state"] == "complete"}
-    assert 0.0 < result["test"]["test/acc"] <= 1.0
-    assert {p.name for p in folder.iterdir()} >= {"trials.csv", "trials.md", "trials.png", "experiment", "winner_test"}
+    # the winner again on train + val, for its best checkpoint's epochs, tested once
+    assert result["final"].startswith("the winner retrained on train + val") and 0.0 < result["test"]["test/acc"] <= 1.0
+    final = yaml.safe_load((folder / "final" / "config.yaml").read_text())
+    assert final["data"]["train_on_val"] is True and f"trainer.max_epochs={final['trainer']['max_epochs']}" in result["overrides"]
+    data = json.loads((folder / "final" / "data_report.json").read_text())["sizes"]
+    trial = json.loads((folder / "trial_000" / "data_report.json").read_text())["sizes"]
+    assert data["train"] == trial["train"] + trial["val"] and data["test"] == trial["test"]
+    assert {p.name for p in folder.iterdir()} >= {"trials.csv", "trials.md", "trials.png", "experiment", "final"}
     assert "rerun it with: python train.py hydra.searchpath=" in done.stdout
     # the same command, one trial more: the study continues from its journal
     again = subprocess.run([*command[:5], "5", *command[6:]], cwd=ROOT, capture_output=True, text=True, timeout=1200)
