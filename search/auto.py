@@ -198,9 +198,8 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
     epochs = best_epoch(folder / winner["folder"]) + 1
     overrides = [*overrides_of(knobs, {k: winner[k] for k in knobs}), f"trainer.max_epochs={epochs}"]
     write_preset(folder, base, overrides)
-    searched = round((time.time() - started) / 60, 2)
     final, tested = final_run(folder, base, overrides, folder / winner["folder"])
-    summary = {"trials": len(rows), "minutes": searched, "winner": winner, "overrides": overrides, "final": final,
+    summary = {"trials": len(rows), "minutes": round(sum(r["minutes"] for r in rows), 2), "winner": winner, "overrides": overrides, "final": final,
                "test": tested, "rerun": f"python train.py hydra.searchpath=[file://{folder.resolve()}] experiment=auto_winner"}
     (folder / "auto_result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

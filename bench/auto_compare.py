@@ -1,0 +1,99 @@
+"""Default vs LR range test vs ``auto``, side by side on one preset: the test figure and the wall time of each.
+
+    python -m bench.auto_compare --minutes 10 experiment=digits_scratch     # ~15 min on 2 idle CPU cores
+    python -m bench.auto_compare --minutes 30                                # the default run (MiniLM on BBC News)
+
+Arms, each a fresh process on the same data, split and seed:
+  default   python train.py <overrides>
+  tune_lr   python train.py <overrides> tune=lr           (the LR range test, then training at its suggestion)
+  auto      python auto.py --minutes M <overrides>        (the search, then the winner on train + val, tested once)
+Writes results.json, results.md and results.png (and every arm's run folder) to --out (default: a temp folder), and
+results.json again as bench/results/auto_compare_<preset>_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def run(command: list[str]) -> float:
+    """Run a command from the checkout; its wall time in seconds (a failure stops the benchmark with its last line)."""
+    started = time.time()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command[1:3])} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return time.time() - started
+
+
+def test_figures(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith("test/") and "top5" not in k}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="auto's search budget")
+    parser.add_argument("--arms", nargs="+", default=["default", "tune_lr", "auto"], choices=["default", "tune_lr", "auto"])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="the preset and data, for every arm (e.g. experiment=digits_scratch)")
+    args = parser.parse_intermixed_args(argv)
+    preset = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), "default")
+    out = Path(args.out or Path(tempfile.gettempdir()) / "tunelab_auto_compare" / preset).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for arm in args.arms:
+        folder = out / arm
+        if arm == "auto":
+            seconds = run([sys.executable, "auto.py", "--minutes", str(args.minutes), "--dir", str(folder), *args.overrides,
+                           *QUIET])
+            summary = json.loads((folder / "auto_result.json").read_text())
+            results[arm] = {"seconds": round(seconds, 1), "test": test_figures(summary["test"]),
+                            "trials": summary["trials"], "overrides": summary["overrides"], "final": summary["final"],
+                            "pruned": sum("pruned" in r["state"] for r in json.loads((folder / "trials.json").read_text()))}
+        else:
+            extra = ["tune=lr"] if arm == "tune_lr" else []
+            seconds = run([sys.executable, "train.py", *args.overrides, *extra, *QUIET, f"hydra.run.dir={folder}"])
+            config = (folder / "config.yaml").read_text()
+            lr = next((line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("lr:")), "")
+            results[arm] = {"seconds": round(seconds, 1), "test": test_figures(json.loads((folder / "metrics.json").read_text())),
+                            "lr": lr}
+        print(f"{arm}: {results[arm]}", flush=True)
+    record = {"overrides": args.overrides, "minutes": args.minutes, "date": time.strftime("%Y-%m-%d"), "arms": results}
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    (ROOT / "bench" / "results" / f"auto_compare_{preset}_{record['date']}.json").write_text(json.dumps(record, indent=2))
+    metric = next(iter(next(iter(results.values()))["test"]), None)
+    lines = [f"| arm | {metric} | wall (s) |", "|---|---|---|"]
+    lines += [f"| {arm} | {r['test'].get(metric, float('nan')):.4f} | {r['seconds']:.0f} |" for arm, r in results.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    if metric:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        names = list(results)
+        bars = ax.bar(names, [results[a]["test"].get(metric, 0.0) for a in names], color=["#888", "#59c", "#d84"][: len(names)])
+        for bar, name in zip(bars, names, strict=True):
+            ax.annotate(f"{results[name]['test'].get(metric, 0.0):.3f}\n{results[name]['seconds'] / 60:.1f} min",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1.15)
+        ax.set_title(f"{preset}: default vs tune=lr vs auto ({args.minutes:g} min search)")
+        fig.tight_layout()
+        fig.savefig(out / "results.png", dpi=120)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
