@@ -16,11 +16,13 @@ PRUNED_FILE = "pruned.json"
 
 def median_pruner() -> Any:
     """The pruner of ``auto`` studies: a trial whose figure after an epoch is behind the median of the earlier trials'
-    at that epoch stops, once two trials have finished. (Optuna keeps no pruner in its storage: the driver and each
-    trial's process build this same one.)"""
+    at that epoch stops, once two trials have finished, and not before its third validation: measured on digits from
+    scratch, pruning from the first validation stopped 12 of 24 trials at chance level, among them learning rates
+    next to the winner's, whose first epoch simply had not taken off yet. (Optuna keeps no pruner in its storage: the
+    driver and each trial's process build this same one.)"""
     import optuna
 
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
 
 
 class OptunaPruning(pl.Callback):

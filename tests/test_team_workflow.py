@@ -418,26 +418,33 @@ def test_a_trial_behind_the_median_at_an_epoch_is_pruned_and_says_so(tmp_path: P
 
     journal = str(tmp_path / "journal.log")
     study = optuna.create_study(study_name="auto", storage=JournalStorage(JournalFileBackend(journal)), direction="maximize")
-    for value in (0.9, 0.8):  # two finished trials: 0.9 and 0.8 at epoch 0
+    for value in (0.9, 0.8):  # two finished trials: 0.9 and 0.8 after each of epochs 0-2
         trial = study.ask()
-        trial.report(value, step=0)
+        for epoch in range(3):
+            trial.report(value, step=epoch)
         study.tell(trial, value)
 
-    def validate(value: float) -> SimpleNamespace:
+    def validate(values: list[float]) -> SimpleNamespace:
         trial = study.ask()
-        trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, state=SimpleNamespace(fn="fit"),
-                                  callback_metrics={"val/acc": torch.tensor(value)}, current_epoch=0, global_step=5,
-                                  default_root_dir=str(tmp_path / f"trial_{trial.number}"), should_stop=False)
-        Path(trainer.default_root_dir).mkdir()
-        OptunaPruning(journal, "auto", trial._trial_id, "val/acc").on_validation_end(trainer, None)
+        callback = OptunaPruning(journal, "auto", trial._trial_id, "val/acc")
+        folder = tmp_path / f"trial_{trial.number}"
+        folder.mkdir()
+        for epoch, value in enumerate(values):
+            trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, state=SimpleNamespace(fn="fit"),
+                                      callback_metrics={"val/acc": torch.tensor(value)}, current_epoch=epoch,
+                                      global_step=5 * (epoch + 1), default_root_dir=str(folder), should_stop=False)
+            callback.on_validation_end(trainer, None)
+            if trainer.should_stop:
+                break
         return trainer
 
-    ahead, behind = validate(0.95), validate(0.3)
+    ahead, behind = validate([0.5, 0.7, 0.95]), validate([0.1, 0.2, 0.3])
     assert not ahead.should_stop and not (Path(ahead.default_root_dir) / "pruned.json").exists()
-    assert behind.should_stop
-    assert json.loads((Path(behind.default_root_dir) / "pruned.json").read_text()) == {"epoch": 0, "value": pytest.approx(0.3),
-                                                                                      "step": 5}
-    assert [t.intermediate_values for t in study.trials][-2:] == [{0: pytest.approx(0.95)}, {0: pytest.approx(0.3)}]
+    # behind the median from the first epoch, but stopped only at the third validation (a slow start is no verdict)
+    assert behind.should_stop and behind.current_epoch == 2
+    assert json.loads((Path(behind.default_root_dir) / "pruned.json").read_text()) == {"epoch": 2, "value": pytest.approx(0.3),
+                                                                                      "step": 15}
+    assert list(study.trials[-1].intermediate_values) == [0, 1, 2]
 
 
 @pytest.mark.slow
