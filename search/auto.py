@@ -96,6 +96,16 @@ def overrides_of(knobs: Mapping[str, tuple[str, Any]], params: Mapping[str, Any]
             for name, (key, _) in knobs.items()]
 
 
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python <script> <args>`` from the checkout, in a process of its own (not the W&B service of the caller)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    return (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -130,21 +140,20 @@ class Study:
         trial = self.study.ask({name: dist for name, (_, dist) in self.knobs.items()})
         run_dir = self.folder / f"trial_{trial.number:03d}"
         overrides = overrides_of(self.knobs, trial.params)
-        command = [sys.executable, str(ROOT / "train.py"), *self.base, *overrides, "trainer.max_epochs=auto",
+        command = [*self.base, *overrides, "trainer.max_epochs=auto",
                    f"budget.minutes={max(minutes_left, 0.05):.3f}", "test_after_fit=false", f"hydra.run.dir={run_dir}",
                    "+callbacks.auto_pruning._target_=callbacks.OptunaPruning", f"+callbacks.auto_pruning.storage={self.journal}",
                    "+callbacks.auto_pruning.study_name=auto", f"+callbacks.auto_pruning.trial_id={trial._trial_id}",
                    f"+callbacks.auto_pruning.monitor={self.monitor}"]
         log.info(f"auto: trial {trial.number}: {' '.join(overrides)}")
         started = time.time()
-        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+        done = run_script("train.py", *command)
         minutes = (time.time() - started) / 60
         metrics, pruned = read_json(run_dir / "metrics.json"), read_json(run_dir / PRUNED_FILE)
         value = (metrics or {}).get(f"best/{self.monitor}")
         row = {"trial": trial.number, **trial.params, "minutes": round(minutes, 2), "folder": run_dir.name}
         if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            tail = last_line(done)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             log.warning(f"auto: trial {trial.number} failed: {tail}")
             return {**row, "state": "failed", self.monitor: None, "error": tail}
@@ -258,15 +267,13 @@ def final_run(folder: Path, base: Sequence[str], overrides: Sequence[str], winne
     validation split of its own (not carved from the training data): the winning trial's best checkpoint is tested
     instead. Returns what was tested and the test figures."""
     run_dir = folder / "final"
-    command = [sys.executable, str(ROOT / "train.py"), *base, *overrides, "+data.train_on_val=true",
-               "callbacks.early_stopping=null", "callbacks.model_checkpoint.monitor=null", f"hydra.run.dir={run_dir}"]
     log.info(f"auto: the winner on train + val: {' '.join(overrides)}")
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    done = run_script("train.py", *base, *overrides, "+data.train_on_val=true", "callbacks.early_stopping=null",
+                      "callbacks.model_checkpoint.monitor=null", f"hydra.run.dir={run_dir}")
     if done.returncode == 0:
         metrics = read_json(run_dir / "metrics.json") or {}
         return "the winner retrained on train + val (final/)", {k: v for k, v in metrics.items() if k.startswith("test/")}
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = last_line(done)
     if "validation split of its own" not in tail and "needs one carved" not in tail:
         raise ConfigError(f"auto: the final run failed: {tail}")
     log.info(f"auto: {tail.removeprefix('tunelab: error: ')}: the winning trial's best checkpoint is tested instead")
@@ -276,11 +283,9 @@ def final_run(folder: Path, base: Sequence[str], overrides: Sequence[str], winne
 
 def test_winner(run_dir: Path, out: Path) -> dict[str, Any]:
     """The winner's best checkpoint on the test split, once (``eval.py``, its report into ``out``)."""
-    done = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run_dir), "--split", "test", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = run_script("eval.py", str(run_dir), "--split", "test", "--out", str(out))
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"auto: testing the winner ({run_dir}) failed: {tail}")
+        raise ConfigError(f"auto: testing the winner ({run_dir}) failed: {last_line(done)}")
     return read_json(out / "metrics.json") or {}
 
 
