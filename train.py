@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.preemption import preempted
-    from run import budget, checks, elastic, lr_find, results
+    from run import batch_find, budget, checks, elastic, lr_find, results
     from run.build import build, build_callbacks, build_parts
     from run.checkpoints import check_checkpoint
     from run.resume import resume_config
@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     checks.check_config(cfg)
     budget.check(cfg)
     lr_find.check(cfg)
+    batch_find.check(cfg)
     cfg = checks.complete_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     exports = checks.export_targets(cfg, run_dir)
@@ -54,11 +55,14 @@ def train(cfg: DictConfig) -> RunMetrics:
     ckpt = check_checkpoint(cfg.get("ckpt_path"), parts.task, cfg.get("trust_checkpoint", False))
     callbacks = build_callbacks(cfg)
     checks.check_callbacks(cfg, callbacks)
+    sized = batch_find.run(cfg, parts, ckpt)  # tune=batch_size: the largest micro-batch that fits becomes data.batch_size
     elastic.plan(cfg, ckpt)  # the global batch on this many processes; this segment recorded in config.yaml
     budget.resolve(cfg, parts.datamodule)  # trainer.max_epochs=auto, budget.minutes: from the data's size
     range_test = lr_find.run(cfg, parts, ckpt)  # tune=lr: the suggestion becomes optimizer.lr before config.yaml
 
     resolved = results.write_config(cfg, run_dir)  # every check passed: only now is the run folder written
+    if sized is not None:
+        batch_find.save(*sized, run_dir)
     if range_test is not None:
         lr_find.save(*range_test, run_dir)
     loggers = start_loggers(cfg, run_dir, resolved, ckpt)

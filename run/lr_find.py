@@ -20,7 +20,8 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -179,25 +180,17 @@ def run(cfg: Any, parts: Any, checkpoint: Any) -> tuple[RangeResult, RangeTest, 
     return result, test, configured, apply(cfg, parts.task, result)
 
 
-def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest]:
-    """Run the range test on ``parts.task`` (one process), restore every weight and random stream, return the curve."""
-    from run.build import build
-
-    test = RangeTest.from_config(cfg.tune.get("lr_find"))
-    task = parts.task
+@contextmanager
+def put_back(task: Any) -> Iterator[None]:
+    """Whatever a probing fit does to ``task`` is undone on the way out: weights, buffers, which parameters train, the
+    LR schedule (the probe owns the LR; the task's schedule is set aside), the epoch metrics, every random stream."""
     saved = [(t, t.detach().clone()) for t in (*task.parameters(), *task.buffers())]
     requires_grad = [(p, p.requires_grad) for p in task.parameters()]
     states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    scheduler, task.scheduler_factory = task.scheduler_factory, None  # the range test owns the LR
-    probe = LRRangeTest(test, int(cfg.trainer.get("accumulate_grad_batches", 1) or 1))
-    trainer = build(cfg.trainer, callbacks=[*([finetune] if finetune is not None else []), probe], logger=False,
-                    max_steps=test.steps, max_epochs=-1, min_epochs=None, enable_checkpointing=False, limit_val_batches=0,
-                    num_sanity_val_steps=0, enable_model_summary=False, max_time=None)
+    scheduler, task.scheduler_factory = task.scheduler_factory, None
     try:
-        log.info(f"LR range test: {test.steps} optimizer steps, lr {test.min_lr:g} -> {test.max_lr:g} on every group "
-                 "(scaled as in training)")
-        trainer.fit(task, datamodule=parts.datamodule)
+        yield
     finally:
         task.scheduler_factory = scheduler
         with torch.no_grad():
@@ -206,7 +199,7 @@ def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest
         for parameter, flag in requires_grad:
             parameter.requires_grad_(flag)
         task.trainer = None  # the real trainer attaches itself
-        for metric in task.modules():  # the range test's partial epoch leaves nothing in the run's epoch metrics
+        for metric in task.modules():  # a probe's partial epoch leaves nothing in the run's epoch metrics
             if isinstance(metric, Metric):
                 metric.reset()
         torch.random.set_rng_state(states[0])
@@ -214,6 +207,22 @@ def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest
             torch.cuda.set_rng_state_all(cuda_states)
         np.random.set_state(states[1])
         random.setstate(states[2])
+
+
+def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest]:
+    """Run the range test on ``parts.task`` (one process), restore every weight and random stream, return the curve."""
+    from run.build import build
+
+    test = RangeTest.from_config(cfg.tune.get("lr_find"))
+    task = parts.task
+    probe = LRRangeTest(test, int(cfg.trainer.get("accumulate_grad_batches", 1) or 1))
+    with put_back(task):
+        trainer = build(cfg.trainer, callbacks=[*([finetune] if finetune is not None else []), probe], logger=False,
+                        max_steps=test.steps, max_epochs=-1, min_epochs=None, enable_checkpointing=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False, max_time=None)
+        log.info(f"LR range test: {test.steps} optimizer steps, lr {test.min_lr:g} -> {test.max_lr:g} on every group "
+                 "(scaled as in training)")
+        trainer.fit(task, datamodule=parts.datamodule)
     result = probe.result
     if len(result.losses) < 5:
         raise ConfigError(f"the LR range test took {len(result.losses)} optimizer steps ({result.stopped}); it needs more "

@@ -149,6 +149,11 @@ CASES: dict[str, tuple[list[str], str]] = {
     "LoRA under FSDP2": ([*TINY, "finetune=lora", "trainer=fsdp2", "trainer.accelerator=cpu"], "finetune=lora with trainer=fsdp2"),
     "LR range test on two processes": ([*TINY, "tune=lr", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
                                        "tune=lr runs the range test on one process, not trainer.devices=2"),
+    "batch-size finder on two processes": ([*TINY, "tune=batch_size", "trainer=ddp", "trainer.accelerator=cpu",
+                                            "trainer.devices=2"], "tune=batch_size measures one process's memory, not "
+                                                                  "trainer.devices=2"),
+    "batch-size finder setting": ([*TINY, "tune=batch_size", "tune.batch_size.scale_lr=cubic"],
+                                  "tune.batch_size.scale_lr='cubic' must be one of none, sqrt, linear"),
     # elastic runs: the global batch, and what a resume cannot change
     "global batch not a multiple": ([*TINY, "data.global_batch_size=20"],
                                     "data.global_batch_size=20 is not a multiple of data.batch_size=16 x 1 process(es) = 16"),

@@ -148,6 +148,114 @@ def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> 
             RangeTest.from_config(node)
 
 
+def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, rows: int) -> list[int]:
+    """Every training step of more than ``rows`` examples raises the out-of-memory error a GPU would; returns the batch
+    sizes the steps saw."""
+    from modules.task import TaskModule
+
+    seen: list[int] = []
+    step = TaskModule.training_step
+
+    def limited(self, batch, batch_idx):  # noqa: ANN001, ANN202
+        seen.append(int(batch["labels"].shape[0]))
+        if seen[-1] > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: {seen[-1]} rows > {rows})")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(TaskModule, "training_step", limited)
+    return seen
+
+
+def test_batch_size_finder_finds_the_largest_that_fits_then_trains_as_if_given_it(
+        tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tune=batch_size: trials at 16, 32 fit, 64 runs out of memory, the bisection settles on 40 (a multiple of 8) with
+    3 steps per trial on the longest texts; the run then trains bit for bit as a run given data.batch_size=40 (and the
+    LR scaled as asked), and config.yaml, batch_find.json and batch_find.png say what was found."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    seen = out_of_memory_above(monkeypatch, 44)
+    common = ["task.lr_decay=0.5", "finetune=gradual", "finetune.unit=step", "finetune.every=2", "trainer.max_steps=5",
+              "optimizer.lr=1e-3"]
+    tuned = tiny_run(tmp_path / "tuned", cache_dir, *common, "tune=batch_size", "tune.batch_size.scale_lr=sqrt",
+                     "tune.batch_size.min_batches_per_epoch=1")
+    trials = json.loads((tmp_path / "tuned" / "batch_find.json").read_text())
+    assert [(t["batch_size"], t["fits"]) for t in trials["trials"]] == [
+        (16, True), (32, True), (64, False), (48, False), (40, True)]
+    assert "out of memory" in trials["trials"][2]["why"] and trials["found_batch_size"] == 40
+    assert seen[:3] == [16] * 3 and seen[3:6] == [32] * 3  # 3 steps per trial, every one at the trial's size
+    assert (tmp_path / "tuned" / "batch_find.png").stat().st_size > 1000
+    cfg = OmegaConf.load(tmp_path / "tuned" / "config.yaml")
+    assert cfg.data.batch_size == 40 and cfg.tune.batch_size.found == 40 and cfg.tune.batch_size.configured == 16
+    assert cfg.optimizer.lr == pytest.approx(1e-3 * math.sqrt(40 / 16))
+    given = tiny_run(tmp_path / "given", cache_dir, *common, "data.batch_size=40", f"optimizer.lr={cfg.optimizer.lr!r}")
+    assert [s["lr"] for s in tuned["steps"]] == [s["lr"] for s in given["steps"]]
+    for group in GROUPS:
+        assert torch.equal(tuned["start"][group], given["start"][group]), group
+        assert torch.equal(tuned["end"][group], given["end"][group]), group
+
+
+def test_batch_size_finder_under_a_global_batch_picks_a_divisor_and_accumulates(
+        tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.global_batch_size=48 stays 48 samples per step: micro-batches above 20 run out of memory, so the finder takes
+    16 (the largest divisor of 48 that fits) and the accumulation 3; the LR is untouched."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    out_of_memory_above(monkeypatch, 20)
+    tiny_run(tmp_path, cache_dir, "tune=batch_size", "data.global_batch_size=48", "data.batch_size=4", "trainer.max_steps=2",
+             "optimizer.lr=1e-3")
+    trials = json.loads((tmp_path / "batch_find.json").read_text())
+    assert [t["batch_size"] for t in trials["trials"]] == [4, 8, 16, 48, 24]  # doubling, then bisection
+    cfg = OmegaConf.load(tmp_path / "config.yaml")
+    assert (cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, cfg.optimizer.lr) == (16, 3, 1e-3)
+    assert trials["accumulate_grad_batches"] == 3
+
+
+def test_batch_size_search_bisects_halves_predicts_and_refuses_bad_settings() -> None:
+    from run.batch_find import Finder, Trial, candidates, predicted_peak, search
+
+    def up_to(limit: int, log: list[int]):  # noqa: ANN202
+        def attempt(size: int) -> Trial:
+            log.append(size)
+            return Trial(size, size <= limit, "")
+        return attempt
+
+    sizes = candidates(16, Finder(max_batch_size=1024), None, 10_000)
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 1024 and all(s % 8 == 0 for s in sizes[3:])
+    for limit in (8, 100, 700, 1024, 5000):
+        log: list[int] = []
+        found, _ = search(sizes, 16, up_to(limit, log))
+        assert found == max(s for s in sizes if s <= limit), limit
+        assert len(log) == len(set(log)) <= 14, log  # each size once: doubling, then bisection
+    log = []
+    assert search(sizes, 16, up_to(3, log)) == (2, search(sizes, 16, up_to(3, []))[1]) and log[:3] == [16, 8, 4]
+    assert search(sizes, 16, up_to(0, []))[0] is None  # not even one example fits
+    assert candidates(4, Finder(), 48, 10_000) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
+    assert candidates(4, Finder(max_batch_size=20), 48, 10_000)[-1] == 16
+    assert candidates(50, Finder(min_batches_per_epoch=1), None, 30)[-1] == 30  # never more than the training set
+    assert candidates(64, Finder(), None, 1257)[-1] == 152  # 1257 examples: at least 8 batches an epoch (157 -> 152)
+    assert candidates(4, Finder(), 48, 30)[-1] == 24  # a global batch: divisors of 48 up to the training set's 30
+    gib = 2 ** 30  # 16 -> 1 GiB and 32 -> 2 GiB measured: 64 would take 4 GiB (a trial a CPU's OOM killer would end)
+    assert predicted_peak([(16, gib)], 64) is None and predicted_peak([(32, 2 * gib), (16, gib)], 64) == 4 * gib
+    for node, message in [({"steps": 1}, "needs 2 steps"), ({"memory_fraction": 1.5}, r"in \(0, 1\]"),
+                          ({"scale_lr": "cubic"}, "none, sqrt, linear"),
+                          ({"min_batches_per_epoch": 0}, "min_batches_per_epoch=0 must be"), ({"lr": 1}, r"tune.batch_size has no \['lr'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            Finder.from_config(node)
+    from omegaconf import OmegaConf
+
+    from run import batch_find
+
+    joint = OmegaConf.create({"tune": {"batch_size": {}}, "trainer": {"devices": 1}, "data": {"batch_size": None}})
+    with pytest.raises(ConfigError, match="this data has none"):
+        batch_find.check(joint)
+    smoke = OmegaConf.create({"tune": {"batch_size": {}}, "trainer": {"fast_dev_run": True}, "data": {"batch_size": 8}})
+    assert batch_find.run(smoke, parts=None, checkpoint=None) is None  # a smoke run is not sized (nothing is built)
+
+
 def test_max_epochs_auto_gives_small_data_enough_steps_and_the_schedule_spans_them(tmp_path: Path, cache_dir: Path) -> None:
     """96 training texts in batches of 16, accumulation 2: 3 optimizer steps per epoch, so budget.min_steps=20 is 7
     epochs (21 steps); the linear decay runs over exactly those steps for every group (layer-wise decay on top)."""

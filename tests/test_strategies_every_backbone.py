@@ -65,8 +65,9 @@ def test_strategy_on_backbone(family: str, strategy: str, tmp_path: Path, cache_
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [*sorted(BACKBONES), "mlm", "joint"])
 def test_lr_range_test_on_every_task(family: str, tmp_path: Path, cache_dir: Path) -> None:
-    """tune=lr on every task and backbone family: a curve, a suggestion inside the swept range (or the configured LR
-    kept, said so), the applied LR in config.yaml and in the run's first optimizer step (every group scaled from it)."""
+    """tune=[batch_size,lr] on every task and backbone family (tune=lr on joint data): the finder's trials, then a curve,
+    a suggestion inside the swept range (or the configured LR kept, said so), the applied LR in config.yaml and in the
+    run's first optimizer step (every group scaled from it)."""
     import json
 
     from omegaconf import OmegaConf
@@ -77,8 +78,15 @@ def test_lr_range_test_on_every_task(family: str, tmp_path: Path, cache_dir: Pat
     tasks = {**BACKBONES, "mlm": [*TINY_MLM, PROBE], "joint": [*(a for a in FAST_JOINT if "datasets_seen" not in a), PROBE]}
     if family == "speech" and not (shutil.which("espeak-ng") and shutil.which("sox")):
         pytest.skip("the speech corpus needs espeak-ng and sox (apt-get install -y espeak-ng sox)")
-    run_train(tmp_path, [*tasks[family], "tune=lr", "tune.lr_find.steps=12", "trainer.max_steps=2", "trainer.max_epochs=50",
+    sized = family != "joint"  # joint data has a batch size per dataset: the finder refuses it (tested in test_finetuning)
+    tune = ["tune=[batch_size,lr]", "tune.batch_size.max_batch_size=24", "tune.batch_size.steps=2"] if sized else ["tune=lr"]
+    run_train(tmp_path, [*tasks[family], *tune, "tune.lr_find.steps=12", "trainer.max_steps=2", "trainer.max_epochs=50",
                          "test_after_fit=false", "callbacks.early_stopping=null", "scheduler=constant"], cache_dir)
+    if sized:  # nothing runs out of memory on this machine: the finder reaches the cap, then the range test runs at it
+        trials = json.loads((tmp_path / "batch_find.json").read_text())
+        assert all(t["fits"] and t["peak_bytes"] > 0 for t in trials["trials"]), trials["trials"]
+        assert OmegaConf.load(tmp_path / "config.yaml").data.batch_size == trials["found_batch_size"] == max(
+            t["batch_size"] for t in trials["trials"])
     found = json.loads((tmp_path / "lr_find.json").read_text())
     assert len(found["curve"]) >= 5 and all(c["loss"] == c["loss"] for c in found["curve"][:5])
     cfg = OmegaConf.load(tmp_path / "config.yaml")
