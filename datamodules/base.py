@@ -119,9 +119,10 @@ class DataModuleBase(pl.LightningDataModule):
         val_fraction / test_fraction: shares of train carved out (stratified by label when there are
             labels, seeded) for the splits the source lacks.
         max_train_samples / max_eval_samples: cap split sizes (stratified, seeded), for quick runs.
-        num_folds / fold: k-fold cross-validation. The test split is carved as usual and kept aside; the rest
-            (train + the carved validation share) is cut into ``num_folds`` seeded folds, stratified by label when
-            there are labels; fold ``fold`` validates, the others train. The same seed gives the same folds.
+        num_folds / fold: k-fold cross-validation. The test split is carved as usual and kept aside; what a plain
+            run trains and validates on (train + the carved validation share, each capped as without folds) is cut
+            into ``num_folds`` seeded folds, stratified by label when there are labels; fold ``fold`` validates, the
+            others train. The same seed gives the same folds.
         label_names: a fixed label set (ids in this order), e.g. a trained model's: labels outside it are an
             error instead of new classes (``eval.py`` passes the model's). None: the training split's labels.
         on_bad_input: ``error`` (stop with one line naming the file and row) or ``skip`` (leave bad
@@ -281,8 +282,8 @@ class DataModuleBase(pl.LightningDataModule):
                 splits["train"] = train.take(sorted(kept["train"] + kept["val"]))
         caps = {"train": self.max_train_samples, "val": self.max_eval_samples, "test": self.max_eval_samples}
         for role, cap in caps.items():
-            if self.train_on_val and role in ("train", "val"):
-                continue  # capped above, before they were joined
+            if (self.train_on_val or self.num_folds) and role in ("train", "val"):
+                continue  # capped above, before they were joined or cut into folds
             if cap and role in splits and len(splits[role]) > cap:
                 keep, rest = self._split_indices(splits[role], labels_of, [cap / len(splits[role])])
                 splits[role] = splits[role].take(exactly(keep, rest, cap, self.seed))
@@ -300,7 +301,8 @@ class DataModuleBase(pl.LightningDataModule):
     def _take_fold(self, splits: dict[str, S], labels_of: Callable[[S], Sequence[Any] | None] | None,
                    wanted: list[str]) -> dict[str, S]:
         """k-fold: the test split carved exactly as without folds (so CV and plain runs test on the same examples),
-        then the rest (train + what would have been validation) cut into folds; ``fold`` validates."""
+        then what a plain run trains and validates on (its train + carved validation, caps included) cut into folds;
+        ``fold`` validates."""
         train = splits["train"]
         if "val" in splits:
             log.warning(f"data.num_folds={self.num_folds}: the source's own validation split ({len(splits['val'])} examples)"
@@ -313,6 +315,11 @@ class DataModuleBase(pl.LightningDataModule):
             if "test" in wanted:
                 splits["test"] = train.take(parts[wanted.index("test")])
                 pool = sorted(i for k, part in enumerate(parts) if k != wanted.index("test") for i in part)
+            if "val" in wanted:  # the plain run's capped train and val: the folds partition what it trains and validates on
+                pool = sorted(self._capped(train, parts[-1], self.max_train_samples, labels_of)
+                              + self._capped(train, parts[wanted.index("val")], self.max_eval_samples, labels_of))
+        if not wanted or "val" not in wanted:
+            pool = self._capped(train, pool, self.max_train_samples, labels_of)
         pooled = train.take(pool)
         labels = labels_of(pooled) if labels_of is not None else None
         folds = fold_indices(len(pooled), self.num_folds, self.seed, [str(v) for v in labels] if labels is not None else None)

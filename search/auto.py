@@ -47,11 +47,12 @@ def knob_space(cfg: DictConfig) -> dict[str, tuple[str, Callable[[], Any]]]:
     """The knobs ``auto`` can search on this config: name -> (config key or group, Optuna distribution maker).
     A knob the config has no place for (label smoothing without a ``task.label_smoothing``, freezing on a backbone
     trained from scratch) is not offered."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     lr = float(OmegaConf.select(cfg, "optimizer.lr"))
-    pretrained = not (OmegaConf.select(cfg, "backbone.from_scratch", default=False)
-                      or OmegaConf.select(cfg, "backbone.pretrained", default=True) is False)
+    pretrained = not OmegaConf.select(cfg, "backbone.from_scratch", default=False) and (
+        OmegaConf.select(cfg, "backbone.pretrained", default=True) is not False
+        or OmegaConf.select(cfg, "backbone.checkpoint_path", default=None) is not None)  # timm weights from a file
     space: dict[str, tuple[str, Callable[[], Any]]] = {
         "lr": ("optimizer.lr", lambda: FloatDistribution(lr / 10, lr * 10, log=True)),
     }
@@ -61,7 +62,47 @@ def knob_space(cfg: DictConfig) -> dict[str, tuple[str, Callable[[], Any]]]:
         space["lr_decay"] = ("task.lr_decay", lambda: FloatDistribution(0.6, 1.0))
     if OmegaConf.select(cfg, "task.label_smoothing") is not None:
         space["label_smoothing"] = ("task.label_smoothing", lambda: FloatDistribution(0.0, 0.2))
+    augment = OmegaConf.select(cfg, "data.augment")
+    if isinstance(augment, DictConfig) and randaugment_magnitude(augment.get("auto_augment")) is not None:
+        space["augment"] = (RANDAUGMENT, lambda: IntDistribution(0, 10))
+    elif "speed_perturb" in (OmegaConf.select(cfg, "data") or {}) and speed_spread(cfg.data.speed_perturb) is not None:
+        space["augment"] = (SPEED_PERTURB, lambda: FloatDistribution(0.0, 0.15))
     return space
+
+
+# the augmentation-strength knob: images, RandAugment's magnitude (0: off); speech, the spread s of speed perturbation
+# ([1 - s, 1, 1 + s]; 0: off). Text has none.
+RANDAUGMENT, SPEED_PERTURB = "data.augment.auto_augment", "data.speed_perturb"
+
+
+def randaugment_magnitude(policy: Any) -> int | None:
+    """The magnitude of a timm RandAugment policy (``rand-m9-mstd0.5`` -> 9), 0 for none, None for another policy
+    (AutoAugment, AugMix: the knob leaves it alone)."""
+    if policy is None:
+        return 0
+    parts = str(policy).split("-")
+    if parts[0] != "rand":
+        return None
+    return next((int(float(p[1:])) for p in parts[1:] if p.startswith("m") and p[1:].replace(".", "").isdigit()), 9)
+
+
+def speed_spread(factors: Any) -> float | None:
+    """s of speed factors ``[1 - s, 1, 1 + s]`` (0 for none), None for another set (the knob leaves it alone)."""
+    values = sorted(float(f) for f in (factors or [1.0]))
+    spread = round(max(abs(v - 1.0) for v in values), 6)
+    if set(values) == {1.0}:
+        return 0.0
+    symmetric = len(values) == 3 and all(math.isclose(v, w) for v, w in zip(values, (1 - spread, 1.0, 1 + spread), strict=True))
+    return spread if symmetric else None
+
+
+def config_value(key: str, value: Any) -> str:
+    """A knob's value as its override's right-hand side."""
+    if key == RANDAUGMENT:
+        return f"rand-m{int(value)}-mstd0.5" if value else "null"
+    if key == SPEED_PERTURB:
+        return f"[{1 - value:.4g},1.0,{1 + value:.4g}]" if value > 0 else "null"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def chosen_knobs(cfg: DictConfig, names: Sequence[str] | None) -> dict[str, tuple[str, Any]]:
@@ -86,14 +127,17 @@ def defaults_of(cfg: DictConfig, knobs: Mapping[str, tuple[str, Any]]) -> dict[s
             values[name] = value if value in dist.choices else dist.choices[0]
         elif isinstance(dist, CategoricalDistribution):
             values[name] = dist.choices[0]
+        elif key == RANDAUGMENT:
+            values[name] = min(max(randaugment_magnitude(OmegaConf.select(cfg, key)), dist.low), dist.high)
+        elif key == SPEED_PERTURB:
+            values[name] = min(max(speed_spread(OmegaConf.select(cfg, key)), dist.low), dist.high)
         else:
             values[name] = min(max(float(OmegaConf.select(cfg, key)), dist.low), dist.high)
     return values
 
 
 def overrides_of(knobs: Mapping[str, tuple[str, Any]], params: Mapping[str, Any]) -> list[str]:
-    return [f"{key}={params[name]:.6g}" if isinstance(params[name], float) else f"{key}={params[name]}"
-            for name, (key, _) in knobs.items()]
+    return [f"{key}={config_value(key, params[name])}" for name, (key, _) in knobs.items()]
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -111,27 +155,38 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 class Study:
-    """One ``auto`` study in ``folder`` over ``base`` (the user's overrides) and ``knobs``."""
+    """One ``auto`` study in ``folder`` over ``base`` (the user's overrides) and ``knobs``; with ``folds``, every trial is
+    scored by k-fold cross-validation instead of the validation split."""
 
     def __init__(self, folder: Path, base: Sequence[str], knobs: Mapping[str, tuple[str, Any]], monitor: str,
-                 direction: str, seed: int = 0) -> None:
+                 direction: str, seed: int = 0, folds: int | None = None) -> None:
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.folder, self.base, self.knobs, self.monitor, self.direction = folder, list(base), dict(knobs), monitor, direction
+        self.folds = folds
         folder.mkdir(parents=True, exist_ok=True)
         self.journal = folder / JOURNAL
         self.study = optuna.create_study(
             study_name="auto", storage=JournalStorage(JournalFileBackend(str(self.journal))), direction=direction,
             sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
             pruner=median_pruner(), load_if_exists=True)
-        spec = {"base": self.base, "knobs": {n: k for n, (k, _) in self.knobs.items()}, "monitor": monitor}
+        spec = {"base": self.base, "knobs": {n: k for n, (k, _) in self.knobs.items()}, "monitor": monitor, "folds": folds}
         saved = read_json(folder / "auto.json")
-        if saved is not None and saved != spec:
-            raise ConfigError(f"{folder} holds an auto study of other overrides or knobs ({saved}); give another --dir")
+        if saved is not None and {"folds": None, **saved} != spec:
+            raise ConfigError(f"{folder} holds an auto study of other overrides, knobs or folds ({saved}); give another --dir")
         (folder / "auto.json").write_text(json.dumps(spec, indent=2))
+
+    def train(self, run_dir: Path, overrides: Sequence[str], minutes_left: float, *extra: str
+              ) -> tuple[subprocess.CompletedProcess, float | None]:
+        """One ``train.py`` of a trial, on the validation split only, capped by the time left: its process and the best
+        validation figure (None: it validated nothing)."""
+        done = run_script("train.py", *self.base, *overrides, "trainer.max_epochs=auto",
+                          f"budget.minutes={max(minutes_left, 0.05):.3f}", "test_after_fit=false",
+                          f"hydra.run.dir={run_dir}", *extra)
+        return done, (read_json(run_dir / "metrics.json") or {}).get(f"best/{self.monitor}")
 
     def run_trial(self, minutes_left: float) -> dict[str, Any]:
         """Ask for a trial, train it in a process of its own (capped by the time left), tell the study."""
@@ -140,35 +195,114 @@ class Study:
         trial = self.study.ask({name: dist for name, (_, dist) in self.knobs.items()})
         run_dir = self.folder / f"trial_{trial.number:03d}"
         overrides = overrides_of(self.knobs, trial.params)
-        command = [*self.base, *overrides, "trainer.max_epochs=auto",
-                   f"budget.minutes={max(minutes_left, 0.05):.3f}", "test_after_fit=false", f"hydra.run.dir={run_dir}",
-                   "+callbacks.auto_pruning._target_=callbacks.OptunaPruning", f"+callbacks.auto_pruning.storage={self.journal}",
-                   "+callbacks.auto_pruning.study_name=auto", f"+callbacks.auto_pruning.trial_id={trial._trial_id}",
-                   f"+callbacks.auto_pruning.monitor={self.monitor}"]
         log.info(f"auto: trial {trial.number}: {' '.join(overrides)}")
         started = time.time()
-        done = run_script("train.py", *command)
-        minutes = (time.time() - started) / 60
-        metrics, pruned = read_json(run_dir / "metrics.json"), read_json(run_dir / PRUNED_FILE)
-        value = (metrics or {}).get(f"best/{self.monitor}")
-        row = {"trial": trial.number, **trial.params, "minutes": round(minutes, 2), "folder": run_dir.name}
-        if done.returncode != 0:
-            tail = last_line(done)
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            log.warning(f"auto: trial {trial.number} failed: {tail}")
-            return {**row, "state": "failed", self.monitor: None, "error": tail}
-        if value is None:  # the time cap ended it before its first validation
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return {**row, "state": "out of time", self.monitor: None}
-        if pruned is not None:
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            return {**row, "state": f"pruned after epoch {pruned['epoch']}", self.monitor: value}
-        self.study.tell(trial, float(value))
-        return {**row, "state": "complete", self.monitor: value}
+        if self.folds:
+            state, value, extra = self.cross_validate(trial, run_dir, overrides, started + minutes_left * 60)
+        else:
+            done, value = self.train(run_dir, overrides, minutes_left,
+                                     "+callbacks.auto_pruning._target_=callbacks.OptunaPruning",
+                                     f"+callbacks.auto_pruning.storage={self.journal}", "+callbacks.auto_pruning.study_name=auto",
+                                     f"+callbacks.auto_pruning.trial_id={trial._trial_id}",
+                                     f"+callbacks.auto_pruning.monitor={self.monitor}")
+            pruned, extra = read_json(run_dir / PRUNED_FILE), {}
+            if done.returncode != 0:
+                state, extra = "failed", {"error": last_line(done)}
+            elif value is None:  # the time cap ended it before its first validation
+                state = "out of time"
+            else:
+                state = f"pruned after epoch {pruned['epoch']}" if pruned is not None else "complete"
+        row = {"trial": trial.number, **trial.params, "minutes": round((time.time() - started) / 60, 2),
+               "folder": run_dir.name, "state": state, self.monitor: value, **extra}
+        if state == "complete":
+            self.study.tell(trial, float(value))
+        else:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED if state.startswith("pruned")
+                            else optuna.trial.TrialState.FAIL)
+            if state == "failed":
+                log.warning(f"auto: trial {trial.number} failed: {extra['error']}")
+        return row
+
+    def cross_validate(self, trial: Any, run_dir: Path, overrides: Sequence[str], deadline: float
+                       ) -> tuple[str, float | None, dict[str, Any]]:
+        """The trial on every fold in turn (``data.num_folds``/``data.fold``: the test split kept aside, the rest cut
+        into seeded, stratified folds). Its figure is the mean of the folds' best validation figures; after each fold
+        the running mean goes to the median pruner, which may stop the trial from its third fold on."""
+        values: list[float] = []
+        for fold in range(self.folds):
+            left = (deadline - time.time()) / 60
+            if left <= 0:
+                return f"out of time after {fold} folds", None, {"folds": values}
+            done, value = self.train(run_dir / f"fold_{fold}", overrides, left, f"data.num_folds={self.folds}",
+                                     f"data.fold={fold}")
+            if done.returncode != 0:
+                return "failed", None, {"error": f"fold {fold}: {last_line(done)}", "folds": values}
+            if value is None:
+                return f"out of time in fold {fold}", None, {"folds": values}
+            values.append(float(value))
+            mean = sum(values) / len(values)
+            trial.report(mean, step=fold)
+            if fold < self.folds - 1 and trial.should_prune():
+                return f"pruned after fold {fold}", mean, {"folds": values}
+        return "complete", sum(values) / len(values), {"folds": values}
+
+
+SMALL_DATA = 1000  # --folds auto: a run that trains and validates on fewer examples is scored by 5-fold cross-validation
+AUTO_FOLDS = 5
+
+
+def choose_folds(cfg: DictConfig, folds: str | int | None) -> int | None:
+    """``--folds``: a number (>= 2) of folds, 0 / None for the validation split, or ``auto``: 5 folds when the run
+    trains and validates on fewer than 1,000 examples (one validation example then weighs too much to rank trials)
+    and its validation split is carved from the training data; else the validation split."""
+    if folds in (None, 0, "0", "none"):
+        return None
+    if "num_folds" not in (cfg.get("data") or {}):
+        if folds == "auto":
+            return None
+        raise ConfigError(f"--folds {folds}: this data has no folds (data.num_folds); use --folds 0 (the validation split)")
+    if folds != "auto":
+        try:
+            count = int(folds)
+        except ValueError:
+            count = 0
+        if count < 2:
+            raise ConfigError(f"--folds {folds!r}: give a number of folds >= 2, 0 for the validation split, or auto")
+        return count
+    examples = examples_seen(cfg)
+    if examples is None:
+        log.info("auto: the validation split is the data's own: trials are scored on it (--folds K to cross-validate)")
+        return None
+    if examples >= SMALL_DATA:
+        log.info(f"auto: {examples} examples to train and validate on: trials are scored on the validation split")
+        return None
+    log.info(f"auto: {examples} examples to train and validate on (< {SMALL_DATA}): trials are scored by "
+             f"{AUTO_FOLDS}-fold cross-validation (--folds 0: the validation split)")
+    return AUTO_FOLDS
+
+
+def examples_seen(cfg: DictConfig) -> int | None:
+    """How many examples a plain run trains and validates on (its capped train + val), None when the validation split
+    is the data's own (not carved from the training data, so not part of a fold)."""
+    from modules.errors import DataError
+    from run.build import build, data_config
+
+    if "val_fraction" not in cfg.data:  # joint data: validation on the target's split as the target configures it
+        return None
+    backbone = build(cfg.backbone)
+    datamodule = build({**data_config(cfg), "train_on_val": True}, processor=backbone.processor)
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except DataError as err:
+        if "validation split of its own" in str(err):
+            return None
+        raise
+    return len(datamodule.datasets["train"])
 
 
 def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequence[str] | None = None,
-             max_trials: int | None = None, seed: int = 0) -> dict[str, Any]:
+             max_trials: int | None = None, seed: int = 0, folds: str | int | None = "auto") -> dict[str, Any]:
     """The whole study: trials until the budget would be overrun, then the winner's test. Returns the summary."""
     from run.config import compose_config
 
@@ -180,7 +314,8 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
     cfg = complete_config(cfg)
     monitor, mode = str(cfg.monitor), str(cfg.monitor_mode)
     knobs = chosen_knobs(cfg, knob_names)
-    study = Study(folder, base, knobs, monitor, "maximize" if mode == "max" else "minimize", seed)
+    folds = choose_folds(cfg, folds)
+    study = Study(folder, base, knobs, monitor, "maximize" if mode == "max" else "minimize", seed, folds)
     if not study.study.trials:
         study.study.enqueue_trial(defaults_of(cfg, knobs))
     started, rows = time.time(), load_rows(folder)
@@ -193,7 +328,7 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
         row = study.run_trial(left)
         rows.append(row)
         durations.append(row["minutes"])
-        save_rows(rows, folder, monitor, list(knobs))
+        save_rows(rows, folder, monitor, list(knobs), folds)
         if row["trial"] == 0 and row["state"] == "failed":
             raise ConfigError(f"auto: the configuration as given failed as trial 0 ({row['error']}); fix it first "
                               f"(python train.py {' '.join(base)})")
@@ -207,8 +342,8 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
     epochs = best_epoch(folder / winner["folder"]) + 1
     overrides = [*overrides_of(knobs, {k: winner[k] for k in knobs}), f"trainer.max_epochs={epochs}"]
     write_preset(folder, base, overrides)
-    final, tested = final_run(folder, base, overrides, folder / winner["folder"])
-    summary = {"trials": len(rows), "minutes": round(sum(r["minutes"] for r in rows), 2), "winner": winner, "overrides": overrides, "final": final,
+    final, tested = final_run(folder, base, overrides, folder / winner["folder"], folds)
+    summary = {"trials": len(rows), "folds": folds, "minutes": round(sum(r["minutes"] for r in rows), 2), "winner": winner, "overrides": overrides, "final": final,
                "test": tested, "rerun": f"python train.py hydra.searchpath=[file://{folder.resolve()}] experiment=auto_winner"}
     (folder / "auto_result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -219,10 +354,12 @@ def load_rows(folder: Path) -> list[dict[str, Any]]:
     return json.loads(table.read_text()) if table.is_file() else []
 
 
-def save_rows(rows: list[dict[str, Any]], folder: Path, monitor: str, knobs: list[str]) -> None:
+def save_rows(rows: list[dict[str, Any]], folder: Path, monitor: str, knobs: list[str], folds: int | None = None) -> None:
     (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
-    headers = ["trial", *knobs, "state", monitor, "minutes"]
-    write_table(rows, headers, folder, "trials", f"auto: {len(rows)} trials")
+    headers = ["trial", *knobs, "state", monitor, *(["per fold"] if folds else []), "minutes"]
+    shown = [{**r, "per fold": " ".join(f"{v:.4f}" for v in r.get("folds", []))} for r in rows]
+    title = f"auto: {len(rows)} trials" + (f", each the mean of {folds}-fold cross-validation" if folds else "")
+    write_table(shown, headers, folder, "trials", title)
     values = [r.get(monitor) if r.get(monitor) is not None else math.nan for r in rows]
     plot_bars([f"{r['trial']} {r['state'].split()[0]}" for r in rows], values, f"auto: {monitor} per trial",
               folder / "trials.png")
@@ -254,18 +391,24 @@ def write_preset(folder: Path, base: Sequence[str], overrides: Sequence[str]) ->
 
 
 def best_epoch(run_dir: Path) -> int:
-    """The epoch of a trial's best checkpoint (``best-epochNN-stepS.ckpt``): how long the winner trains again."""
+    """The epoch of a trial's best checkpoint (``best-epochNN-stepS.ckpt``): how long the winner trains again (a
+    cross-validated trial: the folds' mean, rounded)."""
+    folds = sorted(run_dir.glob("fold_*"))
+    if folds:
+        return round(sum(best_epoch(f) for f in folds) / len(folds))
     found = sorted(run_dir.glob("checkpoints/best-epoch*-step*.ckpt"))
     if not found:
         raise ConfigError(f"auto: the winning trial {run_dir} saved no best checkpoint")
     return int(found[-1].name.split("-epoch", 1)[1].split("-", 1)[0])
 
 
-def final_run(folder: Path, base: Sequence[str], overrides: Sequence[str], winner_dir: Path) -> tuple[str, dict[str, Any]]:
+def final_run(folder: Path, base: Sequence[str], overrides: Sequence[str], winner_dir: Path, folds: int | None = None
+              ) -> tuple[str, dict[str, Any]]:
     """The winner trained again on the training and validation data together (``data.train_on_val``: the search is
     over, nothing is held out but the test split), for the winner's epochs, its last weights tested once. Data with a
     validation split of its own (not carved from the training data): the winning trial's best checkpoint is tested
-    instead. Returns what was tested and the test figures."""
+    instead, or, after cross-validation (no one trial's model saw all the training split), the winner is trained
+    again on the training split. Returns what was tested and the test figures."""
     run_dir = folder / "final"
     log.info(f"auto: the winner on train + val: {' '.join(overrides)}")
     done = run_script("train.py", *base, *overrides, "+data.train_on_val=true", "callbacks.early_stopping=null",
@@ -276,6 +419,15 @@ def final_run(folder: Path, base: Sequence[str], overrides: Sequence[str], winne
     tail = last_line(done)
     if "validation split of its own" not in tail and "needs one carved" not in tail:
         raise ConfigError(f"auto: the final run failed: {tail}")
+    if folds:
+        log.info(f"auto: {tail.removeprefix('tunelab: error: ')}: the winner is trained again on the training split")
+        done = run_script("train.py", *base, *overrides, "callbacks.early_stopping=null",
+                          "callbacks.model_checkpoint.monitor=null", f"hydra.run.dir={run_dir}")
+        if done.returncode != 0:
+            raise ConfigError(f"auto: the final run failed: {last_line(done)}")
+        metrics = read_json(run_dir / "metrics.json") or {}
+        return ("the winner retrained on the training split (final/; the data has a validation split of its own)",
+                {k: v for k, v in metrics.items() if k.startswith("test/")})
     log.info(f"auto: {tail.removeprefix('tunelab: error: ')}: the winning trial's best checkpoint is tested instead")
     return (f"the winning trial's best checkpoint ({winner_dir.name}; the data has a validation split of its own)",
             test_winner(winner_dir, folder / "winner_test"))

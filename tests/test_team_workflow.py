@@ -226,6 +226,13 @@ def test_folds_of_digits_partition_the_training_pool_stratified_and_keep_the_tes
         assert all(abs(labels[c] - pool_labels[c] / 3) <= 1 for c in pool_labels), (labels, pool_labels)
         vals.append(names(dm, "val"))
     assert sorted(v for fold in vals for v in fold) == pool, "the folds' validation sets partition the pool"
+    # capped: the folds partition exactly what the capped plain run trains and validates on (auto's final run's data)
+    caps = ("data.max_train_samples=300", "data.max_eval_samples=60")
+    plain = setup(*caps)
+    pool = sorted(names(plain, "train") + names(plain, "val"))
+    assert len(pool) == 360
+    vals = [names(setup(*caps, "data.num_folds=3", f"data.fold={fold}"), "val") for fold in range(3)]
+    assert sorted(v for fold in vals for v in fold) == pool and [len(v) for v in vals] == [120, 120, 120]
 
 
 def test_train_on_val_trains_on_exactly_a_plain_runs_train_and_val(tmp_path: Path) -> None:
@@ -385,7 +392,8 @@ def test_auto_offers_the_knobs_the_run_has_and_its_preset_reruns_the_winner(tmp_
 
     pretrained, scratch = compose_config([]), compose_config(["experiment=digits_scratch"])
     assert list(knob_space(pretrained)) == ["lr", "finetune", "lr_decay", "label_smoothing"]
-    assert list(knob_space(scratch)) == ["lr", "lr_decay", "label_smoothing"]  # nothing to freeze in a random network
+    # nothing to freeze in a random network; the augmentation strength for images (text has none)
+    assert list(knob_space(scratch)) == ["lr", "lr_decay", "label_smoothing", "augment"]
     with pytest.raises(ConfigError, match="--knobs finetune: not a knob of this run; choose from lr, lr_decay"):
         chosen_knobs(scratch, ["lr", "finetune"])
     knobs = chosen_knobs(pretrained, None)
@@ -402,6 +410,82 @@ def test_auto_offers_the_knobs_the_run_has_and_its_preset_reruns_the_winner(tmp_
     write_preset(tmp_path, ["data.max_train_samples=300"], ["finetune=gradual", "optimizer.lr=3e-5"])
     rerun = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "experiment=auto_winner"])
     assert (rerun.finetune.strategy, rerun.optimizer.lr, rerun.data.max_train_samples) == ("gradual", 3e-5, 300)
+
+
+def test_auto_augmentation_strength_is_randaugment_for_images_and_speed_perturbation_for_speech() -> None:
+    """The ``augment`` knob: RandAugment's magnitude on images (0 off; trial 0 reads the preset's policy), the spread of
+    speed perturbation on speech; the override builds the transform it names, and a policy of another kind is left
+    alone. Pretrained timm weights from a file count as pretrained (the freezing strategy is a knob)."""
+    from omegaconf import OmegaConf
+
+    from datamodules.vision import build_transform
+    from run.config import compose_config
+    from search.auto import chosen_knobs, defaults_of, knob_space, overrides_of, randaugment_magnitude
+
+    digits = compose_config(["experiment=digits_efficientnet_lite0"])
+    knobs = chosen_knobs(digits, ["augment"])
+    assert list(knob_space(digits)) == ["lr", "finetune", "lr_decay", "label_smoothing", "augment"]
+    assert defaults_of(digits, knobs) == {"augment": 0}  # digits: no RandAugment
+    assert overrides_of(knobs, {"augment": 0}) == ["data.augment.auto_augment=null"]
+    [override] = overrides_of(knobs, {"augment": 7})
+    assert override == "data.augment.auto_augment=rand-m7-mstd0.5"
+    strong = compose_config(["experiment=digits_efficientnet_lite0", override])
+    data_config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                   "crop_pct": 1.0}
+    ops = [type(t).__name__ for t in build_transform(data_config, OmegaConf.to_container(strong.data.augment), True).transforms]
+    assert "RandAugment" in ops and "RandAugment" not in [
+        type(t).__name__ for t in build_transform(data_config, OmegaConf.to_container(digits.data.augment), True).transforms]
+    beans = compose_config(["experiment=hub_beans_vit"])
+    assert defaults_of(beans, chosen_knobs(beans, ["augment"])) == {"augment": 9}  # the preset's rand-m9-mstd0.5-inc1
+    assert randaugment_magnitude("augmix-m5-w3") is None and randaugment_magnitude("rand-mstd0.5") == 9
+    assert "augment" not in knob_space(compose_config(["experiment=hub_beans_vit", "data.augment.auto_augment=augmix-m5"]))
+    speech = compose_config(["experiment=hub_librispeech_wav2vec2"])
+    knobs = chosen_knobs(speech, ["augment"])
+    assert defaults_of(speech, knobs) == {"augment": pytest.approx(0.1)}  # [0.9, 1.0, 1.1]
+    assert overrides_of(knobs, {"augment": 0.05}) == ["data.speed_perturb=[0.95,1.0,1.05]"]
+    assert compose_config(["experiment=hub_librispeech_wav2vec2", "data.speed_perturb=[0.95,1.0,1.05]"]).data.speed_perturb == [
+        0.95, 1.0, 1.05]
+    assert "augment" not in knob_space(compose_config([]))  # text: no augmentation to search
+
+
+def test_auto_scores_small_data_by_k_fold_and_prunes_between_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--folds auto``: 5 folds for a run that trains and validates on fewer than 1,000 carved examples, the validation
+    split otherwise; a cross-validated trial scores the mean of its folds, and one behind the median after its third
+    fold stops there (the trials' ``train.py`` replaced by a stand-in that returns each fold's figure)."""
+    from types import SimpleNamespace
+
+    from modules.errors import ConfigError
+    from run.checks import complete_config
+    from run.config import compose_config
+    from search import auto
+
+    small = complete_config(compose_config(["experiment=digits_scratch", "data.max_train_samples=400",
+                                            "data.max_eval_samples=100"]))
+    assert auto.choose_folds(small, "auto") == 5 and auto.examples_seen(small) == 500
+    assert auto.choose_folds(complete_config(compose_config(["experiment=digits_scratch"])), "auto") is None  # 1,528
+    assert auto.choose_folds(small, "3") == 3 and auto.choose_folds(small, "0") is None
+    assert auto.choose_folds(compose_config(["experiment=joint_fashion_digits"]), "auto") is None
+    with pytest.raises(ConfigError, match="--folds '1': give a number of folds >= 2"):
+        auto.choose_folds(small, "1")
+
+    figures = {0: [0.90, 0.92, 0.94, 0.92, 0.92], 1: [0.80, 0.90, 0.91, 0.93, 0.93], 2: [0.50, 0.55, 0.60, 0.9, 0.9]}
+    calls: list[tuple[int, int]] = []
+
+    def train(self, run_dir: Path, overrides, minutes_left, *extra):  # noqa: ANN001, ANN202
+        trial, fold = int(run_dir.parent.name.split("_")[1]), int(run_dir.name.split("_")[1])
+        assert "data.num_folds=5" in extra and f"data.fold={fold}" in extra
+        calls.append((trial, fold))
+        return SimpleNamespace(returncode=0), figures[trial][fold]
+
+    monkeypatch.setattr(auto.Study, "train", train)
+    knobs = auto.chosen_knobs(small, ["lr"])
+    study = auto.Study(tmp_path, ["experiment=digits_scratch"], knobs, "val/acc", "maximize", folds=5)
+    rows = [study.run_trial(10.0) for _ in range(3)]
+    assert [r["state"] for r in rows] == ["complete", "complete", "pruned after fold 2"]
+    assert rows[0]["val/acc"] == pytest.approx(0.92) and rows[0]["folds"] == figures[0]
+    assert calls[-3:] == [(2, 0), (2, 1), (2, 2)]  # the third trial's last two folds never ran
+    with pytest.raises(ConfigError, match="other overrides, knobs or folds"):
+        auto.Study(tmp_path, ["experiment=digits_scratch"], knobs, "val/acc", "maximize", folds=3)
 
 
 def test_a_trial_behind_the_median_at_an_epoch_is_pruned_and_says_so(tmp_path: Path) -> None:
@@ -454,7 +538,8 @@ def test_auto_searches_within_its_budget_prunes_tests_the_winner_once_and_contin
     folder = tmp_path / "study"
     base = ["experiment=digits_scratch", "data.max_train_samples=400", "data.max_eval_samples=100", "budget.min_steps=40",
             "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}"]
-    command = [sys.executable, str(ROOT / "auto.py"), "--minutes", "6", "--max-trials", "4", "--dir", str(folder), *base]
+    command = [sys.executable, str(ROOT / "auto.py"), "--minutes", "6", "--max-trials", "4", "--folds", "0", "--dir",
+               str(folder), *base]
     started = time.time()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -480,3 +565,38 @@ def test_auto_searches_within_its_budget_prunes_tests_the_winner_once_and_contin
     again = subprocess.run([*command[:5], "5", *command[6:]], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["trial"] for r in json.loads((folder / "trials.json").read_text())] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_auto_on_small_data_cross_validates_every_trial_then_trains_the_winner_on_every_fold(tmp_path: Path) -> None:
+    """``auto.py --folds 3`` on 250 digits: each trial trains on every fold (its figure the folds' mean), no fold reads
+    the test split, the folds' validation sets partition what the final run trains on, and the winner is tested once."""
+    folder = tmp_path / "study"
+    base = ["experiment=digits_scratch", "data.max_train_samples=200", "data.max_eval_samples=50", "budget.min_steps=24",
+            "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run([sys.executable, str(ROOT / "auto.py"), "--minutes", "6", "--max-trials", "2", "--folds", "3",
+                           "--knobs", "lr,augment", "--dir", str(folder), *base],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(3-fold cross-validation)" in done.stdout
+    rows = json.loads((folder / "trials.json").read_text())
+    assert [r["state"] for r in rows] == ["complete", "complete"] and rows[0]["augment"] == 0
+    for row in rows:
+        best, val_sizes = [], []
+        for fold in range(3):
+            run_dir = folder / row["folder"] / f"fold_{fold}"
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert not [k for k in metrics if k.startswith("test/")], run_dir  # the search never touches the test split
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+            assert (config["data"]["num_folds"], config["data"]["fold"]) == (3, fold)
+            best.append(metrics["best/val/acc"])
+            sizes = json.loads((run_dir / "data_report.json").read_text())["sizes"]
+            val_sizes.append(sizes["val"])
+            assert sizes["train"] + sizes["val"] == 250
+        assert row["val/acc"] == pytest.approx(sum(best) / 3) and row["folds"] == pytest.approx(best)
+        assert sum(val_sizes) == 250  # every example validates once
+    result = json.loads((folder / "auto_result.json").read_text())
+    assert result["folds"] == 3 and 0.0 < result["test"]["test/acc"] <= 1.0
+    final = json.loads((folder / "final" / "data_report.json").read_text())["sizes"]
+    assert final["train"] == 250  # the winner on everything the folds saw
+    assert "per fold" in (folder / "trials.md").read_text()
