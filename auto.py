@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
                         "lr, finetune, lr_decay, label_smoothing, augment)")
     parser.add_argument("--max-trials", type=int, default=None, help="stop after this many trials even with time left")
     parser.add_argument("--seed", type=int, default=0, help="seeds the search's proposals")
+    parser.add_argument("--grid", action="store_true", help="instead of the search, every combination of a few values per "
+                        "knob (lr x 1/10..10, each freezing strategy, ...), no pruning: a baseline to compare auto with")
     parser.add_argument("--folds", default="auto", help="score each trial by K-fold cross-validation (a number >= 2), on "
                         "the validation split (0), or auto (default): 5 folds when the run trains and validates on fewer "
                         "than 1,000 examples carved from its training data")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(args.dir or Path("auto") / study_name(args.overrides))
     try:
         summary = run_auto(args.overrides, args.minutes, folder, args.knobs.split(",") if args.knobs else None,
-                           args.max_trials, args.seed, args.folds)
+                           args.max_trials, args.seed, args.folds, args.grid)
     except UserInputError as err:
         sys.exit(f"tunelab: error: {err}")
     winner = summary["winner"]

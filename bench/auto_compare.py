@@ -1,4 +1,4 @@
-"""Default vs LR range test vs ``auto``, side by side on one preset: the test figure and the wall time of each.
+"""Default vs LR range test vs ``auto`` vs the best of a full grid, side by side on one preset: test figure and wall time.
 
     python -m bench.auto_compare --minutes 10 experiment=digits_scratch     # ~15 min on 2 idle CPU cores
     python -m bench.auto_compare --minutes 30                                # the default run (MiniLM on BBC News)
@@ -7,6 +7,8 @@ Arms, each a fresh process on the same data, split and seed:
   default   python train.py <overrides>
   tune_lr   python train.py <overrides> tune=lr           (the LR range test, then training at its suggestion)
   auto      python auto.py --minutes M <overrides>        (the search, then the winner on train + val, tested once)
+  grid      python auto.py --grid --knobs K <overrides>   (every combination of a few values of K, e.g. 5 LRs x 3
+            freezing strategies, no pruning, no time cap; the best by validation on train + val, tested once)
 Writes results.json, results.md and results.png (and every arm's run folder) to --out (default: a temp folder), and
 results.json again as bench/results/auto_compare_<preset>_<date>.json.
 """
@@ -40,10 +42,23 @@ def test_figures(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith("test/") and "top5" not in k}
 
 
+def grid_knobs(overrides: list[str]) -> str:
+    """The grid's default knobs: lr and the freezing strategy where the backbone is pretrained, else lr and label
+    smoothing (5 x 3 or 5 x 2 runs)."""
+    from run.config import compose_config
+    from search.auto import knob_space
+
+    space = knob_space(compose_config(list(overrides)))
+    return "lr,finetune" if "finetune" in space else "lr,label_smoothing" if "label_smoothing" in space else "lr"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="auto's search budget")
-    parser.add_argument("--arms", nargs="+", default=["default", "tune_lr", "auto"], choices=["default", "tune_lr", "auto"])
+    parser.add_argument("--arms", nargs="+", default=["default", "tune_lr", "auto", "grid"],
+                        choices=["default", "tune_lr", "auto", "grid"])
+    parser.add_argument("--grid-knobs", default=None, help="the grid's knobs (default: lr and the freezing strategy for a "
+                        "pretrained backbone, lr and label smoothing otherwise)")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="the preset and data, for every arm (e.g. experiment=digits_scratch)")
     args = parser.parse_intermixed_args(argv)
@@ -53,13 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict] = {}
     for arm in args.arms:
         folder = out / arm
-        if arm == "auto":
-            seconds = run([sys.executable, "auto.py", "--minutes", str(args.minutes), "--dir", str(folder), *args.overrides,
-                           *QUIET])
+        if arm in ("auto", "grid"):
+            search = (["--minutes", str(args.minutes)] if arm == "auto"
+                      else ["--grid", "--minutes", "100000", "--knobs", args.grid_knobs or grid_knobs(args.overrides)])
+            seconds = run([sys.executable, "auto.py", *search, "--dir", str(folder), *args.overrides, *QUIET])
             summary = json.loads((folder / "auto_result.json").read_text())
             results[arm] = {"seconds": round(seconds, 1), "test": test_figures(summary["test"]),
                             "trials": summary["trials"], "overrides": summary["overrides"], "final": summary["final"],
-                            "pruned": sum("pruned" in r["state"] for r in json.loads((folder / "trials.json").read_text()))}
+                            "pruned": sum("pruned" in r["state"] for r in json.loads((folder / "trials.json").read_text())),
+                            "folds": summary.get("folds"), "grid": summary.get("grid")}
         else:
             extra = ["tune=lr"] if arm == "tune_lr" else []
             seconds = run([sys.executable, "train.py", *args.overrides, *extra, *QUIET, f"hydra.run.dir={folder}"])
@@ -72,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.json").write_text(json.dumps(record, indent=2))
     (ROOT / "bench" / "results" / f"auto_compare_{preset}_{record['date']}.json").write_text(json.dumps(record, indent=2))
     metric = next(iter(next(iter(results.values()))["test"]), None)
-    lines = [f"| arm | {metric} | wall (s) |", "|---|---|---|"]
-    lines += [f"| {arm} | {r['test'].get(metric, float('nan')):.4f} | {r['seconds']:.0f} |" for arm, r in results.items()]
+    lines = [f"| arm | {metric} | wall (s) | trials |", "|---|---|---|---|"]
+    lines += [f"| {arm} | {r['test'].get(metric, float('nan')):.4f} | {r['seconds']:.0f} | {r.get('trials', 1)} |"
+              for arm, r in results.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     if metric:
         import matplotlib
@@ -83,13 +101,13 @@ def main(argv: list[str] | None = None) -> None:
 
         fig, ax = plt.subplots(figsize=(6, 3.2))
         names = list(results)
-        bars = ax.bar(names, [results[a]["test"].get(metric, 0.0) for a in names], color=["#888", "#59c", "#d84"][: len(names)])
+        bars = ax.bar(names, [results[a]["test"].get(metric, 0.0) for a in names], color=["#888", "#59c", "#d84", "#6a6"][: len(names)])
         for bar, name in zip(bars, names, strict=True):
             ax.annotate(f"{results[name]['test'].get(metric, 0.0):.3f}\n{results[name]['seconds'] / 60:.1f} min",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.15)
-        ax.set_title(f"{preset}: default vs tune=lr vs auto ({args.minutes:g} min search)")
+        ax.set_title(f"{preset}: {' vs '.join(names)} (auto: {args.minutes:g} min)", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "results.png", dpi=120)
     print((out / "results.md").read_text())

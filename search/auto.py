@@ -1,7 +1,8 @@
 """``auto``: a short search over the knobs that matter for fine-tuning, within a wall-time budget, then the winner tested.
 
 Each trial is ``python train.py`` in a process of its own (a crash fails that trial, not the study), on the run's own
-validation split, never its test split (``test_after_fit=false``). Trial 0 is the configuration as given (the
+validation split, never its test split (``test_after_fit=false``); on small data (``folds``) each trial is instead
+scored by k-fold cross-validation, the mean of its folds. Trial 0 is the configuration as given (the
 defaults); Optuna's TPE proposes the rest, and its median pruner stops a trial whose validation figure after an
 epoch is behind the median of the earlier trials at that epoch (``callbacks.OptunaPruning``). Every trial trains
 ``trainer.max_epochs=auto`` (enough epochs for ``budget.min_steps`` optimizer steps, early stopping on the monitor)
@@ -19,6 +20,7 @@ for the final run's data). ``minutes`` bounds the search; the final run, about o
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -159,25 +161,30 @@ class Study:
     scored by k-fold cross-validation instead of the validation split."""
 
     def __init__(self, folder: Path, base: Sequence[str], knobs: Mapping[str, tuple[str, Any]], monitor: str,
-                 direction: str, seed: int = 0, folds: int | None = None) -> None:
+                 direction: str, seed: int = 0, folds: int | None = None, grid: Mapping[str, list[Any]] | None = None
+                 ) -> None:
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.folder, self.base, self.knobs, self.monitor, self.direction = folder, list(base), dict(knobs), monitor, direction
-        self.folds = folds
+        self.folds, self.grid = folds, dict(grid) if grid else None
         folder.mkdir(parents=True, exist_ok=True)
         self.journal = folder / JOURNAL
         self.study = optuna.create_study(
             study_name="auto", storage=JournalStorage(JournalFileBackend(str(self.journal))), direction=direction,
             sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
-            pruner=median_pruner(), load_if_exists=True)
-        spec = {"base": self.base, "knobs": {n: k for n, (k, _) in self.knobs.items()}, "monitor": monitor, "folds": folds}
+            pruner=optuna.pruners.NopPruner() if self.grid else median_pruner(), load_if_exists=True)
+        spec = {"base": self.base, "knobs": {n: k for n, (k, _) in self.knobs.items()}, "monitor": monitor, "folds": folds,
+                "grid": self.grid}
         saved = read_json(folder / "auto.json")
-        if saved is not None and {"folds": None, **saved} != spec:
+        if saved is not None and {"folds": None, "grid": None, **saved} != spec:
             raise ConfigError(f"{folder} holds an auto study of other overrides, knobs or folds ({saved}); give another --dir")
         (folder / "auto.json").write_text(json.dumps(spec, indent=2))
+        if self.grid and not self.study.trials:  # every combination queued once (a continued study keeps its queue)
+            for point in itertools.product(*self.grid.values()):
+                self.study.enqueue_trial(dict(zip(self.grid, point, strict=True)))
 
     def train(self, run_dir: Path, overrides: Sequence[str], minutes_left: float, *extra: str
               ) -> tuple[subprocess.CompletedProcess, float | None]:
@@ -200,11 +207,11 @@ class Study:
         if self.folds:
             state, value, extra = self.cross_validate(trial, run_dir, overrides, started + minutes_left * 60)
         else:
-            done, value = self.train(run_dir, overrides, minutes_left,
-                                     "+callbacks.auto_pruning._target_=callbacks.OptunaPruning",
-                                     f"+callbacks.auto_pruning.storage={self.journal}", "+callbacks.auto_pruning.study_name=auto",
-                                     f"+callbacks.auto_pruning.trial_id={trial._trial_id}",
-                                     f"+callbacks.auto_pruning.monitor={self.monitor}")
+            pruning = [] if self.grid else [
+                "+callbacks.auto_pruning._target_=callbacks.OptunaPruning", f"+callbacks.auto_pruning.storage={self.journal}",
+                "+callbacks.auto_pruning.study_name=auto", f"+callbacks.auto_pruning.trial_id={trial._trial_id}",
+                f"+callbacks.auto_pruning.monitor={self.monitor}"]
+            done, value = self.train(run_dir, overrides, minutes_left, *pruning)
             pruned, extra = read_json(run_dir / PRUNED_FILE), {}
             if done.returncode != 0:
                 state, extra = "failed", {"error": last_line(done)}
@@ -245,6 +252,28 @@ class Study:
             if fold < self.folds - 1 and trial.should_prune():
                 return f"pruned after fold {fold}", mean, {"folds": values}
         return "complete", sum(values) / len(values), {"folds": values}
+
+
+def grid_of(cfg: DictConfig, knobs: Mapping[str, tuple[str, Any]]) -> dict[str, list[Any]]:
+    """``--grid``: a few values per knob, every combination trained in full (no pruning): the baseline ``auto`` is
+    measured against. lr: the preset's x 1/10, 1/3, 1, 3, 10; the freezing strategy: every one; lr_decay 0.75, 1;
+    label smoothing 0, 0.1; augmentation: off, RandAugment magnitude 5 and 9 (speech: speed spread 0, 0.1)."""
+    lr = float(OmegaConf.select(cfg, "optimizer.lr"))
+    values: dict[str, list[Any]] = {}
+    for name, (key, dist) in knobs.items():
+        if name == "lr":
+            values[name] = [lr / 10, lr / 3, lr, lr * 3, lr * 10]
+        elif name == "finetune":
+            values[name] = list(dist.choices)
+        elif name == "lr_decay":
+            values[name] = [0.75, 1.0]
+        elif name == "label_smoothing":
+            values[name] = [0.0, 0.1]
+        elif name == "augment":
+            values[name] = [0, 5, 9] if key == RANDAUGMENT else [0.0, 0.1]
+        else:
+            raise ConfigError(f"--grid: no grid values for knob {name}")
+    return values
 
 
 SMALL_DATA = 1000  # --folds auto: a run that trains and validates on fewer examples is scored by 5-fold cross-validation
@@ -302,7 +331,8 @@ def examples_seen(cfg: DictConfig) -> int | None:
 
 
 def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequence[str] | None = None,
-             max_trials: int | None = None, seed: int = 0, folds: str | int | None = "auto") -> dict[str, Any]:
+             max_trials: int | None = None, seed: int = 0, folds: str | int | None = "auto", grid: bool = False
+             ) -> dict[str, Any]:
     """The whole study: trials until the budget would be overrun, then the winner's test. Returns the summary."""
     from run.config import compose_config
 
@@ -315,8 +345,13 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
     monitor, mode = str(cfg.monitor), str(cfg.monitor_mode)
     knobs = chosen_knobs(cfg, knob_names)
     folds = choose_folds(cfg, folds)
-    study = Study(folder, base, knobs, monitor, "maximize" if mode == "max" else "minimize", seed, folds)
-    if not study.study.trials:
+    points = grid_of(cfg, knobs) if grid else None
+    study = Study(folder, base, knobs, monitor, "maximize" if mode == "max" else "minimize", seed, folds, points)
+    if points:  # every combination once, whatever the time
+        size = math.prod(len(v) for v in points.values())
+        max_trials = min(max_trials or size, size)
+        log.info(f"auto: a full grid of {size} trials: {points}")
+    elif not study.study.trials:
         study.study.enqueue_trial(defaults_of(cfg, knobs))
     started, rows = time.time(), load_rows(folder)
     durations = [r["minutes"] for r in rows if r.get("minutes")]
@@ -329,7 +364,7 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
         rows.append(row)
         durations.append(row["minutes"])
         save_rows(rows, folder, monitor, list(knobs), folds)
-        if row["trial"] == 0 and row["state"] == "failed":
+        if row["trial"] == 0 and row["state"] == "failed" and not points:
             raise ConfigError(f"auto: the configuration as given failed as trial 0 ({row['error']}); fix it first "
                               f"(python train.py {' '.join(base)})")
     finished = [r for r in rows if r.get(monitor) is not None]
@@ -343,7 +378,7 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
     overrides = [*overrides_of(knobs, {k: winner[k] for k in knobs}), f"trainer.max_epochs={epochs}"]
     write_preset(folder, base, overrides)
     final, tested = final_run(folder, base, overrides, folder / winner["folder"], folds)
-    summary = {"trials": len(rows), "folds": folds, "minutes": round(sum(r["minutes"] for r in rows), 2), "winner": winner, "overrides": overrides, "final": final,
+    summary = {"trials": len(rows), "folds": folds, "grid": points, "minutes": round(sum(r["minutes"] for r in rows), 2), "winner": winner, "overrides": overrides, "final": final,
                "test": tested, "rerun": f"python train.py hydra.searchpath=[file://{folder.resolve()}] experiment=auto_winner"}
     (folder / "auto_result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -487,6 +487,22 @@ def test_auto_scores_small_data_by_k_fold_and_prunes_between_folds(tmp_path: Pat
     with pytest.raises(ConfigError, match="other overrides, knobs or folds"):
         auto.Study(tmp_path, ["experiment=digits_scratch"], knobs, "val/acc", "maximize", folds=3)
 
+    # --grid: every combination of a few values per knob, once each, none pruned (no pruning callback in the trials)
+    knobs = auto.chosen_knobs(small, ["lr", "label_smoothing", "augment"])
+    grid = auto.grid_of(small, knobs)
+    assert grid == {"lr": pytest.approx([3e-4, 1e-3, 3e-3, 9e-3, 3e-2]), "label_smoothing": [0.0, 0.1], "augment": [0, 5, 9]}
+
+    def no_pruning(self, run_dir: Path, overrides, minutes_left, *extra):  # noqa: ANN001, ANN202
+        assert not extra and not [o for o in overrides if "num_folds" in o]
+        return SimpleNamespace(returncode=0), 0.5  # every point equally good: no point may stop early
+
+    monkeypatch.setattr(auto.Study, "train", no_pruning)
+    study = auto.Study(tmp_path / "grid", ["experiment=digits_scratch"], knobs, "val/acc", "maximize", grid=grid)
+    rows = [study.run_trial(10.0) for _ in range(30)]
+    assert {r["state"] for r in rows} == {"complete"}
+    assert sorted((r["lr"], r["label_smoothing"], r["augment"]) for r in rows) == sorted(
+        (lr, ls, m) for lr in grid["lr"] for ls in grid["label_smoothing"] for m in grid["augment"])
+
 
 def test_a_trial_behind_the_median_at_an_epoch_is_pruned_and_says_so(tmp_path: Path) -> None:
     """``callbacks.OptunaPruning`` in a trial's own process: it reports each validation to the study through the
