@@ -244,6 +244,8 @@ class JointDataModule(DataModuleBase):
             datasets' batches per pass, one pass over everything in expectation at T=1).
         validate_sources: also validate the sources (``val/<name>/...``) after the target.
         num_folds / fold: k-fold cross-validation of the target dataset (see ``DataModuleBase``).
+        train_on_val: train on the target's carved validation share too (``auto.py``'s final run; see
+            ``DataModuleBase``).
         processor: the backbone's processor (``train.py`` passes it), handed to every child config.
         seed: the dataset draws and each dataset's order.
     """
@@ -262,6 +264,7 @@ class JointDataModule(DataModuleBase):
         seed: int = 42,
         num_folds: int | None = None,
         fold: int | None = None,
+        train_on_val: bool = False,
     ) -> None:
         super().__init__(seed=seed)  # the training position, the data report; folds are the target dataset's
         check_folds(num_folds, fold)
@@ -285,12 +288,16 @@ class JointDataModule(DataModuleBase):
         self.target, self.sampling, self.temperature = target, sampling, temperature
         self.ratios = dict(ratios) if ratios else None
         self.joint_epochs, self.steps_per_epoch, self.validate_sources = joint_epochs, steps_per_epoch, validate_sources
-        if num_folds:  # cross-validation folds the target: the sources always train in full
+        # cross-validation folds the target, train_on_val joins the target's validation share: the sources always
+        # train in full
+        target_only = {**({"num_folds": num_folds, "fold": fold} if num_folds else {}),
+                       **({"train_on_val": True} if train_on_val else {})}
+        if target_only:
             spec = datasets[target]
             if not isinstance(spec, Mapping):
-                raise ConfigError("data.num_folds with a ready-built target datamodule: give its config instead, or set "
-                                  "num_folds / fold on the target datamodule itself")
-            datasets = {**datasets, target: {**spec, "num_folds": num_folds, "fold": fold}}
+                raise ConfigError(f"data.{'/'.join(target_only)} with a ready-built target datamodule: give its config "
+                                  "instead, or set it on the target datamodule itself")
+            datasets = {**datasets, target: {**spec, **target_only}}
         self.children = {name: self._build(name, spec, processor) for name, spec in datasets.items()}
         self.probabilities: dict[str, float] = {}
         self.train_specs: dict[str, TrainSpec] = {}

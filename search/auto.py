@@ -66,13 +66,14 @@ def knob_space(cfg: DictConfig) -> dict[str, tuple[str, Callable[[], Any]]]:
         space["label_smoothing"] = ("task.label_smoothing", lambda: FloatDistribution(0.0, 0.2))
     augment = OmegaConf.select(cfg, "data.augment")
     if isinstance(augment, DictConfig) and randaugment_magnitude(augment.get("auto_augment")) is not None:
-        space["augment"] = (RANDAUGMENT, lambda: IntDistribution(0, 10))
+        space["augment"] = (RANDAUGMENT, lambda: IntDistribution(0, 9))
     elif "speed_perturb" in (OmegaConf.select(cfg, "data") or {}) and speed_spread(cfg.data.speed_perturb) is not None:
         space["augment"] = (SPEED_PERTURB, lambda: FloatDistribution(0.0, 0.15))
     return space
 
 
-# the augmentation-strength knob: images, RandAugment's magnitude (0: off); speech, the spread s of speed perturbation
+# the augmentation-strength knob: images, RandAugment's magnitude with severity rising with it (``inc1``; 0: off,
+# at most 9: see datamodules.vision.safe_randaugment); speech, the spread s of speed perturbation
 # ([1 - s, 1, 1 + s]; 0: off). Text has none.
 RANDAUGMENT, SPEED_PERTURB = "data.augment.auto_augment", "data.speed_perturb"
 
@@ -85,7 +86,7 @@ def randaugment_magnitude(policy: Any) -> int | None:
     parts = str(policy).split("-")
     if parts[0] != "rand":
         return None
-    return next((int(float(p[1:])) for p in parts[1:] if p.startswith("m") and p[1:].replace(".", "").isdigit()), 9)
+    return next((int(float(p[1:])) for p in parts[1:] if p.startswith("m") and p[1:].replace(".", "").isdigit()), 10)
 
 
 def speed_spread(factors: Any) -> float | None:
@@ -101,7 +102,7 @@ def speed_spread(factors: Any) -> float | None:
 def config_value(key: str, value: Any) -> str:
     """A knob's value as its override's right-hand side."""
     if key == RANDAUGMENT:
-        return f"rand-m{int(value)}-mstd0.5" if value else "null"
+        return f"rand-m{int(value)}-mstd0.5-inc1" if value else "null"
     if key == SPEED_PERTURB:
         return f"[{1 - value:.4g},1.0,{1 + value:.4g}]" if value > 0 else "null"
     return f"{value:.6g}" if isinstance(value, float) else str(value)

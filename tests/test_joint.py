@@ -284,6 +284,15 @@ def test_joint_config_mistakes_are_one_line_errors(tmp_path: Path) -> None:
             JointDataModule(two, **{"target": "b", **kwargs})
     with pytest.raises(ConfigError, match="needs two or more"):
         JointDataModule({"a": digits()}, target="a")
+    with pytest.raises(ConfigError, match="data.train_on_val with a ready-built target datamodule"):
+        JointDataModule(two, target="b", train_on_val=True)
+    # auto's final run on joint data: the target trains on its validation share too, the sources as they were
+    spec = {"_target_": "datamodules.VisionDataModule", "source": "sklearn://digits", "max_train_samples": 200,
+            "max_eval_samples": 50, "augment": None}
+    joined = JointDataModule({"a": digits(), "b": spec}, target="b", train_on_val=True, processor=SMALL)
+    joined.setup("fit")
+    assert joined.children["b"].train_on_val and len(joined.children["b"].datasets["train"]) == 250
+    assert not joined.children["a"].train_on_val
     with pytest.raises(ConfigError, match="needs a _target_"):
         JointDataModule({"a": {"source": "x"}, "b": digits()}, target="b")
     # datasets one backbone cannot read together

@@ -428,7 +428,7 @@ def test_auto_augmentation_strength_is_randaugment_for_images_and_speed_perturba
     assert defaults_of(digits, knobs) == {"augment": 0}  # digits: no RandAugment
     assert overrides_of(knobs, {"augment": 0}) == ["data.augment.auto_augment=null"]
     [override] = overrides_of(knobs, {"augment": 7})
-    assert override == "data.augment.auto_augment=rand-m7-mstd0.5"
+    assert override == "data.augment.auto_augment=rand-m7-mstd0.5-inc1"
     strong = compose_config(["experiment=digits_efficientnet_lite0", override])
     data_config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
                    "crop_pct": 1.0}
@@ -437,7 +437,7 @@ def test_auto_augmentation_strength_is_randaugment_for_images_and_speed_perturba
         type(t).__name__ for t in build_transform(data_config, OmegaConf.to_container(digits.data.augment), True).transforms]
     beans = compose_config(["experiment=hub_beans_vit"])
     assert defaults_of(beans, chosen_knobs(beans, ["augment"])) == {"augment": 9}  # the preset's rand-m9-mstd0.5-inc1
-    assert randaugment_magnitude("augmix-m5-w3") is None and randaugment_magnitude("rand-mstd0.5") == 9
+    assert randaugment_magnitude("augmix-m5-w3") is None and randaugment_magnitude("rand-mstd0.5") == 10
     assert "augment" not in knob_space(compose_config(["experiment=hub_beans_vit", "data.augment.auto_augment=augmix-m5"]))
     speech = compose_config(["experiment=hub_librispeech_wav2vec2"])
     knobs = chosen_knobs(speech, ["augment"])

@@ -184,6 +184,25 @@ def test_mixup_gives_soft_targets_and_the_task_trains_on_them() -> None:
         VisionDataModule(source="sklearn://digits", processor=backbone.processor, augment={"randaug": 1})
 
 
+def test_randaugment_never_posterizes_to_zero_bits() -> None:
+    """Pillow refuses to keep 0 bits: RandAugment with rising severity is clipped at magnitude 9 (3,000 images at
+    rand-m9-mstd0.5-inc1 meet the clip at 10 about 6 times without it), and the original Posterize at magnitudes
+    that can fall below 2.5 is refused in one line."""
+    from datamodules.vision import build_transform, safe_randaugment
+
+    assert safe_randaugment("rand-m9-mstd0.5-inc1") == "rand-m9-mstd0.5-inc1-mmax9"
+    for kept in ("rand-m9-mstd0.5-inc1-mmax9", "rand-m9-mstd0.5", "augmix-m5-w3", None):
+        assert safe_randaugment(kept) == kept
+    for risky in ("rand-m2-mstd0.5", "rand-m4-mstd0.5", "rand-m1"):
+        with pytest.raises(ConfigError, match="posterizes images to 0 bits"):
+            safe_randaugment(risky)
+    transform = build_transform({"input_size": (3, 16, 16), "crop_pct": 1.0},
+                                {"auto_augment": "rand-m9-mstd0.5-inc1", "hflip": 0.0}, training=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    for _ in range(3000):
+        transform(image)
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_grey_rgba_and_palette_images_become_rgb(tmp_path: Path) -> None:
     grey = Image.fromarray(np.full((6, 6), 200, np.uint8))
