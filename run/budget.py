@@ -2,8 +2,8 @@
 
 One epoch of lr 1e-4 is a fine budget for 2,000 documents and a poor one for 200: the optimizer takes 125 steps on one
 and 13 on the other. ``trainer.max_epochs=auto`` trains as many epochs as give at least ``budget.min_steps`` optimizer
-steps (counted as the trainer will count them: processes, accumulation and ``limit_train_batches`` included), at most
-``budget.max_epochs``; early stopping on the task's monitor (the default callbacks) ends it sooner when validation
+steps (counted as the trainer will count them: processes, accumulation and ``limit_train_batches`` included), and at
+least ``budget.min_epochs`` (``auto.py``'s trials: the preset's own epochs), at most ``budget.max_epochs``; early stopping on the task's monitor (the default callbacks) ends it sooner when validation
 stops improving, and the best checkpoint is the one tested. ``budget.minutes`` caps fitting's wall time (Lightning's
 ``max_time``), with any epoch count. The numbers chosen are logged and written into ``config.yaml``
 (``trainer.max_epochs``, ``budget.chosen``), so the run, and a rerun of its config, say what they trained.
@@ -26,7 +26,7 @@ log = logging.getLogger("tunelab")
 def check(cfg: DictConfig) -> None:
     """The budget's values, before anything is built."""
     node = cfg.get("budget") or {}
-    for key in ("min_steps", "max_epochs"):
+    for key in ("min_steps", "min_epochs", "max_epochs"):
         value = node.get(key)
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"budget.{key}={value!r} must be a whole number >= 1")
@@ -76,9 +76,12 @@ def resolve(cfg: DictConfig, datamodule: Any) -> dict[str, Any] | None:
     if auto:
         per_epoch = steps_per_epoch(cfg, len(datamodule.train_dataloader()))
         min_steps, cap = int(node.get("min_steps") or 1), int(node.get("max_epochs") or 1000)
-        epochs = min(max(math.ceil(min_steps / per_epoch), 1), cap)
+        floor = int(node.get("min_epochs") or 1)
+        epochs = min(max(math.ceil(min_steps / per_epoch), floor), cap)
+        rule = f"at least budget.min_steps={min_steps} optimizer steps" + (
+            f" and budget.min_epochs={floor} epochs" if node.get("min_epochs") else "")
         chosen = {"steps_per_epoch": per_epoch, "max_epochs": epochs, "optimizer_steps": epochs * per_epoch,
-                  "rule": f"at least budget.min_steps={min_steps} optimizer steps, at most budget.max_epochs={cap} epochs"}
+                  "rule": f"{rule}, at most budget.max_epochs={cap} epochs"}
         log.info(f"budget: {per_epoch} optimizer steps per epoch -> trainer.max_epochs={epochs} ({epochs * per_epoch} "
                  f"steps; {chosen['rule']}; early stopping on {cfg.get('monitor')} may end it sooner)")
     if minutes is not None:

@@ -5,7 +5,8 @@ validation split, never its test split (``test_after_fit=false``); on small data
 scored by k-fold cross-validation, the mean of its folds. Trial 0 is the configuration as given (the
 defaults); Optuna's TPE proposes the rest, and its median pruner stops a trial whose validation figure after an
 epoch is behind the median of the earlier trials at that epoch (``callbacks.OptunaPruning``). Every trial trains
-``trainer.max_epochs=auto`` (enough epochs for ``budget.min_steps`` optimizer steps, early stopping on the monitor)
+``trainer.max_epochs=auto`` (enough epochs for ``budget.min_steps`` optimizer steps and at least the preset's own,
+early stopping on the monitor)
 and is capped by the time left, so the study ends within ``minutes``. The study is an Optuna journal in its folder:
 the same command continues it.
 
@@ -162,15 +163,15 @@ class Study:
     scored by k-fold cross-validation instead of the validation split."""
 
     def __init__(self, folder: Path, base: Sequence[str], knobs: Mapping[str, tuple[str, Any]], monitor: str,
-                 direction: str, seed: int = 0, folds: int | None = None, grid: Mapping[str, list[Any]] | None = None
-                 ) -> None:
+                 direction: str, seed: int = 0, folds: int | None = None, grid: Mapping[str, list[Any]] | None = None,
+                 min_epochs: int | None = None) -> None:
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.folder, self.base, self.knobs, self.monitor, self.direction = folder, list(base), dict(knobs), monitor, direction
-        self.folds, self.grid = folds, dict(grid) if grid else None
+        self.folds, self.grid, self.min_epochs = folds, dict(grid) if grid else None, min_epochs
         folder.mkdir(parents=True, exist_ok=True)
         self.journal = folder / JOURNAL
         self.study = optuna.create_study(
@@ -191,7 +192,8 @@ class Study:
               ) -> tuple[subprocess.CompletedProcess, float | None]:
         """One ``train.py`` of a trial, on the validation split only, capped by the time left: its process and the best
         validation figure (None: it validated nothing)."""
-        done = run_script("train.py", *self.base, *overrides, "trainer.max_epochs=auto",
+        floor = [f"budget.min_epochs={self.min_epochs}"] if self.min_epochs else []
+        done = run_script("train.py", *self.base, *overrides, "trainer.max_epochs=auto", *floor,
                           f"budget.minutes={max(minutes_left, 0.05):.3f}", "test_after_fit=false",
                           f"hydra.run.dir={run_dir}", *extra)
         return done, (read_json(run_dir / "metrics.json") or {}).get(f"best/{self.monitor}")
@@ -347,7 +349,9 @@ def run_auto(base: Sequence[str], minutes: float, folder: Path, knob_names: Sequ
     knobs = chosen_knobs(cfg, knob_names)
     folds = choose_folds(cfg, folds)
     points = grid_of(cfg, knobs) if grid else None
-    study = Study(folder, base, knobs, monitor, "maximize" if mode == "max" else "minimize", seed, folds, points)
+    preset_epochs = OmegaConf.select(cfg, "trainer.max_epochs")  # a trial never trains fewer epochs than the preset
+    study = Study(folder, base, knobs, monitor, "maximize" if mode == "max" else "minimize", seed, folds, points,
+                  preset_epochs if isinstance(preset_epochs, int) and preset_epochs > 0 else None)
     if points:  # every combination once, whatever the time
         size = math.prod(len(v) for v in points.values())
         max_trials = min(max_trials or size, size)

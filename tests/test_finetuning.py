@@ -296,10 +296,18 @@ def test_budget_counts_processes_accumulation_and_limits_and_caps_the_epochs_and
     run.budget.max_epochs, run.budget.minutes = 50, 1.5
     chosen = budget.resolve(run, Data())
     assert chosen["steps_per_epoch"] == 2 and run.trainer.max_epochs == 50 and run.trainer.max_time == {"seconds": 90.0}
+    run = cfg()
+    run.budget.min_epochs = 20  # auto.py's trials: never fewer epochs than the preset's own
+    chosen = budget.resolve(run, Data())
+    assert run.trainer.max_epochs == 20 and "budget.min_epochs=20" in chosen["rule"]
+    run = cfg()
+    run.budget.min_epochs = 5
+    assert budget.resolve(run, Data())["max_epochs"] == 12  # the steps' floor is higher
     run = cfg(max_epochs=3)
     assert budget.resolve(run, Data()) is None and run.trainer.max_epochs == 3  # a number stays a number
     for key, value, message in [("budget.min_steps", 0, r"budget.min_steps=0 must be a whole number >= 1"),
                                 ("budget.minutes", -1, r"budget.minutes=-1 must be a number of minutes > 0"),
+                                ("budget.min_epochs", 0, r"budget.min_epochs=0 must be a whole number >= 1"),
                                 ("trainer.max_steps", 10, r"trainer.max_epochs=auto derives the epochs from the data, but "
                                                           r"trainer.max_steps=10 fixes the length too")]:
         run = cfg()
