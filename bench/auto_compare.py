@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="the preset and data, for every arm (e.g. experiment=digits_scratch)")
     args = parser.parse_intermixed_args(argv)
-    preset = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), "default")
+    named = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in args.overrides if o.startswith(("experiment=", "data="))}
+    preset = "_on_".join(named[k] for k in ("experiment", "data") if k in named) or "default"
     out = Path(args.out or Path(tempfile.gettempdir()) / "tunelab_auto_compare" / preset).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
