@@ -52,6 +52,47 @@ def grid_knobs(overrides: list[str]) -> str:
     return "lr,finetune" if "finetune" in space else "lr,label_smoothing" if "label_smoothing" in space else "lr"
 
 
+def test_size(out: Path) -> int | None:
+    """The test split's size, from any arm's run folder (every arm tests on the same split)."""
+    for report in sorted(out.glob("*/data_report.json")) + sorted(out.glob("*/final/data_report.json")):
+        size = json.loads(report.read_text()).get("sizes", {}).get("test")
+        if size:
+            return int(size)
+    return None
+
+
+def plot(record: dict, metric: str, path: Path) -> None:
+    """Each arm's test figure with its wall time; for an accuracy, the 95 % binomial interval over the test examples
+    (two arms whose intervals overlap are not told apart by this test set)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, arms, n = list(record["arms"]), record["arms"], record.get("test_size")
+    values = [arms[a]["test"].get(metric, math.nan) for a in names]
+    binomial = n and "acc" in metric
+    errors = [1.96 * math.sqrt(max(v * (1 - v), 0.0) / n) if binomial else 0.0 for v in values]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    colours = ["#888", "#59c", "#d84", "#6a6"]
+    for i, (name, value, error) in enumerate(zip(names, values, errors, strict=True)):
+        ax.errorbar([i], [value], yerr=[error] if binomial else None, fmt="o", color=colours[i % 4], capsize=6, ms=7)
+        ax.annotate(f"{value:.4f}\n{arms[name]['seconds'] / 60:.1f} min", (i, value), xytext=(12, -4),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.2)
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+    preset = "_on_".join(o.split("=", 1)[1] for o in record["overrides"] if o.startswith(("experiment=", "data=")))
+    interval = f"; bars: 95 % binomial interval, {n} test examples" if binomial else ""
+    ax.set_title(f"{preset or 'default'} (auto: {record['minutes']:g} min{interval})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="auto's search budget")
@@ -60,8 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-knobs", default=None, help="the grid's knobs (default: lr and the freezing strategy for a "
                         "pretrained backbone, lr and label smoothing otherwise)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--replot", default=None, help="redraw DIR/results.png from DIR/results.json (no runs)")
     parser.add_argument("overrides", nargs="*", help="the preset and data, for every arm (e.g. experiment=digits_scratch)")
     args = parser.parse_intermixed_args(argv)
+    if args.replot:
+        folder = Path(args.replot)
+        record = json.loads((folder / "results.json").read_text())
+        record.setdefault("test_size", test_size(folder))
+        plot(record, next(iter(next(iter(record["arms"].values()))["test"])), folder / "results.png")
+        return
     named = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in args.overrides if o.startswith(("experiment=", "data="))}
     preset = "_on_".join(named[k] for k in ("experiment", "data") if k in named) or "default"
     out = Path(args.out or Path(tempfile.gettempdir()) / "tunelab_auto_compare" / preset).resolve()
@@ -86,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             results[arm] = {"seconds": round(seconds, 1), "test": test_figures(json.loads((folder / "metrics.json").read_text())),
                             "lr": lr}
         print(f"{arm}: {results[arm]}", flush=True)
-    record = {"overrides": args.overrides, "minutes": args.minutes, "date": time.strftime("%Y-%m-%d"), "arms": results}
+    record = {"overrides": args.overrides, "minutes": args.minutes, "date": time.strftime("%Y-%m-%d"), "arms": results,
+              "test_size": test_size(out)}
     (out / "results.json").write_text(json.dumps(record, indent=2))
     (ROOT / "bench" / "results" / f"auto_compare_{preset}_{record['date']}.json").write_text(json.dumps(record, indent=2))
     metric = next(iter(next(iter(results.values()))["test"]), None)
@@ -95,22 +144,7 @@ def main(argv: list[str] | None = None) -> None:
               for arm, r in results.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     if metric:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        names = list(results)
-        bars = ax.bar(names, [results[a]["test"].get(metric, 0.0) for a in names], color=["#888", "#59c", "#d84", "#6a6"][: len(names)])
-        for bar, name in zip(bars, names, strict=True):
-            ax.annotate(f"{results[name]['test'].get(metric, 0.0):.3f}\n{results[name]['seconds'] / 60:.1f} min",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel(metric)
-        ax.set_ylim(0, 1.15)
-        ax.set_title(f"{preset}: {' vs '.join(names)} (auto: {args.minutes:g} min)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "results.png", dpi=120)
+        plot(record, metric, out / "results.png")
     print((out / "results.md").read_text())
 
 
