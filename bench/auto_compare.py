@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
             results[arm] = {"seconds": round(seconds, 1), "test": test_figures(json.loads((folder / "metrics.json").read_text())),
                             "lr": lr}
         print(f"{arm}: {results[arm]}", flush=True)
-    record = {"overrides": args.overrides, "minutes": args.minutes, "date": time.strftime("%Y-%m-%d"), "arms": results,
-              "test_size": test_size(out)}
-    (out / "results.json").write_text(json.dumps(record, indent=2))
+        record = {"overrides": args.overrides, "minutes": args.minutes, "date": time.strftime("%Y-%m-%d"),
+                  "arms": results, "test_size": test_size(out)}
+        (out / "results.json").write_text(json.dumps(record, indent=2))  # after each arm: a failed arm keeps the others'
+    record = json.loads((out / "results.json").read_text())
     (ROOT / "bench" / "results" / f"auto_compare_{preset}_{record['date']}.json").write_text(json.dumps(record, indent=2))
     metric = next(iter(next(iter(results.values()))["test"]), None)
     lines = [f"| arm | {metric} | wall (s) | trials |", "|---|---|---|---|"]

@@ -141,7 +141,8 @@ def defaults_of(cfg: DictConfig, knobs: Mapping[str, tuple[str, Any]]) -> dict[s
 
 
 def overrides_of(knobs: Mapping[str, tuple[str, Any]], params: Mapping[str, Any]) -> list[str]:
-    return [f"{key}={config_value(key, params[name])}" for name, (key, _) in knobs.items()]
+    # ++: the preset may not name the key at all (no RandAugment policy in data.augment)
+    return [f"{'++' if key == RANDAUGMENT else ''}{key}={config_value(key, params[name])}" for name, (key, _) in knobs.items()]
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -426,15 +426,18 @@ def test_auto_augmentation_strength_is_randaugment_for_images_and_speed_perturba
     knobs = chosen_knobs(digits, ["augment"])
     assert list(knob_space(digits)) == ["lr", "finetune", "lr_decay", "label_smoothing", "augment"]
     assert defaults_of(digits, knobs) == {"augment": 0}  # digits: no RandAugment
-    assert overrides_of(knobs, {"augment": 0}) == ["data.augment.auto_augment=null"]
+    assert overrides_of(knobs, {"augment": 0}) == ["++data.augment.auto_augment=null"]
     [override] = overrides_of(knobs, {"augment": 7})
-    assert override == "data.augment.auto_augment=rand-m7-mstd0.5-inc1"
+    assert override == "++data.augment.auto_augment=rand-m7-mstd0.5-inc1"
     strong = compose_config(["experiment=digits_efficientnet_lite0", override])
     data_config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
                    "crop_pct": 1.0}
     ops = [type(t).__name__ for t in build_transform(data_config, OmegaConf.to_container(strong.data.augment), True).transforms]
     assert "RandAugment" in ops and "RandAugment" not in [
         type(t).__name__ for t in build_transform(data_config, OmegaConf.to_container(digits.data.augment), True).transforms]
+    # a preset whose data.augment names no policy at all (Fashion-MNIST's) takes the knob's override too
+    fashion = compose_config(["experiment=digits_efficientnet_lite0", "data=fashion_mnist", override])
+    assert fashion.data.augment.auto_augment == "rand-m7-mstd0.5-inc1" and fashion.data.augment.hflip == 0.5
     beans = compose_config(["experiment=hub_beans_vit"])
     assert defaults_of(beans, chosen_knobs(beans, ["augment"])) == {"augment": 9}  # the preset's rand-m9-mstd0.5-inc1
     assert randaugment_magnitude("augmix-m5-w3") is None and randaugment_magnitude("rand-mstd0.5") == 10
