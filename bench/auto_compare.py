@@ -10,7 +10,8 @@ Arms, each a fresh process on the same data, split and seed:
   grid      python auto.py --grid --knobs K <overrides>   (every combination of a few values of K, e.g. 5 LRs x 3
             freezing strategies, no pruning, no time cap; the best by validation on train + val, tested once)
 Writes results.json, results.md and results.png (and every arm's run folder) to --out (default: a temp folder), and
-results.json again as bench/results/auto_compare_<preset>_<date>.json.
+results.json again as bench/results/auto_compare_<preset>_<date>.json. Run again into the same --out with --arms A, it
+reruns only A and keeps the other arms' results (same overrides and minutes).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or Path(tempfile.gettempdir()) / "tunelab_auto_compare" / preset).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
+    if earlier and earlier["overrides"] == args.overrides and earlier["minutes"] == args.minutes:
+        results = {arm: r for arm, r in earlier["arms"].items() if arm not in args.arms}  # kept: arms not run again
+        if results:
+            print(f"kept from {out / 'results.json'}: {', '.join(results)}", flush=True)
     for arm in args.arms:
         folder = out / arm
         if arm in ("auto", "grid"):

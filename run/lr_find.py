@@ -86,16 +86,24 @@ class RangeResult:
                           zip(self.lrs, self.losses, self.smoothed, strict=True)]}
 
 
-def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> float | None:
-    """The LR where the smoothed loss falls fastest (per unit of log LR), up to its lowest point; None when it never
-    falls (the curve says nothing about a good LR)."""
-    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
-    if lowest < 2:
+def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip: int = 0) -> float | None:
+    """The LR where the smoothed loss falls fastest (per unit of log LR), up to its lowest point, past the first
+    ``skip`` points (while the moving average holds a few batches it follows single batches: measured on spoken digits
+    with CTC, whose per-batch loss swings 9-19 with the clips' lengths, the first points' noise out-fell the real fall
+    and gave 1.9e-7); None when it never falls (the curve says nothing about a good LR)."""
+    start = max(skip, 1)
+    lowest = min(range(start, len(smoothed)), key=smoothed.__getitem__, default=0)
+    if lowest < start + 1:
         return None
     logs = [math.log(lr) for lr in lrs[: lowest + 1]]
-    slopes = [(smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, lowest)]
-    steepest = min(range(len(slopes)), key=slopes.__getitem__)
-    return float(lrs[steepest + 1]) if slopes[steepest] < 0 else None
+    slopes = {i: (smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(start, lowest)}
+    steepest = min(slopes, key=slopes.__getitem__)
+    return float(lrs[steepest]) if slopes[steepest] < 0 else None
+
+
+def warm_up(smoothing: float, points: int) -> int:
+    """Points of the curve before the moving average spans ~1/(1 - smoothing) batches (at most a third of the curve)."""
+    return min(math.ceil(1 / (1 - smoothing) - 1e-9), points // 3)
 
 
 class LRRangeTest(pl.Callback):
@@ -227,7 +235,7 @@ def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest
     if len(result.losses) < 5:
         raise ConfigError(f"the LR range test took {len(result.losses)} optimizer steps ({result.stopped}); it needs more "
                           "training batches (more data, or fewer tune.lr_find.steps)")
-    result.suggestion = suggest(result.lrs, result.smoothed)
+    result.suggestion = suggest(result.lrs, result.smoothed, warm_up(test.smoothing, len(result.smoothed)))
     return result, test
 
 

@@ -129,13 +129,17 @@ def test_lr_range_test_sweeps_every_group_then_the_run_trains_as_if_given_its_su
 
 
 def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> None:
-    from run.lr_find import RangeTest, suggest
+    from run.lr_find import RangeTest, suggest, warm_up
 
     lrs = [1e-6 * 10 ** (i / 10) for i in range(61)]  # 1e-6 .. 1
     falling = [2 - math.tanh(2 * (math.log10(lr) + 3)) for lr in lrs]  # falls fastest at 1e-3
     rising = falling[:50] + [falling[49] + 0.5 * (i - 49) for i in range(50, 61)]
     assert suggest(lrs, rising) == pytest.approx(1e-3, rel=0.3)
     assert suggest(lrs, [1.0 + 0.01 * i for i in range(61)]) is None  # never falls: no suggestion
+    # a noisy start (one batch's spike while the average holds few batches) falls faster than the real fall: skipped
+    noisy = [v + (1.0 if i == 2 else 0.0) for i, v in enumerate(rising)]
+    assert suggest(lrs, noisy, skip=0) < 1e-5 and suggest(lrs, noisy, skip=warm_up(0.9, 61)) == pytest.approx(1e-3, rel=0.3)
+    assert warm_up(0.9, 100) == 10 and warm_up(0.9, 12) == 4 and warm_up(0.98, 100) == 33
     from omegaconf import OmegaConf
 
     from run import lr_find
