@@ -53,6 +53,11 @@ def grid_knobs(overrides: list[str]) -> str:
     return "lr,finetune" if "finetune" in space else "lr,label_smoothing" if "label_smoothing" in space else "lr"
 
 
+def headline(test: dict[str, float]) -> str | None:
+    """The figure the table and plot show: accuracy, else WER, else entity F1, else the first test figure."""
+    return next((m for m in ("test/acc", "test/wer", "test/f1") if m in test), next(iter(test), None))
+
+
 def test_size(out: Path) -> int | None:
     """The test split's size, from any arm's run folder (every arm tests on the same split)."""
     for report in sorted(out.glob("*/data_report.json")) + sorted(out.glob("*/final/data_report.json")):
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(args.replot)
         record = json.loads((folder / "results.json").read_text())
         record.setdefault("test_size", test_size(folder))
-        plot(record, next(iter(next(iter(record["arms"].values()))["test"])), folder / "results.png")
+        plot(record, headline(next(iter(record["arms"].values()))["test"]), folder / "results.png")
         return
     named = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in args.overrides if o.startswith(("experiment=", "data="))}
     preset = "_on_".join(named[k] for k in ("experiment", "data") if k in named) or "default"
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "results.json").write_text(json.dumps(record, indent=2))  # after each arm: a failed arm keeps the others'
     record = json.loads((out / "results.json").read_text())
     (ROOT / "bench" / "results" / f"auto_compare_{preset}_{record['date']}.json").write_text(json.dumps(record, indent=2))
-    metric = next(iter(next(iter(results.values()))["test"]), None)
+    metric = headline(next(iter(results.values()))["test"])
     lines = [f"| arm | {metric} | wall (s) | trials |", "|---|---|---|---|"]
     lines += [f"| {arm} | {r['test'].get(metric, float('nan')):.4f} | {r['seconds']:.0f} | {r.get('trials', 1)} |"
               for arm, r in results.items()]

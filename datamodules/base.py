@@ -260,6 +260,9 @@ class DataModuleBase(pl.LightningDataModule):
         anything with ``len`` and ``take``."""
         train = splits["train"]
         wanted = [r for r, f in (("val", self.val_fraction), ("test", self.test_fraction)) if r not in splits and f > 0]
+        if self.train_on_val and "val" not in wanted:  # never silently trained on the train split alone
+            raise DataError("data.train_on_val: this data has a validation split of its own, not one carved from "
+                            "the training data; drop data.train_on_val, or carve one (data.val_fraction)")
         if self.num_folds:
             splits = self._take_fold(splits, labels_of, wanted)
         elif wanted:
@@ -272,9 +275,6 @@ class DataModuleBase(pl.LightningDataModule):
                 splits[role] = train.take(idx)
             splits["train"] = train.take(parts[-1])
             if self.train_on_val:
-                if "val" not in wanted:
-                    raise DataError("data.train_on_val: this data has a validation split of its own, not one carved from "
-                                    "the training data; drop data.train_on_val, or carve one (data.val_fraction)")
                 # the same capped train and val a run without it trains and validates on, trained on together
                 kept = {role: self._capped(train, idx, cap, labels_of) for role, idx, cap in
                         (("train", parts[-1], self.max_train_samples), ("val", parts[wanted.index("val")], self.max_eval_samples))}

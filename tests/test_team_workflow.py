@@ -266,6 +266,11 @@ def test_train_on_val_trains_on_exactly_a_plain_runs_train_and_val(tmp_path: Pat
 
         OwnVal(train_on_val=True).carve({"train": plain.datasets["train"].split, "val": plain.datasets["val"].split},
                                         None)
+    # a source with validation and test splits of its own (the spoken corpus's held-out voices): refused too, never
+    # trained on the train split alone under the name of train + val
+    with pytest.raises(DataError, match="has a validation split of its own"):
+        OwnVal(train_on_val=True).carve({"train": plain.datasets["train"].split, "val": plain.datasets["val"].split,
+                                         "test": plain.datasets["test"].split}, None)
 
 
 def test_folds_of_unlabelled_data_and_of_a_source_with_its_own_test_split() -> None:
