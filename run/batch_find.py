@@ -61,13 +61,9 @@ class Finder:
 
     @classmethod
     def from_config(cls, node: Any) -> Finder:
-        node = dict(node or {})
-        for recorded in ("found", "configured"):  # written into config.yaml by apply()
-            node.pop(recorded, None)
-        unknown = set(node) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"tune.batch_size has no {sorted(unknown)}; it takes {', '.join(cls.__dataclass_fields__)}")
-        finder = cls(**{k: type(getattr(cls, k))(v) for k, v in node.items()})
+        from run.lr_find import read_settings
+
+        finder = read_settings(cls, node, "batch_size", recorded=("found", "configured"))
         for key in ("max_batch_size", "steps", "multiple_of", "min_batches_per_epoch"):
             if getattr(finder, key) < 1:
                 raise ConfigError(f"tune.batch_size.{key}={getattr(finder, key)} must be a whole number >= 1")

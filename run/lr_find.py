@@ -37,6 +37,18 @@ from modules.errors import ConfigError
 log = logging.getLogger("tunelab")
 
 
+def read_settings(cls: type, node: Any, name: str, recorded: tuple[str, ...]) -> Any:
+    """The ``tune.<name>`` node as the settings dataclass ``cls``: what ``apply()`` recorded in config.yaml dropped, an
+    unknown key one line, each value cast to its default's type."""
+    node = dict(node or {})
+    for key in recorded:
+        node.pop(key, None)
+    unknown = set(node) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"tune.{name} has no {sorted(unknown)}; it takes {', '.join(cls.__dataclass_fields__)}")
+    return cls(**{k: type(getattr(cls, k))(v) for k, v in node.items()})
+
+
 @dataclass(frozen=True)
 class RangeTest:
     """The settings of ``tune.lr_find`` (see configs/tune/lr.yaml)."""
@@ -49,13 +61,7 @@ class RangeTest:
 
     @classmethod
     def from_config(cls, node: Any) -> RangeTest:
-        node = dict(node or {})
-        for recorded in ("suggested", "applied"):  # written into config.yaml by apply()
-            node.pop(recorded, None)
-        unknown = set(node) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"tune.lr_find has no {sorted(unknown)}; it takes {', '.join(cls.__dataclass_fields__)}")
-        test = cls(**{k: type(getattr(cls, k))(v) for k, v in node.items()})
+        test = read_settings(cls, node, "lr_find", recorded=("suggested", "applied"))
         if not 0 < test.min_lr < test.max_lr:
             raise ConfigError(f"tune.lr_find: min_lr={test.min_lr} and max_lr={test.max_lr} must satisfy 0 < min_lr < max_lr")
         if test.steps < 10:
