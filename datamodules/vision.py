@@ -27,21 +27,29 @@ DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "c
 AUGMENT_KEYS = tuple(k for k in inspect.signature(create_transform).parameters if k not in (*DATA_CONFIG_KEYS, "is_training"))
 
 
+def randaugment_options(policy: Any) -> dict[str, float] | None:
+    """The numeric options of a timm RandAugment policy (``rand-m9-mstd0.5-inc1`` -> m 9, mstd 0.5, inc 1), None for
+    no policy or another kind (AutoAugment, AugMix)."""
+    if not isinstance(policy, str) or policy.split("-")[0] != "rand":
+        return None
+    options: dict[str, float] = {}
+    for part in policy.split("-")[1:]:
+        key = next((k for k in ("mstd", "mmax", "inc", "m") if part.startswith(k)), part.rstrip("0123456789."))
+        value = part[len(key):]
+        if value.replace(".", "", 1).isdigit():
+            options[key] = float(value)
+    return options
+
+
 def safe_randaugment(policy: Any) -> Any:
     """A timm RandAugment policy that never posterizes an image to 0 bits, which Pillow (13 and later) refuses mid-epoch
     (measured: ``rand-m9-mstd0.5-inc1`` failed on 8 of 4,000 images, at magnitudes sampled up to the clip at 10).
     With increasing severity (``inc1``) the magnitude is clipped at 9 (``mmax9``: at least 1 bit kept, said in the
     log); the original Posterize keeps ``int(0.4 * magnitude)`` bits, so a policy whose magnitude can fall below 2.5
     is refused in one line. Anything else is returned as given."""
-    if not isinstance(policy, str) or not policy.startswith("rand"):
+    options = randaugment_options(policy)
+    if options is None:
         return policy
-    options: dict[str, float] = {}
-    for part in policy.split("-")[1:]:
-        key = part.rstrip("0123456789.")
-        key = next((k for k in ("mstd", "mmax", "inc", "m") if part.startswith(k)), key)
-        value = part[len(key):]
-        if value.replace(".", "", 1).isdigit():
-            options[key] = float(value)
     magnitude, spread, ceiling = options.get("m", 10.0), options.get("mstd", 0.0), options.get("mmax", 10.0)
     if options.get("inc"):
         if ceiling > 9:

@@ -82,12 +82,12 @@ RANDAUGMENT, SPEED_PERTURB = "data.augment.auto_augment", "data.speed_perturb"
 def randaugment_magnitude(policy: Any) -> int | None:
     """The magnitude of a timm RandAugment policy (``rand-m9-mstd0.5`` -> 9), 0 for none, None for another policy
     (AutoAugment, AugMix: the knob leaves it alone)."""
+    from datamodules.vision import randaugment_options
+
     if policy is None:
         return 0
-    parts = str(policy).split("-")
-    if parts[0] != "rand":
-        return None
-    return next((int(float(p[1:])) for p in parts[1:] if p.startswith("m") and p[1:].replace(".", "").isdigit()), 10)
+    options = randaugment_options(policy)
+    return None if options is None else int(options.get("m", 10))  # timm's default magnitude: 10
 
 
 def speed_spread(factors: Any) -> float | None:
