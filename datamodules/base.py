@@ -318,7 +318,7 @@ class DataModuleBase(pl.LightningDataModule):
             if "val" in wanted:  # the plain run's capped train and val: the folds partition what it trains and validates on
                 pool = sorted(self._capped(train, parts[-1], self.max_train_samples, labels_of)
                               + self._capped(train, parts[wanted.index("val")], self.max_eval_samples, labels_of))
-        if not wanted or "val" not in wanted:
+        if "val" not in wanted:  # the source's own validation split is not used: the capped train split is folded
             pool = self._capped(train, pool, self.max_train_samples, labels_of)
         pooled = train.take(pool)
         labels = labels_of(pooled) if labels_of is not None else None
