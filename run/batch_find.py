@@ -291,9 +291,11 @@ def run(cfg: Any, parts: Any, checkpoint: Any) -> tuple[Search, Finder, int, int
         log.warning("batch-size finder skipped: the run starts from a checkpoint's training state (ckpt_path=), whose "
                     f"data position counts batches of data.batch_size={cfg.data.batch_size}")
         return None
-    smoke = [key for key in ("fast_dev_run", "overfit_batches") if (cfg.get("trainer") or {}).get(key)]
+    from run.lr_find import smoke_run
+
+    smoke = smoke_run(cfg)
     if smoke:
-        log.warning(f"batch-size finder skipped: trainer.{smoke[0]} is a smoke run")
+        log.warning(f"batch-size finder skipped: trainer.{smoke} is a smoke run")
         return None
     finder = Finder.from_config(node)
     configured = int(cfg.data.batch_size)

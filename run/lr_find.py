@@ -169,6 +169,11 @@ def check(cfg: Any) -> None:
                           "trainer.devices=1 (same global batch), then pass optimizer.lr=<the suggestion>")
 
 
+def smoke_run(cfg: Any) -> str | None:
+    """The trainer key that makes this a smoke run (``fast_dev_run``, ``overfit_batches``), which no tuner sizes."""
+    return next((key for key in ("fast_dev_run", "overfit_batches") if (cfg.get("trainer") or {}).get(key)), None)
+
+
 def run(cfg: Any, parts: Any, checkpoint: Any) -> tuple[RangeResult, RangeTest, float, float] | None:
     """``tune=lr`` in ``train.py``: the range test, its suggestion applied; None when the run has no ``tune=lr``, or
     continues a run whose LR was found already, or starts from a checkpoint's training state (its optimizer and
@@ -183,9 +188,9 @@ def run(cfg: Any, parts: Any, checkpoint: Any) -> tuple[RangeResult, RangeTest, 
         log.warning("LR range test skipped: the run starts from a checkpoint's training state (ckpt_path=); its optimizer "
                     f"continues at optimizer.lr={cfg.optimizer.lr:g}")
         return None
-    smoke = [key for key in ("fast_dev_run", "overfit_batches") if (cfg.get("trainer") or {}).get(key)]
+    smoke = smoke_run(cfg)
     if smoke:
-        log.warning(f"LR range test skipped: trainer.{smoke[0]} is a smoke run (a few batches say nothing about the LR)")
+        log.warning(f"LR range test skipped: trainer.{smoke} is a smoke run (a few batches say nothing about the LR)")
         return None
     from run.build import build
 
