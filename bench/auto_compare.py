@@ -6,6 +6,7 @@
 Arms, each a fresh process on the same data, split and seed:
   default   python train.py <overrides>
   tune_lr   python train.py <overrides> tune=lr           (the LR range test, then training at its suggestion)
+  tune_lr_R python train.py <overrides> tune=lr tune.lr_find.rule=R   (R: steepest, valley or minimum; run/lr_find.py)
   auto      python auto.py --minutes M <overrides>        (the search, then the winner on train + val, tested once)
   grid      python auto.py --grid --knobs K <overrides>   (every combination of a few values of K, e.g. 5 LRs x 3
             freezing strategies, no pruning, no time cap; the best by validation on train + val, tested once)
@@ -27,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+RULES = ("steepest", "valley", "minimum")  # run/lr_find.py RULES
+ARMS = ["default", "tune_lr", *(f"tune_lr_{rule}" for rule in RULES), "auto", "grid"]  # the order of the table and plot
 
 
 def run(command: list[str]) -> float:
@@ -77,14 +80,14 @@ def plot(record: dict, metric: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, arms, n = list(record["arms"]), record["arms"], record.get("test_size")
+    names, arms, n = sorted(record["arms"], key=ARMS.index), record["arms"], record.get("test_size")
     values = [arms[a]["test"].get(metric, math.nan) for a in names]
     binomial = n and "acc" in metric
     errors = [1.96 * math.sqrt(max(v * (1 - v), 0.0) / n) if binomial else 0.0 for v in values]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    colours = ["#888", "#59c", "#d84", "#6a6"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.4))
+    colours = {"default": "#888", "auto": "#d84", "grid": "#6a6"}
     for i, (name, value, error) in enumerate(zip(names, values, errors, strict=True)):
-        ax.errorbar([i], [value], yerr=[error] if binomial else None, fmt="o", color=colours[i % 4], capsize=6, ms=7)
+        ax.errorbar([i], [value], yerr=[error] if binomial else None, fmt="o", color=colours.get(name, "#59c"), capsize=6, ms=7)
         ax.annotate(f"{value:.4f}\n{arms[name]['seconds'] / 60:.1f} min", (i, value), xytext=(12, -4),
                     textcoords="offset points", fontsize=8)
     ax.set_xticks(range(len(names)), names)
@@ -102,8 +105,7 @@ def plot(record: dict, metric: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="auto's search budget")
-    parser.add_argument("--arms", nargs="+", default=["default", "tune_lr", "auto", "grid"],
-                        choices=["default", "tune_lr", "auto", "grid"])
+    parser.add_argument("--arms", nargs="+", default=["default", "tune_lr", "auto", "grid"], choices=ARMS)
     parser.add_argument("--grid-knobs", default=None, help="the grid's knobs (default: lr and the freezing strategy for a "
                         "pretrained backbone, lr and label smoothing otherwise)")
     parser.add_argument("--out", default=None)
@@ -138,12 +140,16 @@ def main(argv: list[str] | None = None) -> None:
                             "pruned": sum("pruned" in r["state"] for r in json.loads((folder / "trials.json").read_text())),
                             "folds": summary.get("folds"), "grid": summary.get("grid")}
         else:
-            extra = ["tune=lr"] if arm == "tune_lr" else []
+            rule = arm.removeprefix("tune_lr").removeprefix("_")
+            extra = ["tune=lr", *([f"tune.lr_find.rule={rule}"] if rule else [])] if arm.startswith("tune_lr") else []
             seconds = run([sys.executable, "train.py", *args.overrides, *extra, *QUIET, f"hydra.run.dir={folder}"])
             config = (folder / "config.yaml").read_text()
             lr = next((line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("lr:")), "")
             results[arm] = {"seconds": round(seconds, 1), "test": test_figures(json.loads((folder / "metrics.json").read_text())),
                             "lr": lr}
+            if extra:
+                found = json.loads((folder / "lr_find.json").read_text())
+                results[arm].update(rule=found["rule"].split(":")[0], suggestions=found.get("suggestions"))
         print(f"{arm}: {results[arm]}", flush=True)
         record = {"overrides": args.overrides, "minutes": args.minutes, "date": time.strftime("%Y-%m-%d"),
                   "arms": results, "test_size": test_size(out)}
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     metric = headline(next(iter(results.values()))["test"])
     lines = [f"| arm | {metric} | wall (s) | trials |", "|---|---|---|---|"]
     lines += [f"| {arm} | {r['test'].get(metric, float('nan')):.4f} | {r['seconds']:.0f} | {r.get('trials', 1)} |"
-              for arm, r in results.items()]
+              for arm, r in sorted(results.items(), key=lambda item: ARMS.index(item[0]))]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     if metric:
         plot(record, metric, out / "results.png")

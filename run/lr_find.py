@@ -9,9 +9,16 @@ Afterwards the weights, buffers and random streams are put back as they were: a 
 as a run given ``optimizer.lr=<the suggestion>`` would. The run folder gets ``lr_find.json`` (the curve, the rule,
 the suggestion) and ``lr_find.png``; ``config.yaml`` records the applied LR (``optimizer.lr``, ``tune.lr_find.applied`` / ``.suggested``).
 
-The rule (also Lightning's ``Tuner.lr_find``): smooth the loss (exponential moving average, bias-corrected), stop once
-it exceeds ``stop_factor`` times its lowest value (or is not finite), then take the LR at the steepest fall of the
-smoothed loss against log LR, before its lowest point.
+The curve: the loss smoothed (exponential moving average, bias-corrected), the test stopped once it exceeds
+``stop_factor`` times its lowest value (or is not finite). Three rules read a suggestion off it (``tune.lr_find.rule``;
+``lr_find.json`` records all three, the plot marks them):
+
+- ``steepest``: the LR at the steepest fall of the smoothed loss against log LR, before its lowest point (Lightning's
+  ``Tuner.lr_find``).
+- ``valley``: the middle, in log LR, of the fall itself, from where the loss starts to fall to its lowest point.
+- ``minimum``: a tenth of the LR at the lowest point.
+
+The steepest fall is not always a trainable LR: a CTC model from scratch falls steepest where it collapses to blanks.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class RangeTest:
     steps: int = 100
     stop_factor: float = 4.0
     smoothing: float = 0.9
+    rule: str = "steepest"
 
     @classmethod
     def from_config(cls, node: Any) -> RangeTest:
@@ -69,6 +77,8 @@ class RangeTest:
         if test.stop_factor <= 1 or not 0 <= test.smoothing < 1:
             raise ConfigError(f"tune.lr_find: stop_factor={test.stop_factor} must be > 1 and smoothing={test.smoothing} "
                               "in [0, 1)")
+        if test.rule not in RULES:
+            raise ConfigError(f"tune.lr_find.rule={test.rule!r} is not a rule; choose one of {', '.join(RULES)}")
         return test
 
     def lr_at(self, step: int) -> float:
@@ -83,13 +93,26 @@ class RangeResult:
     smoothed: list[float] = field(default_factory=list)
     stopped: str = "max_lr reached"
     suggestion: float | None = None
+    suggestions: dict[str, float | None] = field(default_factory=dict)
+    rule: str = "steepest"
+
+    def read(self, test: RangeTest) -> None:
+        """Every rule's suggestion; the configured rule's becomes ``suggestion``."""
+        skip = warm_up(test.smoothing, len(self.smoothed))
+        self.suggestions = {name: rule(self.lrs, self.smoothed, skip) for name, (rule, _) in RULES.items()}
+        self.rule, self.suggestion = test.rule, self.suggestions[test.rule]
 
     def to_json(self, test: RangeTest, configured: float, applied: float) -> dict[str, Any]:
         return {"settings": asdict(test), "configured_lr": configured, "suggested_lr": self.suggestion,
-                "applied_lr": applied, "stopped": self.stopped,
-                "rule": "steepest fall of the smoothed loss against log LR, before its lowest point",
+                "applied_lr": applied, "stopped": self.stopped, "rule": f"{test.rule}: {RULES[test.rule][1]}",
+                "suggestions": self.suggestions,
                 "curve": [{"lr": lr, "loss": loss, "smoothed": s} for lr, loss, s in
                           zip(self.lrs, self.losses, self.smoothed, strict=True)]}
+
+
+def lowest_point(smoothed: Sequence[float], start: int) -> int:
+    """The index of the smoothed loss's lowest point at or after ``start``."""
+    return min(range(start, len(smoothed)), key=smoothed.__getitem__, default=0)
 
 
 def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip: int = 0) -> float | None:
@@ -98,13 +121,40 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip: int = 0) -> f
     with CTC, whose per-batch loss swings 9-19 with the clips' lengths, the first points' noise out-fell the real fall
     and gave 1.9e-7); None when it never falls (the curve says nothing about a good LR)."""
     start = max(skip, 1)
-    lowest = min(range(start, len(smoothed)), key=smoothed.__getitem__, default=0)
+    lowest = lowest_point(smoothed, start)
     if lowest < start + 1:
         return None
     logs = [math.log(lr) for lr in lrs[: lowest + 1]]
     slopes = {i: (smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(start, lowest)}
     steepest = min(slopes, key=slopes.__getitem__)
     return float(lrs[steepest]) if slopes[steepest] < 0 else None
+
+
+def valley(lrs: Sequence[float], smoothed: Sequence[float], skip: int = 0, begun: float = 0.05) -> float | None:
+    """The middle (in log LR) of the smoothed loss's fall: from where it has fallen ``begun`` of the way from its
+    highest point (past ``skip``, before the lowest) to its lowest point. A fall that is the whole curve's drop, not
+    its steepest stretch: a short steep collapse followed by a long slow fall (CTC from scratch: blanks, then reading)
+    gives the long fall's middle. None when the loss never falls."""
+    lowest = lowest_point(smoothed, skip)
+    if lowest <= skip:
+        return None
+    top = max(range(skip, lowest), key=smoothed.__getitem__)
+    drop = smoothed[top] - smoothed[lowest]
+    if not drop > 0:
+        return None
+    start = next(i for i in range(top, lowest + 1) if smoothed[i] <= smoothed[top] - begun * drop)
+    return float(lrs[(start + lowest) // 2]) if lowest - start >= 2 else None
+
+
+def tenth_of_lowest(lrs: Sequence[float], smoothed: Sequence[float], skip: int = 0) -> float | None:
+    """A tenth of the LR at the smoothed loss's lowest point; None when the lowest point is where the curve starts."""
+    lowest = lowest_point(smoothed, skip)
+    return float(lrs[lowest]) / 10 if lowest > skip else None
+
+
+RULES = {"steepest": (suggest, "steepest fall of the smoothed loss against log LR, before its lowest point"),
+         "valley": (valley, "middle (log LR) of the smoothed loss's fall, from where it starts to its lowest point"),
+         "minimum": (tenth_of_lowest, "a tenth of the LR at the smoothed loss's lowest point")}
 
 
 def warm_up(smoothing: float, points: int) -> int:
@@ -246,7 +296,7 @@ def find_lr(cfg: Any, parts: Any, finetune: Any) -> tuple[RangeResult, RangeTest
     if len(result.losses) < 5:
         raise ConfigError(f"the LR range test took {len(result.losses)} optimizer steps ({result.stopped}); it needs more "
                           "training batches (more data, or fewer tune.lr_find.steps)")
-    result.suggestion = suggest(result.lrs, result.smoothed, warm_up(test.smoothing, len(result.smoothed)))
+    result.read(test)
     return result, test
 
 
@@ -266,8 +316,9 @@ def apply(cfg: Any, task: Any, result: RangeResult) -> float:
         return configured
     factory = task.optimizer_factory
     task.optimizer_factory = partial(factory.func, *factory.args, **{**factory.keywords, "lr": applied})
-    log.info(f"LR range test: optimizer.lr {configured:g} -> {applied:.3g} (the steepest fall of the loss; "
-             f"{result.stopped})")
+    log.info(f"LR range test: optimizer.lr {configured:g} -> {applied:.3g} (rule {result.rule}; "
+             f"{result.stopped}; the rules: " + ", ".join(f"{k} {v:.2g}" if v else f"{k} none" for k, v in
+                                                          result.suggestions.items()) + ")")
     return applied
 
 
@@ -282,8 +333,11 @@ def save(result: RangeResult, test: RangeTest, configured: float, applied: float
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(result.lrs, result.losses, color="lightgrey", lw=0.8, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", label="smoothed")
-    if result.suggestion is not None:
-        ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested {result.suggestion:.2g}")
+    for (name, lr), color in zip(result.suggestions.items(), ("C3", "C2", "C1"), strict=False):
+        if lr is not None:
+            chosen = name == result.rule
+            ax.axvline(lr, color=color, ls="--", lw=1.6 if chosen else 0.8, alpha=1 if chosen else 0.6,
+                       label=f"{name} {lr:.2g}" + (" (applied)" if chosen else ""))
     ax.axvline(configured, color="grey", ls=":", label=f"configured {configured:.2g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (optimizer.lr; every group scaled from it)")

@@ -117,6 +117,7 @@ def test_lr_range_test_sweeps_every_group_then_the_run_trains_as_if_given_its_su
     assert [c["lr"] for c in found["curve"]] == pytest.approx([test.lr_at(i) for i in range(len(found["curve"]))])
     applied = OmegaConf.load(tmp_path / "tuned" / "config.yaml").optimizer.lr
     assert found["suggested_lr"] == applied == found["applied_lr"] and test.min_lr < applied < test.max_lr
+    assert found["suggestions"]["steepest"] == applied and set(found["suggestions"]) == {"steepest", "valley", "minimum"}
     assert (tmp_path / "tuned" / "lr_find.png").stat().st_size > 1000
     given = tiny_run(tmp_path / "given", cache_dir, *common, f"optimizer.lr={applied!r}")
     assert [s["lr"] for s in tuned["steps"]] == [s["lr"] for s in given["steps"]]
@@ -128,8 +129,8 @@ def test_lr_range_test_sweeps_every_group_then_the_run_trains_as_if_given_its_su
     assert metrics[0] == metrics[1] and "val/acc" in metrics[0]
 
 
-def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> None:
-    from run.lr_find import RangeTest, suggest, warm_up
+def test_lr_range_test_rules_read_the_curve_and_bad_settings_are_refused() -> None:
+    from run.lr_find import RangeResult, RangeTest, suggest, tenth_of_lowest, valley, warm_up
 
     lrs = [1e-6 * 10 ** (i / 10) for i in range(61)]  # 1e-6 .. 1
     falling = [2 - math.tanh(2 * (math.log10(lr) + 3)) for lr in lrs]  # falls fastest at 1e-3
@@ -140,6 +141,22 @@ def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> 
     noisy = [v + (1.0 if i == 2 else 0.0) for i, v in enumerate(rising)]
     assert suggest(lrs, noisy, skip=0) < 1e-5 and suggest(lrs, noisy, skip=warm_up(0.9, 61)) == pytest.approx(1e-3, rel=0.3)
     assert warm_up(0.9, 100) == 10 and warm_up(0.9, 12) == 4 and warm_up(0.98, 100) == 33
+    # CTC from scratch, in shape: a plateau, a short steep collapse (to blanks) near 1e-4, then a long slow fall (learning
+    # to read) to the lowest point at 5e-2, then divergence. steepest picks the collapse; valley the long fall's middle
+    ctc = [3 + 9 * (1 - math.tanh(8 * (math.log10(lr) + 4))) / 2 - 1.5 * max(0.0, min(1.0, (math.log10(lr) + 4) / 2.7))
+           for lr in lrs]
+    ctc = [v if lr <= 5.1e-2 else ctc[i - 1] + 0.5 for i, (lr, v) in enumerate(zip(lrs, ctc, strict=True))]
+    assert suggest(lrs, ctc, skip=10) == pytest.approx(1e-4, rel=0.3)
+    assert valley(lrs, ctc, skip=10) == pytest.approx(math.sqrt(5e-5 * 5e-2), rel=0.6)  # ~1.6e-3
+    assert tenth_of_lowest(lrs, ctc, skip=10) == pytest.approx(5e-3, rel=0.3)
+    # the tanh fall: 5 % of its drop by 1.8e-4, lowest at 7.9e-2 (then it diverges): middle ~3.8e-3
+    assert valley(lrs, rising, skip=10) == pytest.approx(math.sqrt(1.8e-4 * 7.9e-2), rel=0.3)
+    for rule in (valley, tenth_of_lowest):  # never falls: no suggestion
+        assert rule(lrs, [1.0 + 0.01 * i for i in range(61)], skip=10) is None
+    result = RangeResult(lrs=lrs, smoothed=ctc, losses=ctc)
+    result.read(RangeTest(smoothing=0.9, rule="valley"))
+    assert result.suggestion == result.suggestions["valley"] == valley(lrs, ctc, skip=warm_up(0.9, 61))
+    assert set(result.suggestions) == {"steepest", "valley", "minimum"}
     from omegaconf import OmegaConf
 
     from run import lr_find
@@ -147,7 +164,8 @@ def test_lr_range_test_suggests_the_steepest_fall_and_refuses_bad_settings() -> 
     smoke = OmegaConf.create({"tune": {"lr_find": {}}, "trainer": {"fast_dev_run": True}, "optimizer": {"lr": 1e-4}})
     assert lr_find.run(smoke, parts=None, checkpoint=None) is None  # a smoke run is not swept (nothing is built)
     for node, message in [({"steps": 5}, "needs at least 10 optimizer steps"), ({"min_lr": 1, "max_lr": 0.1}, "0 < min_lr < max_lr"),
-                          ({"max_steps": 10}, r"tune.lr_find has no \['max_steps'\]")]:
+                          ({"max_steps": 10}, r"tune.lr_find has no \['max_steps'\]"),
+                          ({"rule": "lowest"}, "rule='lowest' is not a rule; choose one of steepest, valley, minimum")]:
         with pytest.raises(ConfigError, match=message):
             RangeTest.from_config(node)
 

@@ -512,6 +512,24 @@ def test_auto_scores_small_data_by_k_fold_and_prunes_between_folds(tmp_path: Pat
         (lr, ls, m) for lr in grid["lr"] for ls in grid["label_smoothing"] for m in grid["augment"])
 
 
+def test_auto_compare_draws_every_arm_in_the_tables_order_with_accuracy_intervals(tmp_path: Path) -> None:
+    """bench/auto_compare.py --replot: arms kept from several runs (an LR rule's arm added last) are drawn and tabled in
+    one order (default, the range test's arms, auto, grid); an arm it does not know is refused, not drawn."""
+    from bench import auto_compare
+
+    arms = {"grid": 0.99, "tune_lr_valley": 0.985, "default": 0.98, "auto": 0.975, "tune_lr": 0.97}
+    record = {"overrides": ["experiment=digits_scratch"], "minutes": 8, "test_size": 269,
+              "arms": {a: {"seconds": 60.0, "test": {"test/acc": v, "test/loss": 0.1}} for a, v in arms.items()}}
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    auto_compare.main(["--replot", str(tmp_path)])
+    assert (tmp_path / "results.png").stat().st_size > 5000
+    assert sorted(arms, key=auto_compare.ARMS.index) == ["default", "tune_lr", "tune_lr_valley", "auto", "grid"]
+    record["arms"]["tune_lr_fastest"] = record["arms"]["default"]
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="tune_lr_fastest"):
+        auto_compare.main(["--replot", str(tmp_path)])
+
+
 def test_a_trial_behind_the_median_at_an_epoch_is_pruned_and_says_so(tmp_path: Path) -> None:
     """``callbacks.OptunaPruning`` in a trial's own process: it reports each validation to the study through the
     journal file and stops the run when the median pruner prunes it."""
