@@ -86,8 +86,12 @@ def job_order(path: Path) -> tuple[int, str]:
 
 
 def format_cell(value: Any) -> str:
+    """A table cell: large floats without decimals, metrics to 4 places, small values (learning rates, weight decays)
+    to 3 significant figures (at 4 places every LR of 1e-4 +- 50 % read 0.0001)."""
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if 0 < abs(value) < 0.01 else f"{value:.4f}"
     return "" if value is None else str(value)
 
 

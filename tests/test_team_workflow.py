@@ -512,6 +512,18 @@ def test_auto_scores_small_data_by_k_fold_and_prunes_between_folds(tmp_path: Pat
         (lr, ls, m) for lr in grid["lr"] for ls in grid["label_smoothing"] for m in grid["augment"])
 
 
+def test_trial_tables_keep_a_learning_rates_digits(tmp_path: Path) -> None:
+    """trials.md / sweep tables: metrics to 4 places, learning rates to 3 significant figures (at 4 places, auto's BBC
+    trials at lr 1.2e-4 and 8.7e-5 both read 0.0001)."""
+    from search.tables import write_table
+
+    rows = [{"trial": 0, "lr": 1.234e-4, "val/acc": 0.96412, "tokens": 12345.6, "lr_decay": 0.0},
+            {"trial": 1, "lr": 8.7e-5, "val/acc": None, "tokens": 3.0, "lr_decay": 0.77}]
+    write_table(rows, list(rows[0]), tmp_path, "trials", "trials", show=False)
+    lines = (tmp_path / "trials.md").read_text().splitlines()
+    assert lines[2] == "| 0 | 0.000123 | 0.9641 | 12,346 | 0.0000 |" and lines[3] == "| 1 | 8.7e-05 |  | 3.0000 | 0.7700 |"
+
+
 def test_auto_compare_draws_every_arm_in_the_tables_order_with_accuracy_intervals(tmp_path: Path) -> None:
     """bench/auto_compare.py --replot: arms kept from several runs (an LR rule's arm added last) are drawn and tabled in
     one order (default, the range test's arms, auto, grid); an arm it does not know is refused, not drawn."""
