@@ -133,8 +133,9 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip: int = 0) -> f
 def valley(lrs: Sequence[float], smoothed: Sequence[float], skip: int = 0, begun: float = 0.05) -> float | None:
     """The middle (in log LR) of the smoothed loss's fall: from where it has fallen ``begun`` of the way from its
     highest point (past ``skip``, before the lowest) to its lowest point. A fall that is the whole curve's drop, not
-    its steepest stretch: a short steep collapse followed by a long slow fall (CTC from scratch: blanks, then reading)
-    gives the long fall's middle. None when the loss never falls."""
+    its steepest stretch: a short steep collapse followed by a long slow fall gives the long fall's middle. A plateau
+    whose noise spans more than ``begun`` of the drop starts the fall early (measured on the spoken corpus: 5.6e-4,
+    WER 0.15, docs/auto.md). None when the loss never falls."""
     lowest = lowest_point(smoothed, skip)
     if lowest <= skip:
         return None
