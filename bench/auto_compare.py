@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from run.lr_find import RULES
+
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-RULES = ("steepest", "valley", "minimum")  # run/lr_find.py RULES
 ARMS = ["default", "tune_lr", *(f"tune_lr_{rule}" for rule in RULES), "auto", "grid"]  # the order of the table and plot
 
 
