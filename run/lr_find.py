@@ -312,8 +312,9 @@ def apply(cfg: Any, task: Any, result: RangeResult) -> float:
         cfg.tune.lr_find.suggested = result.suggestion
         cfg.tune.lr_find.applied = applied
     if result.suggestion is None:
-        log.warning(f"LR range test: the loss never fell between {result.lrs[0]:.3g} and {result.lrs[-1]:.3g}; keeping "
-                    f"optimizer.lr={configured:g} (see lr_find.png)")
+        log.warning(f"LR range test: rule {result.rule} read no LR off the curve between {result.lrs[0]:.3g} and "
+                    f"{result.lrs[-1]:.3g} (no fall, or one too short); keeping optimizer.lr={configured:g} (see "
+                    "lr_find.png; lr_find.json has every rule's suggestion)")
         return configured
     factory = task.optimizer_factory
     task.optimizer_factory = partial(factory.func, *factory.args, **{**factory.keywords, "lr": applied})
