@@ -31,6 +31,8 @@ def train(cfg: DictConfig) -> RunMetrics:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.preemption import preempted
+    from modules.errors import TrainingError
+    from modules.scaling import graph_break_refusal
     from run import batch_find, budget, checks, elastic, lr_find, results
     from run.build import build, build_callbacks, build_parts
     from run.checkpoints import check_checkpoint
@@ -81,6 +83,11 @@ def train(cfg: DictConfig) -> RunMetrics:
         results.save_artifacts(trainer, parts, exports, run_dir)
         results.report(trainer, metrics, loggers, run_dir, started)
         failed = False
+    except Exception as err:  # compile_options.fullgraph made a graph break an error: one line, not dynamo's page
+        refusal = graph_break_refusal(parts.task.scale_plan, err)
+        if refusal is None:
+            raise
+        raise TrainingError(refusal) from None
     finally:
         close_loggers(loggers, failed)
     return metrics

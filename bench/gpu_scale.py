@@ -1,11 +1,12 @@
-"""BERT-base fine-tuning on GPUs: training throughput, MFU and peak memory for fp32, bf16-mixed, bf16 + compile=regional
-and bf16 + activation checkpointing on one GPU, and, with several GPUs, DDP and FSDP2 (tunelab's own sharding of the
-layer groups' blocks, launched with torchrun), side by side in one run. Without a GPU it prints "no GPU: skipped".
+"""BERT-base fine-tuning on GPUs: training throughput, MFU and peak memory for fp32, bf16-mixed, bf16 + compile
+(regional; static shapes; full graph; max-autotune; CUDA graphs) and bf16 + activation checkpointing on one GPU, and,
+with several GPUs, DDP and FSDP2 (tunelab's own sharding of the layer groups' blocks, launched with torchrun), side by
+side in one run. Without a GPU it prints "no GPU: skipped".
 
 MFU = achieved model FLOP/s / the GPU's peak dense bf16 FLOP/s (``--peak-tflops``, else looked up by device name),
 with 6 x parameters + 12 x layers x length x width FLOPs per trained token (the PaLM appendix formula).
 
-    python -m bench.gpu_scale [--batch-size 32] [--length 128] [--steps 20] [--warmup 5]
+    python -m bench.gpu_scale [--batch-size 32] [--length 128] [--steps 20] [--warmup 5] [--variants bf16 ...]
     python -m bench.gpu_scale --device cpu --tiny      # the same code paths on CPU (gloo), to check them: no figures
 """
 
@@ -26,7 +27,12 @@ import torch.nn.functional as F
 
 # peak dense bf16 tensor-core FLOP/s by device name (vendor figures, no sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+# one GPU; the compile variants are the settings ``compile_options`` offers, so one run finds the best mode to default to
 SINGLE = {"fp32": {}, "bf16": {"bf16": True}, "bf16+compile": {"bf16": True, "compile": "regional"},
+          "bf16+compile static": {"bf16": True, "compile": "regional", "dynamic": False},
+          "bf16+compile full": {"bf16": True, "compile": "full", "fullgraph": True, "dynamic": False},
+          "bf16+compile autotune": {"bf16": True, "compile": "regional", "dynamic": False, "mode": "max-autotune-no-cudagraphs"},
+          "bf16+compile cudagraphs": {"bf16": True, "compile": "regional", "dynamic": False, "mode": "reduce-overhead"},
           "bf16+ckpt": {"bf16": True, "checkpointing": True}}
 
 
@@ -53,8 +59,10 @@ def run(variant: dict[str, Any], args: argparse.Namespace, device: torch.device,
 
     torch.manual_seed(0)
     model = build(args.tiny).to(device)
-    apply_plan(model, ScalePlan(compile=variant.get("compile"), activation_checkpointing=variant.get("checkpointing", False)),
-               mesh=mesh, precision="bf16-mixed" if variant.get("bf16") else None)
+    plan = ScalePlan(compile=variant.get("compile"), activation_checkpointing=variant.get("checkpointing", False),
+                     compile_mode=variant.get("mode", "default"), compile_fullgraph=variant.get("fullgraph"),
+                     compile_dynamic=variant.get("dynamic"))
+    apply_plan(model, plan, mesh=mesh, precision="bf16-mixed" if variant.get("bf16") else None)
     flops = flops_per_token(model, args.length)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     optimizer = torch.optim.AdamW(param_groups(model.layer_groups(), lr=2e-5, weight_decay=0.01))
@@ -119,6 +127,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer BERT: checks the code paths quickly")
     parser.add_argument("--gpus", type=int, default=None, help="processes for DDP / FSDP2 (default: every GPU)")
+    parser.add_argument("--variants", nargs="+", choices=list(SINGLE), default=list(SINGLE),
+                        help="one-GPU variants to run (default: all; fp32 is the baseline of the ratios, always run)")
     parser.add_argument("--worker", choices=["ddp", "fsdp2"], help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the table to this JSON file (docs/benchmarks.md quotes "
                                                      "bench/results/)")
@@ -131,7 +141,7 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device_name(device)}; BERT-{'tiny' if args.tiny else 'base'}, batch {args.batch_size} x "
           f"{args.length} tokens per device, {args.warmup} warm-up + {args.steps} timed steps")
-    rows = {name: run(variant, args, device) for name, variant in SINGLE.items()}
+    rows = {name: run(variant, args, device) for name, variant in SINGLE.items() if name == "fp32" or name in args.variants}
     processes = args.gpus or (torch.cuda.device_count() if args.device == "cuda" else 2)
     if processes > 1:
         for kind in ("ddp", "fsdp2"):

@@ -24,6 +24,11 @@ from modules.layer_groups import repeated_blocks
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("regional", "full")
+# torch.compile's modes (``compile_options.mode``): reduce-overhead adds CUDA graphs, max-autotune tries kernel
+# configurations at start-up (minutes), max-autotune-no-cudagraphs both without the graphs
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def full_compile_refusal(kind: str = "fsdp2") -> str:
     """Why ``compile=full`` is refused under a sharded strategy (``fsdp2`` or ``fsdp``)."""
     name = {"fsdp2": "FSDP2", "fsdp": "FSDP"}[kind]
@@ -42,16 +47,68 @@ class ScalePlan:
             ``full`` (the task's whole forward).
         activation_checkpointing: recompute each block's activations in the backward pass instead of keeping them.
         compile_dynamic: torch.compile's ``dynamic`` (None: a dimension is made dynamic once it is seen to change,
-            so varying lengths cost one recompile, not one per length).
+            so varying lengths cost one recompile, not one per length; False: static shapes, one compiled variant per
+            shape, the fastest kernels where batches come in a few shapes: images, text padded to a multiple).
+        compile_mode: torch.compile's ``mode`` (``INDUCTOR_MODES``).
+        compile_fullgraph: a graph break is an error (``graph_break_refusal`` words it) instead of a silent split
+            into eager pieces. None: on for ``regional`` (every block of the built-in backbones compiles whole,
+            tested), off for ``full`` (a task's forward may do host work: the compile report counts the breaks).
     """
 
     compile: str | None = None
     activation_checkpointing: bool = False
     compile_dynamic: bool | None = None
+    compile_mode: str = "default"
+    compile_fullgraph: bool | None = None
 
     def __post_init__(self) -> None:
         if self.compile not in (None, *COMPILE_MODES):
             raise ConfigError(f"compile={self.compile!r} is unknown; choose null (eager), regional (each block) or full")
+        if self.compile_mode not in INDUCTOR_MODES:
+            raise ConfigError(f"compile_options.mode={self.compile_mode!r} is unknown; choose one of "
+                              f"{', '.join(INDUCTOR_MODES)}")
+        for key, value in (("fullgraph", self.compile_fullgraph), ("dynamic", self.compile_dynamic)):
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"compile_options.{key}={value!r} must be true, false or null (auto)")
+
+    @property
+    def fullgraph(self) -> bool:
+        """Whether a graph break is an error (``compile_fullgraph``, or its default for this ``compile``)."""
+        return self.compile_fullgraph if self.compile_fullgraph is not None else self.compile == "regional"
+
+    def compile_kwargs(self) -> dict[str, Any]:
+        """What ``torch.compile`` is given (its own defaults left out, so older releases see nothing new)."""
+        kwargs: dict[str, Any] = {"dynamic": self.compile_dynamic}
+        if self.fullgraph:
+            kwargs["fullgraph"] = True
+        if self.compile_mode != "default":
+            kwargs["mode"] = self.compile_mode
+        return kwargs
+
+    def describe(self) -> str:
+        """``compile=regional (mode default, fullgraph, dynamic auto)``: for the log."""
+        dynamic = {None: "auto", True: "dynamic", False: "static"}[self.compile_dynamic]
+        return (f"compile={self.compile} (mode {self.compile_mode}, {'fullgraph' if self.fullgraph else 'graph breaks allowed'}, "
+                f"shapes {dynamic})")
+
+
+def graph_break_refusal(plan: ScalePlan, err: BaseException) -> str | None:
+    """The one line for a graph break that ``fullgraph`` made an error (None: ``err`` is something else)."""
+    if plan.compile is None or not plan.fullgraph:
+        return None
+    try:
+        from torch._dynamo.exc import Unsupported
+    except ImportError:  # moved in this torch: match by name
+        Unsupported = None  # noqa: N806
+    seen: BaseException | None = err
+    while seen is not None:
+        if (isinstance(seen, Unsupported) if Unsupported is not None else type(seen).__name__ == "Unsupported"):
+            reason = next((line.strip() for line in str(seen).splitlines() if line.strip()), type(seen).__name__)
+            return (f"compile={plan.compile} with compile_options.fullgraph=true, but torch.compile met a graph break: "
+                    f"{reason[:200]}; set compile_options.fullgraph=false to compile around it (the compile report "
+                    "counts the breaks)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # -- activation checkpointing ---------------------------------------------------------------------------------
@@ -205,18 +262,18 @@ def apply_plan(task: nn.Module, plan: ScalePlan, mesh: Any = None, precision: st
         if plan.compile == "regional" and plan.activation_checkpointing:
             # the checkpoint around the compiled block, not inside it: inductor cannot recompute dropout inside a
             # compiled checkpoint region of a block whose input needs no gradient (a frozen block below it)
-            module.forward = torch.compile(module.forward, dynamic=plan.compile_dynamic)
+            module.forward = torch.compile(module.forward, **plan.compile_kwargs())
             checkpoint_activations(module)
         elif plan.compile == "regional":
-            module.compile(dynamic=plan.compile_dynamic)
+            module.compile(**plan.compile_kwargs())
         elif plan.activation_checkpointing:
             checkpoint_activations(module)
     if mesh is not None:  # the mesh's device: the parameters may still be on the CPU or on "meta" here
         shard(task, blocks, mesh, mixed_precision_policy(precision, torch.device(mesh.device_type)))
     if plan.compile == "full":
-        task.compile(dynamic=plan.compile_dynamic)
+        task.compile(**plan.compile_kwargs())
     done = [what for what, on in (("activation checkpointing", plan.activation_checkpointing),
-                                  (f"compile={plan.compile}", plan.compile is not None), ("FSDP2 units", mesh is not None)) if on]
+                                  (plan.describe(), plan.compile is not None), ("FSDP2 units", mesh is not None)) if on]
     if names and done:
         log.info(f"{len(names)} blocks ({names[0]} .. {names[-1]}): {', '.join(done)}")
     return names

@@ -53,8 +53,17 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("on_nonfinite") not in (None, "error", "skip", "stop"):
         raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; choose one of error, skip, stop")
     number("seed", 0, integer=True)
-    if cfg.get("compile") not in (None, "regional", "full"):
-        raise ConfigError(f"compile={cfg.compile!r} is unknown; choose null (eager), regional (each block) or full")
+    from modules.scaling import ScalePlan
+    from run.build import scale_plan
+
+    ScalePlan(**scale_plan(cfg))  # compile=, compile_options.*: one line for a value torch.compile would refuse
+    unknown = set(cfg.get("compile_options") or {}) - {"mode", "fullgraph", "dynamic"}
+    if unknown:
+        raise ConfigError(f"compile_options.{sorted(unknown)[0]} is unknown; compile_options takes mode, fullgraph, dynamic")
+    if (cfg.get("compile") and (cfg.get("compile_options") or {}).get("dynamic") is False
+            and "pad_to_multiple_of" in (cfg.get("data") or {}) and cfg.data.pad_to_multiple_of is None):
+        log.warning("compile_options.dynamic=false compiles each padded length anew (up to data.max_length of them); "
+                    "data.pad_to_multiple_of=64 (or 8) keeps the shapes few")
     for key in ("activation_checkpointing", "trust_checkpoint"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{key}={cfg.get(key)!r} must be true or false")

@@ -69,6 +69,13 @@ CASES: dict[str, tuple[list[str], str]] = {
     "more devices than cores": (["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=512"],
                                 "trainer.devices=512 but this machine has"),
     "unknown compile mode": (["compile=max"], "compile='max' is unknown; choose null (eager), regional (each block) or full"),
+    "unknown torch.compile mode": (["compile=regional", "compile_options.mode=fastest"],
+                                   "compile_options.mode='fastest' is unknown; choose one of default, reduce-overhead, "
+                                   "max-autotune, max-autotune-no-cudagraphs"),
+    "fullgraph not a bool": (["compile=regional", "compile_options.fullgraph=maybe"],
+                             "compile_options.fullgraph='maybe' must be true, false or null (auto)"),
+    "unknown compile option": (["compile=regional", "+compile_options.backend=eager"],
+                               "compile_options.backend is unknown; compile_options takes mode, fullgraph, dynamic"),
     "checkpointing not a bool": (["activation_checkpointing=sometimes"], "activation_checkpointing='sometimes' must be true or false"),
     "fsdp2 with EMA": (["trainer=fsdp2", "trainer.accelerator=cpu", "callbacks=ema"], "WeightEMA keeps a full copy of the weights"),
     "fsdp2 with full compile": (["trainer=fsdp2", "trainer.accelerator=cpu", "compile=full"], "compile=full with trainer=fsdp2 is not supported"),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,20 +90,21 @@ def test_activation_checkpointing_gives_the_same_gradients(modality: str, tmp_pa
                                                pytest.param("vision_vit", "full", marks=pytest.mark.slow)])
 def test_compile_matches_eager_on_vision_and_audio(modality: str, mode: str, tmp_path: Path) -> None:
     """compile on the other modalities (text: the training test below): the same loss and gradients as eager, no
-    graph break. Evaluation mode: dropout and SpecAugment off, BatchNorm on its running statistics."""
+    graph break, with fullgraph on (regional's default; the ViT classifier's whole forward compiles as one graph too)
+    and static shapes. Evaluation mode: dropout and SpecAugment off, BatchNorm on its running statistics."""
     import torch._dynamo
 
     torch._dynamo.reset()
     eager = make_task(tmp_path, modality).eval()
-    compiled_matches_eager(eager, mode, make_batch(modality))
+    compiled_matches_eager(eager, mode, make_batch(modality), compile_fullgraph=True, compile_dynamic=False)
     torch._dynamo.reset()
 
 
-def compiled_matches_eager(eager: torch.nn.Module, mode: str, batch: dict) -> dict[str, torch.Tensor]:
-    """A compiled copy of ``eager`` gives its loss and gradients on ``batch`` with no new graph break; returns eager's
-    gradients by parameter name."""
+def compiled_matches_eager(eager: torch.nn.Module, mode: str, batch: dict, **options: Any) -> dict[str, torch.Tensor]:
+    """A compiled copy of ``eager`` (``ScalePlan`` ``options`` besides ``compile``) gives its loss and gradients on
+    ``batch`` with no new graph break; returns eager's gradients by parameter name."""
     compiled = copy.deepcopy(eager)
-    apply_plan(compiled, ScalePlan(compile=mode))
+    apply_plan(compiled, ScalePlan(compile=mode, **options))
     breaks = compile_stats()["compile/graph_breaks"]
     losses = []
     for model in (eager, compiled):
@@ -211,10 +213,69 @@ def test_a_masked_lm_training_step_never_waits_for_the_device(tmp_path: Path, ca
     assert profile["syncs_per_step_outside_the_fused_optimizer"] == {}, profile["first_seen_under"]
 
 
+def test_compile_options_reach_torch_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_options`` as torch.compile receives them: regional blocks compile whole by default (a graph break is an
+    error), the task's whole forward allows breaks unless asked; mode and static shapes pass through; torch's own
+    defaults are not spelled out (an older torch sees nothing new). The spy compiles nothing."""
+    seen: list[dict[str, Any]] = []
+
+    def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    blocks = len(MODALITIES["text"][1])
+    for plan, expected, count in [
+        (ScalePlan(compile="regional"), {"dynamic": None, "fullgraph": True}, blocks),
+        (ScalePlan(compile="full"), {"dynamic": None}, 1),
+        (ScalePlan(compile="full", compile_fullgraph=True, compile_dynamic=False, compile_mode="max-autotune-no-cudagraphs"),
+         {"dynamic": False, "fullgraph": True, "mode": "max-autotune-no-cudagraphs"}, 1),
+        (ScalePlan(compile="regional", compile_fullgraph=False, compile_mode="reduce-overhead", activation_checkpointing=True),
+         {"dynamic": None, "mode": "reduce-overhead"}, blocks),
+    ]:
+        seen.clear()
+        apply_plan(make_task(tmp_path, "text"), plan)
+        assert seen == [expected] * count, plan
+    from modules.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"compile_options.mode='fast' is unknown; choose one of default, reduce-overhead"):
+        ScalePlan(compile="regional", compile_mode="fast")
+    with pytest.raises(ConfigError, match=r"compile_options.dynamic='no' must be true, false or null \(auto\)"):
+        ScalePlan(compile="regional", compile_dynamic="no")
+
+
+def block_with_a_graph_break(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph break in every BERT block (``torch._dynamo.graph_break``: eagerly nothing)."""
+    from transformers.models.bert import modeling_bert
+
+    forward = modeling_bert.BertLayer.forward
+
+    def breaking(self: Any, *args: Any, **kwargs: Any) -> Any:
+        torch._dynamo.graph_break()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_bert.BertLayer, "forward", breaking)
+
+
+def test_a_graph_break_under_fullgraph_is_one_line(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=regional compiles each block whole (fullgraph on by default): a block that breaks the graph stops the run
+    with one line naming the break and the way out, not dynamo's page of trace (the counted fallback is tested by the
+    compile report's test below)."""
+    from modules.errors import TrainingError
+
+    torch._dynamo.reset()
+    block_with_a_graph_break(monkeypatch)
+    with pytest.raises(TrainingError, match=r"compile=regional with compile_options.fullgraph=true, but torch.compile met "
+                                            r"a graph break: .*; set compile_options.fullgraph=false to compile around it"):
+        run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=2", "test_after_fit=false", "compile=regional"], cache_dir)
+    torch._dynamo.reset()
+
+
 def test_compile_report_without_dynamos_private_counters_says_unavailable(tmp_path: Path, cache_dir: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """torch 2.11 has no ``_get_total_cache_entry_count`` (compile=regional crashed on it): with the private names
-    gone the run still compiles and trains; the report says "unavailable" and the metrics leave the count out."""
+    gone the run still compiles and trains; the report says "unavailable" and the metrics leave the count out. The
+    blocks break their graphs here, with fullgraph off: compiled around, and counted."""
     import modules.scaling
 
     def torch_2_11() -> list[int]:  # what the private import does there (dynamo itself still needs the name here)
@@ -222,8 +283,10 @@ def test_compile_report_without_dynamos_private_counters_says_unavailable(tmp_pa
 
     torch._dynamo.reset()
     monkeypatch.setattr(modules.scaling, "dynamo_cache_sizes", torch_2_11)
-    metrics = run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=3", "test_after_fit=false", "compile=regional"], cache_dir)
-    assert "compile/recompiles" not in metrics and metrics["compile/frames"] >= 1
+    block_with_a_graph_break(monkeypatch)
+    metrics = run_train(tmp_path, [*TINY_SCRATCH, "trainer.max_steps=3", "test_after_fit=false", "compile=regional",
+                                   "compile_options.fullgraph=false"], cache_dir)
+    assert "compile/recompiles" not in metrics and metrics["compile/frames"] >= 1 and metrics["compile/graph_breaks"] >= 1
     history = json.loads((tmp_path / "reports" / "compile.json").read_text())
     assert len(history) == 3 and {h["compile/recompiles"] for h in history} == {"unavailable"}
     monkeypatch.undo()
