@@ -9,7 +9,7 @@ Everything else (embeddings, stems, final norms, heads) belongs to the root. Not
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +92,14 @@ class ScalePlan:
                 f"shapes {dynamic})")
 
 
+def plan_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``ScalePlan``'s fields from a run's config (``compile``, ``compile_options``, ``activation_checkpointing``)."""
+    options = cfg.get("compile_options") or {}
+    return {"compile": cfg.get("compile"), "activation_checkpointing": bool(cfg.get("activation_checkpointing")),
+            "compile_mode": options.get("mode") or "default", "compile_fullgraph": options.get("fullgraph"),
+            "compile_dynamic": options.get("dynamic")}
+
+
 def graph_break_refusal(plan: ScalePlan, err: BaseException) -> str | None:
     """The one line for a graph break that ``fullgraph`` made an error (None: ``err`` is something else)."""
     if plan.compile is None or not plan.fullgraph:
@@ -155,15 +163,16 @@ def checkpoint_activations(module: nn.Module) -> None:
 
 # -- compilation ----------------------------------------------------------------------------------------------
 def compile_stats() -> dict[str, float | None]:
-    """Compilations so far, recompilations among them (a function compiled again because a guard failed: a new
-    shape, a parameter that started or stopped training) and graph breaks; None for a count this torch does not
-    expose. Dynamo has no public counters: these read its internals, each guarded, so a torch that moved them makes
+    """Compilations so far (``compile/frames``: the graphs dynamo made, one per compiled frame and one more per graph
+    break; its own frame counter skips ``fullgraph`` compiles), recompilations among them (a function compiled again
+    because a guard failed: a new shape, a parameter that started or stopped training) and graph breaks; None for a
+    count this torch does not expose. Dynamo has no public counters: these read its internals, each guarded, so a torch that moved them makes
     the compile report say "unavailable", never a run fail (torch 2.11 has no ``_get_total_cache_entry_count``)."""
     stats: dict[str, float | None] = {"compile/frames": None, "compile/recompiles": None, "compile/graph_breaks": None}
     try:
         from torch._dynamo.utils import counters
 
-        stats["compile/frames"] = float(counters["frames"].get("ok", 0))
+        stats["compile/frames"] = float(counters["stats"].get("unique_graphs", 0))
         stats["compile/graph_breaks"] = float(sum(counters["graph_break"].values()))
     except Exception:  # noqa: BLE001 - moved or renamed in this torch
         pass

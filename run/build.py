@@ -38,10 +38,9 @@ def scale_plan(cfg: DictConfig) -> dict[str, Any]:
     """What the task does to its blocks when the trainer sets it up (``compile=``, ``compile_options``,
     ``activation_checkpointing=``): the fields of ``modules.scaling.ScalePlan`` (Hydra would turn a dataclass argument
     into a dict anyway)."""
-    options = cfg.get("compile_options") or {}
-    return {"compile": cfg.get("compile"), "activation_checkpointing": bool(cfg.get("activation_checkpointing")),
-            "compile_mode": options.get("mode") or "default", "compile_fullgraph": options.get("fullgraph"),
-            "compile_dynamic": options.get("dynamic")}
+    from modules.scaling import plan_fields
+
+    return plan_fields(cfg)
 
 
 def build_task(cfg: DictConfig, backbone: Any, data_arguments: Mapping[str, Any], schedule: bool = True,

@@ -53,10 +53,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("on_nonfinite") not in (None, "error", "skip", "stop"):
         raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; choose one of error, skip, stop")
     number("seed", 0, integer=True)
-    from modules.scaling import ScalePlan
-    from run.build import scale_plan
+    from modules.scaling import ScalePlan, plan_fields
 
-    ScalePlan(**scale_plan(cfg))  # compile=, compile_options.*: one line for a value torch.compile would refuse
+    ScalePlan(**plan_fields(cfg))  # compile=, compile_options.*: one line for a value torch.compile would refuse
     unknown = set(cfg.get("compile_options") or {}) - {"mode", "fullgraph", "dynamic"}
     if unknown:
         raise ConfigError(f"compile_options.{sorted(unknown)[0]} is unknown; compile_options takes mode, fullgraph, dynamic")
