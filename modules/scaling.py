@@ -184,11 +184,21 @@ def compile_stats() -> dict[str, float | None]:
 
 
 def dynamo_cache_sizes() -> list[int]:
-    """How many compiled variants dynamo holds for each code object it has seen (private names: torch 2.11 has no
-    ``_get_total_cache_entry_count``, and this raises ImportError there)."""
-    from torch._dynamo.convert_frame import _get_total_cache_entry_count, input_codes
+    """How many compiled variants dynamo holds for each code object it has seen. Private names, each guarded: the
+    count per code is ``_get_total_cache_entry_count`` where this torch has it (2.14), else the length of
+    ``_debug_get_cache_entry_list`` (2.6-2.8; torch 2.11 has no ``_get_total_cache_entry_count``); ImportError
+    when neither is there."""
+    from torch._dynamo.convert_frame import input_codes
 
-    return [_get_total_cache_entry_count(code) for ref in list(input_codes.seen) if (code := ref()) is not None]
+    try:
+        from torch._dynamo.eval_frame import _get_total_cache_entry_count as entries
+    except ImportError:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        def entries(code: Any) -> int:
+            return len(_debug_get_cache_entry_list(code))
+
+    return [entries(code) for ref in list(input_codes.seen) if (code := ref()) is not None]
 
 
 def allow_recompiles(variants: int) -> None:

@@ -271,6 +271,25 @@ def test_a_graph_break_under_fullgraph_is_one_line(tmp_path: Path, cache_dir: Pa
     torch._dynamo.reset()
 
 
+def test_recompiles_are_counted_on_a_torch_without_the_total_cache_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch 2.6-2.11 have no ``_get_total_cache_entry_count``: the count per code object then comes from the list of
+    its cache entries, and agrees (three batch sizes: a static compile, then one dynamic recompile)."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    from modules.scaling import dynamo_cache_sizes
+
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(4, 4)
+    layer.compile()
+    for rows in (2, 3, 5):
+        layer(torch.randn(rows, 4))
+    with_total = dynamo_cache_sizes()
+    if hasattr(eval_frame, "_get_total_cache_entry_count"):
+        monkeypatch.delattr(eval_frame, "_get_total_cache_entry_count")
+    assert dynamo_cache_sizes() == with_total and max(with_total) == 2
+    torch._dynamo.reset()
+
+
 def test_compile_report_without_dynamos_private_counters_says_unavailable(tmp_path: Path, cache_dir: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """torch 2.11 has no ``_get_total_cache_entry_count`` (compile=regional crashed on it): with the private names
