@@ -42,8 +42,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def interpreter_runs_loops() -> bool:
-    """Whether Triton's CPU interpreter runs a loop over a kernel argument: before triton 3.5 or so it takes the bound
-    as ``int()`` of a one-element array, which NumPy 2.4 refuses (the kernels themselves compile and run on GPUs)."""
+    """Whether Triton's CPU interpreter runs a loop over a kernel argument: up to triton 3.6 at least (torch 2.11's) it
+    takes the bound as ``int()`` of a one-element array, which NumPy 2.4 refuses; 3.8 squeezes it first (the kernels
+    themselves compile and run on GPUs either way)."""
     import triton
     import triton.language as tl
 
