@@ -86,7 +86,7 @@ class ScalePlan:
         return kwargs
 
     def describe(self) -> str:
-        """``compile=regional (mode default, fullgraph, dynamic auto)``: for the log."""
+        """``compile=regional (mode default, fullgraph, shapes auto)``: for the log."""
         dynamic = {None: "auto", True: "dynamic", False: "static"}[self.compile_dynamic]
         return (f"compile={self.compile} (mode {self.compile_mode}, {'fullgraph' if self.fullgraph else 'graph breaks allowed'}, "
                 f"shapes {dynamic})")
@@ -166,8 +166,8 @@ def compile_stats() -> dict[str, float | None]:
     """Compilations so far (``compile/frames``: the graphs dynamo made, one per compiled frame and one more per graph
     break; its own frame counter skips ``fullgraph`` compiles), recompilations among them (a function compiled again
     because a guard failed: a new shape, a parameter that started or stopped training) and graph breaks; None for a
-    count this torch does not expose. Dynamo has no public counters: these read its internals, each guarded, so a torch that moved them makes
-    the compile report say "unavailable", never a run fail (torch 2.11 has no ``_get_total_cache_entry_count``)."""
+    count this torch does not expose. Dynamo has no public counters: these read its internals, each guarded, so a
+    torch that moved them makes the compile report say "unavailable", never a run fail."""
     stats: dict[str, float | None] = {"compile/frames": None, "compile/recompiles": None, "compile/graph_breaks": None}
     try:
         from torch._dynamo.utils import counters
@@ -186,8 +186,7 @@ def compile_stats() -> dict[str, float | None]:
 def dynamo_cache_sizes() -> list[int]:
     """How many compiled variants dynamo holds for each code object it has seen. Private names, each guarded: the
     count per code is ``_get_total_cache_entry_count`` where this torch has it (2.14), else the length of
-    ``_debug_get_cache_entry_list`` (2.6-2.8; torch 2.11 has no ``_get_total_cache_entry_count``); ImportError
-    when neither is there."""
+    ``_debug_get_cache_entry_list`` (2.6-2.11 have only that one); ImportError when neither is there."""
     from torch._dynamo.convert_frame import input_codes
 
     try:

@@ -34,21 +34,15 @@ def build_each(nodes: DictConfig | Mapping[str, Any] | None) -> list[Any]:
     return [build(node) for node in (nodes or {}).values() if node is not None and "_target_" in node]
 
 
-def scale_plan(cfg: DictConfig) -> dict[str, Any]:
-    """What the task does to its blocks when the trainer sets it up (``compile=``, ``compile_options``,
-    ``activation_checkpointing=``): the fields of ``modules.scaling.ScalePlan`` (Hydra would turn a dataclass argument
-    into a dict anyway)."""
-    from modules.scaling import plan_fields
-
-    return plan_fields(cfg)
-
-
 def build_task(cfg: DictConfig, backbone: Any, data_arguments: Mapping[str, Any], schedule: bool = True,
                **extra: Any) -> Any:
-    """The task of ``cfg.task`` on ``backbone``, completed with what the data said (labels, vocabulary, heads)."""
+    """The task of ``cfg.task`` on ``backbone``, completed with what the data said (labels, vocabulary, heads), and
+    what it does to its blocks when the trainer sets it up (``compile=``, ``compile_options``, ``activation_checkpointing=``)."""
+    from modules.scaling import plan_fields
+
     scheduler = build(cfg.scheduler) if schedule and cfg.get("scheduler") else None
     return build(cfg.task, backbone=backbone, optimizer=build(cfg.optimizer), scheduler=scheduler,
-                 scale_plan=scale_plan(cfg), **dict(data_arguments), **extra)
+                 scale_plan=plan_fields(cfg), **dict(data_arguments), **extra)
 
 
 @dataclass
