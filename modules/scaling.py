@@ -27,6 +27,7 @@ COMPILE_MODES = ("regional", "full")
 # torch.compile's modes (``compile_options.mode``): reduce-overhead adds CUDA graphs, max-autotune tries kernel
 # configurations at start-up (minutes), max-autotune-no-cudagraphs both without the graphs
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic")  # the keys of ``compile_options``
 
 
 def full_compile_refusal(kind: str = "fsdp2") -> str:

@@ -53,12 +53,12 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("on_nonfinite") not in (None, "error", "skip", "stop"):
         raise ConfigError(f"on_nonfinite={cfg.on_nonfinite!r} is unknown; choose one of error, skip, stop")
     number("seed", 0, integer=True)
-    from modules.scaling import ScalePlan, plan_fields
+    from modules.scaling import COMPILE_OPTIONS, ScalePlan, plan_fields
 
     ScalePlan(**plan_fields(cfg))  # compile=, compile_options.*: one line for a value torch.compile would refuse
-    unknown = set(cfg.get("compile_options") or {}) - {"mode", "fullgraph", "dynamic"}
+    unknown = set(cfg.get("compile_options") or {}) - set(COMPILE_OPTIONS)
     if unknown:
-        raise ConfigError(f"compile_options.{sorted(unknown)[0]} is unknown; compile_options takes mode, fullgraph, dynamic")
+        raise ConfigError(f"compile_options.{sorted(unknown)[0]} is unknown; compile_options takes {', '.join(COMPILE_OPTIONS)}")
     if (cfg.get("compile") and (cfg.get("compile_options") or {}).get("dynamic") is False
             and "pad_to_multiple_of" in (cfg.get("data") or {}) and cfg.data.pad_to_multiple_of is None):
         log.warning("compile_options.dynamic=false compiles each padded length anew (up to data.max_length of them); "

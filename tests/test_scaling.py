@@ -244,6 +244,22 @@ def test_compile_options_reach_torch_compile(tmp_path: Path, monkeypatch: pytest
         ScalePlan(compile="regional", compile_dynamic="no")
 
 
+def test_static_shapes_on_unbounded_text_padding_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """compile_options.dynamic=false with text padded to each batch's longest: a warning names the fix; padded to a
+    multiple, none."""
+    import logging
+
+    from run.checks import check_config
+
+    static = [*TINY_SCRATCH, "compile=regional", "compile_options.dynamic=false"]
+    with caplog.at_level(logging.WARNING, logger="tunelab"):
+        check_config(compose_config(tmp_path, static))
+        assert "compiles each padded length anew" in caplog.text and "data.pad_to_multiple_of=64" in caplog.text
+        caplog.clear()
+        check_config(compose_config(tmp_path, [*static, "data.pad_to_multiple_of=16"]))
+        assert "padded length" not in caplog.text
+
+
 def block_with_a_graph_break(monkeypatch: pytest.MonkeyPatch) -> None:
     """A graph break in every BERT block (``torch._dynamo.graph_break``: eagerly nothing)."""
     from transformers.models.bert import modeling_bert
